@@ -1,0 +1,786 @@
+//! The whole replicated state of one node and the decisions made on it.
+//!
+//! `State` is a plain value: config registers, reset registers and G-counter slots, with
+//! the scope index and per-limit cached windows derived from them. Inputs are records
+//! (applied by LWW or max merge, in any order, any number of times); outputs are check
+//! decisions and the slot increments a record implies. No I/O, no clock: `now_ms` is an
+//! argument, so the simulator and the tests drive time.
+
+use std::collections::HashMap;
+
+use foldhash::fast::FixedState;
+
+use crate::config::{
+    ConfigError, EntityRecord, LimitInput, LimitRecord, LimitSpec, ResetRegister, Scope,
+    TOMBSTONE_RETENTION_MS, validate_scope,
+};
+use crate::counter::{Epoch, EpochCounter, LimitCounters, OriginIdx};
+use crate::hlc::{Hlc, HlcClock, Version};
+use crate::period::{PeriodSpec, Window};
+use crate::scope::{Attrs, IdxBuf, LimitIdx, ScopeIndex, pair_hash};
+use crate::units::{Amounts, Metric};
+
+/// String interner: dense indices for limit ids and node ids on the hot path.
+#[derive(Debug, Default)]
+struct Interner {
+    names: Vec<Box<str>>,
+    index: HashMap<Box<str>, u32, FixedState>,
+}
+
+impl Interner {
+    fn intern(&mut self, name: &str) -> u32 {
+        if let Some(i) = self.index.get(name) {
+            return *i;
+        }
+        let i = u32::try_from(self.names.len()).expect("fewer than 2^32 names");
+        self.names.push(name.into());
+        self.index.insert(name.into(), i);
+        i
+    }
+
+    fn get(&self, name: &str) -> Option<u32> {
+        self.index.get(name).copied()
+    }
+
+    fn name(&self, i: u32) -> &str {
+        &self.names[i as usize]
+    }
+}
+
+/// A live limit, compiled for the hot path.
+#[derive(Debug)]
+struct Compiled {
+    spec: LimitSpec,
+    period: PeriodSpec,
+    scope: Vec<(Box<str>, Box<str>)>,
+    /// The window of the last `tick`; checks recompute when `now` is outside it.
+    cached: Window,
+}
+
+#[derive(Debug, Default)]
+struct LimitSlot {
+    record: Option<LimitRecord>,
+    live: Option<Compiled>,
+    reset: Option<ResetRegister>,
+    counters: LimitCounters,
+}
+
+/// Everything known about one applicable limit, as a check reply needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitStatus {
+    pub limit: LimitIdx,
+    pub metric: Metric,
+    pub used: u64,
+    pub max: u64,
+    pub remaining: u64,
+    pub epoch: Epoch,
+    pub period_start_ms: i64,
+    /// `i64::MAX` for `never`.
+    pub resets_at_ms: i64,
+    /// This limit alone would deny the request.
+    pub denied: bool,
+}
+
+/// The answer to a check.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Decision {
+    pub allowed: bool,
+    pub limits: Vec<LimitStatus>,
+}
+
+/// One slot increment implied by a record: raise this node's slot of (limit, epoch) by
+/// `delta`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Increment {
+    pub limit: LimitIdx,
+    pub epoch: Epoch,
+    pub delta: u64,
+}
+
+/// A limit with its usage now, for the limit view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitView<'a> {
+    pub id: &'a str,
+    pub spec: &'a LimitSpec,
+    pub status: LimitStatus,
+    /// Per-origin slot values of the current epoch (the baseline belongs to no node).
+    pub nodes: Vec<(&'a str, u64)>,
+    pub baseline: u64,
+}
+
+/// Errors of operations that look things up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    #[error("no limit with id {0:?}")]
+    UnknownLimit(String),
+    #[error("no entity {0}/{1}")]
+    UnknownEntity(String, String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// Parents of one entity, for expansion; keyed by the entity's pair hash.
+type EntityEntry = (Box<str>, Box<str>, Vec<(Box<str>, Box<str>)>);
+
+/// The replicated state of one node.
+#[derive(Debug)]
+pub struct State {
+    node_id: String,
+    me: OriginIdx,
+    origins: Interner,
+    limit_ids: Interner,
+    limits: Vec<LimitSlot>,
+    index: ScopeIndex,
+    entities: HashMap<(String, String), EntityRecord, FixedState>,
+    parents: HashMap<u64, Vec<EntityEntry>, FixedState>,
+    clock: HlcClock,
+    /// Earliest end of any cached window: `tick` has nothing to do before it.
+    next_tick_ms: i64,
+}
+
+impl State {
+    pub fn new(node_id: &str) -> State {
+        let mut origins = Interner::default();
+        let me = origins.intern(node_id);
+        State {
+            node_id: node_id.to_string(),
+            me,
+            origins,
+            limit_ids: Interner::default(),
+            limits: Vec::new(),
+            index: ScopeIndex::default(),
+            entities: HashMap::default(),
+            parents: HashMap::default(),
+            clock: HlcClock::default(),
+            next_tick_ms: i64::MIN,
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn me(&self) -> OriginIdx {
+        self.me
+    }
+
+    pub fn origin_idx(&mut self, node: &str) -> OriginIdx {
+        self.origins.intern(node)
+    }
+
+    pub fn origin_name(&self, idx: OriginIdx) -> &str {
+        self.origins.name(idx)
+    }
+
+    pub fn limit_idx(&self, id: &str) -> Option<LimitIdx> {
+        self.limit_ids.get(id)
+    }
+
+    pub fn limit_id(&self, idx: LimitIdx) -> &str {
+        self.limit_ids.name(idx)
+    }
+
+    fn slot_mut(&mut self, id: &str) -> (LimitIdx, &mut LimitSlot) {
+        let idx = self.limit_ids.intern(id);
+        if self.limits.len() <= idx as usize {
+            self.limits
+                .resize_with(idx as usize + 1, LimitSlot::default);
+        }
+        (idx, &mut self.limits[idx as usize])
+    }
+
+    /// A fresh HLC timestamp.
+    pub fn hlc_now(&mut self, now_ms: i64) -> Hlc {
+        self.clock.now(now_ms)
+    }
+
+    fn version(&mut self, now_ms: i64) -> Version {
+        Version {
+            hlc: self.clock.now(now_ms),
+            node: self.node_id.clone(),
+        }
+    }
+
+    // ----- config -------------------------------------------------------------------
+
+    /// The record a `PUT /v1/limits/{id}` writes. Replacing a limit without changing what
+    /// it counts keeps its generation and anchor (changing `max` is not a reset); any other
+    /// change starts a new generation (DESIGN.md §2).
+    pub fn prepare_limit_put(
+        &mut self,
+        id: &str,
+        input: LimitInput,
+        now_ms: i64,
+    ) -> Result<LimitRecord, ConfigError> {
+        input.validate(id)?;
+        let version = self.version(now_ms);
+        let current = self
+            .limit_idx(id)
+            .and_then(|i| self.limits[i as usize].record.as_ref())
+            .and_then(|r| r.spec.as_ref())
+            .filter(|s| s.input.same_counting(&input));
+        let (anchor_ms, spec_gen) = match current {
+            Some(s) => (s.anchor_ms, s.spec_gen),
+            None => (now_ms, version.hlc),
+        };
+        Ok(LimitRecord {
+            id: id.to_string(),
+            version,
+            spec: Some(LimitSpec {
+                input,
+                anchor_ms,
+                spec_gen,
+            }),
+        })
+    }
+
+    /// The tombstone a `DELETE /v1/limits/{id}` writes.
+    pub fn prepare_limit_delete(
+        &mut self,
+        id: &str,
+        now_ms: i64,
+    ) -> Result<LimitRecord, StateError> {
+        if self.limit(id).is_none() {
+            return Err(StateError::UnknownLimit(id.to_string()));
+        }
+        Ok(LimitRecord {
+            id: id.to_string(),
+            version: self.version(now_ms),
+            spec: None,
+        })
+    }
+
+    /// Applies a limit record if its version is newer (LWW). Returns whether it changed.
+    pub fn apply_limit(&mut self, rec: LimitRecord, now_ms: i64) -> bool {
+        self.clock.observe(rec.version.hlc);
+        let (idx, slot) = self.slot_mut(&rec.id);
+        if slot
+            .record
+            .as_ref()
+            .is_some_and(|r| r.version >= rec.version)
+        {
+            return false;
+        }
+        let old = slot.live.take();
+        let new = rec.spec.as_ref().and_then(|spec| {
+            let i = &spec.input;
+            // A zone this build does not know (from a newer peer) leaves the limit inert
+            // here rather than counting it wrongly.
+            let period =
+                PeriodSpec::new(i.period, i.calendar_aligned, &i.timezone, spec.anchor_ms).ok()?;
+            let cached = period.window(now_ms);
+            Some(Compiled {
+                spec: spec.clone(),
+                scope: i
+                    .scope
+                    .iter()
+                    .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+                    .collect(),
+                period,
+                cached,
+            })
+        });
+        slot.record = Some(rec);
+        if let Some(c) = &new {
+            self.next_tick_ms = self.next_tick_ms.min(c.cached.end_ms);
+        }
+        let slot = &mut self.limits[idx as usize];
+        slot.live = new;
+        if let Some(old) = &old {
+            self.index
+                .remove(idx, old.scope.iter().map(|(k, v)| (&**k, &**v)));
+        }
+        if let Some(new) = &self.limits[idx as usize].live {
+            self.index
+                .insert(idx, new.scope.iter().map(|(k, v)| (&**k, &**v)));
+        }
+        true
+    }
+
+    /// The live limit with this id.
+    pub fn limit(&self, id: &str) -> Option<&LimitSpec> {
+        let idx = self.limit_idx(id)?;
+        self.limits[idx as usize].live.as_ref().map(|c| &c.spec)
+    }
+
+    /// Every limit record known, live or tombstone (for persistence and gossip).
+    pub fn limit_records(&self) -> impl Iterator<Item = &LimitRecord> {
+        self.limits.iter().filter_map(|s| s.record.as_ref())
+    }
+
+    /// Ids of live limits, sorted.
+    pub fn live_limit_ids(&self) -> Vec<&str> {
+        let mut ids: Vec<&str> = self
+            .limits
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.live.is_some())
+            .map(|(i, _)| self.limit_ids.name(i as u32))
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The record a `PUT /v1/entities/{dimension}/{value}` writes; refuses cycles.
+    pub fn prepare_entity_put(
+        &mut self,
+        dimension: &str,
+        value: &str,
+        parents: Scope,
+        now_ms: i64,
+    ) -> Result<EntityRecord, ConfigError> {
+        crate::units::validate_dimension(dimension).map_err(ConfigError::from)?;
+        crate::units::validate_attribute_value(value).map_err(ConfigError::from)?;
+        validate_scope(&parents, "parents")?;
+        if parents.contains_key(dimension) {
+            return Err(ConfigError::SelfDimension(dimension.to_string()));
+        }
+        self.find_cycle(dimension, value, &parents)?;
+        Ok(EntityRecord {
+            dimension: dimension.to_string(),
+            value: value.to_string(),
+            version: self.version(now_ms),
+            parents: Some(parents),
+        })
+    }
+
+    fn find_cycle(&self, dimension: &str, value: &str, parents: &Scope) -> Result<(), ConfigError> {
+        // Depth-first over the parent graph with the new edges in place.
+        let mut stack: Vec<(String, String, String)> = parents
+            .iter()
+            .map(|(d, v)| {
+                (
+                    d.clone(),
+                    v.clone(),
+                    format!("{dimension}/{value} -> {d}/{v}"),
+                )
+            })
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        while let Some((d, v, path)) = stack.pop() {
+            if d == dimension && v == value {
+                return Err(ConfigError::Cycle {
+                    dimension: dimension.to_string(),
+                    value: value.to_string(),
+                    path,
+                });
+            }
+            if !seen.insert((d.clone(), v.clone())) {
+                continue;
+            }
+            if let Some(ps) = self.entities.get(&(d, v)).and_then(|e| e.parents.as_ref()) {
+                for (pd, pv) in ps {
+                    stack.push((pd.clone(), pv.clone(), format!("{path} -> {pd}/{pv}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn prepare_entity_delete(
+        &mut self,
+        dimension: &str,
+        value: &str,
+        now_ms: i64,
+    ) -> Result<EntityRecord, StateError> {
+        if self.entity(dimension, value).is_none() {
+            return Err(StateError::UnknownEntity(dimension.into(), value.into()));
+        }
+        Ok(EntityRecord {
+            dimension: dimension.to_string(),
+            value: value.to_string(),
+            version: self.version(now_ms),
+            parents: None,
+        })
+    }
+
+    /// Applies an entity record if newer (LWW). Returns whether it changed.
+    pub fn apply_entity(&mut self, rec: EntityRecord) -> bool {
+        self.clock.observe(rec.version.hlc);
+        let key = (rec.dimension.clone(), rec.value.clone());
+        if self
+            .entities
+            .get(&key)
+            .is_some_and(|e| e.version >= rec.version)
+        {
+            return false;
+        }
+        let h = pair_hash(&rec.dimension, &rec.value);
+        let list = self.parents.entry(h).or_default();
+        list.retain(|(d, v, _)| !(**d == *rec.dimension && **v == *rec.value));
+        if let Some(ps) = &rec.parents {
+            let ps = ps
+                .iter()
+                .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+                .collect();
+            list.push((rec.dimension.as_str().into(), rec.value.as_str().into(), ps));
+        }
+        if list.is_empty() {
+            self.parents.remove(&h);
+        }
+        self.entities.insert(key, rec);
+        true
+    }
+
+    /// The parents of a live entity.
+    pub fn entity(&self, dimension: &str, value: &str) -> Option<&Scope> {
+        self.entities
+            .get(&(dimension.to_string(), value.to_string()))
+            .and_then(|e| e.parents.as_ref())
+    }
+
+    pub fn entity_records(&self) -> impl Iterator<Item = &EntityRecord> {
+        self.entities.values()
+    }
+
+    /// Forgets tombstones older than the retention. Returns the keys forgotten, so the
+    /// store can drop them too.
+    pub fn gc_tombstones(&mut self, now_ms: i64) -> (Vec<String>, Vec<(String, String)>) {
+        let cutoff = now_ms - TOMBSTONE_RETENTION_MS;
+        let mut limits = Vec::new();
+        for slot in &mut self.limits {
+            if slot
+                .record
+                .as_ref()
+                .is_some_and(|r| r.spec.is_none() && r.version.hlc.wall_ms() < cutoff)
+            {
+                limits.push(slot.record.take().expect("checked").id);
+            }
+        }
+        let entities: Vec<(String, String)> = self
+            .entities
+            .iter()
+            .filter(|(_, e)| e.parents.is_none() && e.version.hlc.wall_ms() < cutoff)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &entities {
+            self.entities.remove(k);
+        }
+        (limits, entities)
+    }
+
+    // ----- resets --------------------------------------------------------------------
+
+    /// The register a reset (or set-usage, with `baseline`) of `id` writes: a new epoch
+    /// in the current period.
+    pub fn prepare_reset(
+        &mut self,
+        id: &str,
+        baseline: u64,
+        now_ms: i64,
+    ) -> Result<ResetRegister, StateError> {
+        let idx = self
+            .limit_idx(id)
+            .ok_or_else(|| StateError::UnknownLimit(id.into()))?;
+        let c = self.limits[idx as usize]
+            .live
+            .as_ref()
+            .ok_or_else(|| StateError::UnknownLimit(id.into()))?;
+        let (spec_gen, period) = (c.spec.spec_gen, c.period.window(now_ms).index);
+        let reset = self.version(now_ms);
+        Ok(ResetRegister {
+            spec_gen,
+            period,
+            reset,
+            baseline,
+        })
+    }
+
+    /// Applies a reset register if it supersedes the current one.
+    pub fn apply_reset(&mut self, id: &str, reg: ResetRegister) -> bool {
+        self.clock.observe(reg.reset.hlc);
+        let (_, slot) = self.slot_mut(id);
+        if slot.reset.as_ref().is_some_and(|r| !reg.supersedes(r)) {
+            return false;
+        }
+        slot.reset = Some(reg);
+        true
+    }
+
+    pub fn reset_registers(&self) -> impl Iterator<Item = (&str, &ResetRegister)> {
+        self.limits
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.reset.as_ref().map(|r| (self.limit_ids.name(i as u32), r)))
+    }
+
+    // ----- counters ------------------------------------------------------------------
+
+    /// Raises `origin`'s slot of (limit, epoch) to `value` (max merge).
+    pub fn merge_slot(
+        &mut self,
+        limit_id: &str,
+        epoch: Epoch,
+        origin: OriginIdx,
+        value: u64,
+    ) -> bool {
+        let (_, slot) = self.slot_mut(limit_id);
+        slot.counters.merge(epoch, origin, value)
+    }
+
+    /// Like [`State::merge_slot`] for an interned limit.
+    pub fn merge_slot_idx(
+        &mut self,
+        limit: LimitIdx,
+        epoch: Epoch,
+        origin: OriginIdx,
+        value: u64,
+    ) -> bool {
+        self.limits[limit as usize]
+            .counters
+            .merge(epoch, origin, value)
+    }
+
+    /// This node's slot of (limit, epoch), if the epoch is in memory.
+    pub fn own_slot(&self, limit: LimitIdx, epoch: Epoch) -> Option<u64> {
+        self.limits
+            .get(limit as usize)?
+            .counters
+            .get(epoch)
+            .map(|c| c.slot(self.me))
+    }
+
+    /// Every (limit, epoch, counter) in memory.
+    pub fn counters(&self) -> impl Iterator<Item = (&str, Epoch, &EpochCounter)> {
+        self.limits.iter().enumerate().flat_map(move |(i, s)| {
+            let id = self.limit_ids.name(i as u32);
+            s.counters.epochs().map(move |(e, c)| (id, e, c))
+        })
+    }
+
+    pub fn slot_count(&self) -> usize {
+        self.limits.iter().map(|s| s.counters.slot_count()).sum()
+    }
+
+    /// The epoch of instant `t_ms` for a live limit, and its baseline: the reset register
+    /// opens its epoch only in its own period and generation (I5: a function of the spec,
+    /// the register and the instant, nothing node-local).
+    fn epoch_at(slot: &LimitSlot, c: &Compiled, t_ms: i64) -> (Window, Epoch, u64) {
+        let w = if c.cached.contains(t_ms) {
+            c.cached
+        } else {
+            c.period.window(t_ms)
+        };
+        match &slot.reset {
+            Some(r) if r.spec_gen == c.spec.spec_gen && r.period == w.index => (
+                w,
+                Epoch {
+                    period: w.index,
+                    reset: r.reset.hlc.0,
+                },
+                r.baseline,
+            ),
+            _ => (
+                w,
+                Epoch {
+                    period: w.index,
+                    reset: c.spec.spec_gen.0,
+                },
+                0,
+            ),
+        }
+    }
+
+    /// The epoch a limit assigns to instant `t_ms` (I5).
+    pub fn epoch_of(&self, limit_id: &str, t_ms: i64) -> Option<Epoch> {
+        let slot = &self.limits[self.limit_idx(limit_id)? as usize];
+        Some(Self::epoch_at(slot, slot.live.as_ref()?, t_ms).1)
+    }
+
+    /// Advances cached windows past `now_ms` and drops closed epochs from memory (they are
+    /// history, kept by the store). Cheap when no window ended.
+    pub fn tick(&mut self, now_ms: i64) {
+        if now_ms < self.next_tick_ms {
+            return;
+        }
+        let mut next = i64::MAX;
+        for slot in &mut self.limits {
+            if let Some(c) = &mut slot.live {
+                if !c.cached.contains(now_ms) {
+                    let w = c.period.window(now_ms);
+                    debug_assert!(w.index >= c.cached.index || now_ms < c.cached.start_ms);
+                    c.cached = w;
+                    let current = w.index;
+                    slot.counters.retain(|e| e.period >= current);
+                }
+                next = next.min(c.cached.end_ms);
+            }
+        }
+        self.next_tick_ms = next;
+    }
+
+    // ----- decisions -----------------------------------------------------------------
+
+    /// Expands request attributes through entity parents (transitively; a dimension the
+    /// request already has is never overridden, which also ends any cycle).
+    pub fn expand<'a>(&'a self, attributes: &[(&'a str, &'a str)]) -> Attrs<'a> {
+        let mut attrs = Attrs::new();
+        for &(d, v) in attributes {
+            attrs.push(d, v);
+        }
+        if self.parents.is_empty() {
+            return attrs;
+        }
+        let mut i = 0;
+        while i < attrs.len() {
+            let (d, v, h) = attrs.as_slice()[i];
+            if let Some(list) = self.parents.get(&h) {
+                for (ed, ev, ps) in list {
+                    if **ed == *d && **ev == *v {
+                        for (pd, pv) in ps {
+                            attrs.push(pd, pv);
+                        }
+                    }
+                }
+            }
+            i += 1;
+        }
+        attrs
+    }
+
+    /// Every live limit that applies to (expanded) `attrs`.
+    fn applicable(&self, attrs: &Attrs<'_>) -> impl Iterator<Item = LimitIdx> {
+        let mut candidates = IdxBuf::new();
+        self.index.candidates(attrs, &mut candidates);
+        let limits = &self.limits;
+        let attrs = *attrs;
+        candidates.into_iter_filtered(move |i| {
+            limits[i as usize]
+                .live
+                .as_ref()
+                .is_some_and(|c| attrs.covers(c.scope.iter().map(|(k, v)| (&**k, &**v))))
+        })
+    }
+
+    fn status(&self, limit: LimitIdx, now_ms: i64, requested: Amounts) -> LimitStatus {
+        let slot = &self.limits[limit as usize];
+        let c = slot.live.as_ref().expect("applicable limits are live");
+        let (w, epoch, baseline) = Self::epoch_at(slot, c, now_ms);
+        let used = baseline.saturating_add(slot.counters.get(epoch).map_or(0, EpochCounter::total));
+        let metric = c.spec.input.metric;
+        let max = c.spec.input.max;
+        let want = requested.of(metric);
+        let denied = if want == 0 {
+            used >= max
+        } else {
+            used.saturating_add(want) > max
+        };
+        LimitStatus {
+            limit,
+            metric,
+            used,
+            max,
+            remaining: max.saturating_sub(used),
+            epoch,
+            period_start_ms: w.start_ms,
+            resets_at_ms: w.end_ms,
+            denied,
+        }
+    }
+
+    /// May a request with these attributes and estimates proceed? Allowed iff for every
+    /// applicable limit `used + requested <= max` (with nothing requested: `used < max`).
+    /// A request counts 1 against `requests` limits.
+    pub fn check(&self, attributes: &[(&str, &str)], estimate: Amounts, now_ms: i64) -> Decision {
+        let mut d = Decision::default();
+        self.check_into(attributes, estimate, now_ms, &mut d);
+        d
+    }
+
+    /// [`State::check`] into a reused decision, so a caller that keeps one allocates
+    /// nothing per check.
+    pub fn check_into(
+        &self,
+        attributes: &[(&str, &str)],
+        estimate: Amounts,
+        now_ms: i64,
+        out: &mut Decision,
+    ) {
+        let attrs = self.expand(attributes);
+        let requested = Amounts {
+            requests: 1,
+            ..estimate
+        };
+        out.limits.clear();
+        out.limits.extend(
+            self.applicable(&attrs)
+                .map(|i| self.status(i, now_ms, requested)),
+        );
+        out.allowed = out.limits.iter().all(|l| !l.denied);
+    }
+
+    /// The increments to this node's slots that recording `amounts` at instant `at_ms`
+    /// implies: one per applicable limit with a non-zero amount of its metric, in the epoch
+    /// of `at_ms`.
+    pub fn plan_record(
+        &self,
+        attributes: &[(&str, &str)],
+        amounts: Amounts,
+        at_ms: i64,
+        out: &mut Vec<Increment>,
+    ) {
+        let attrs = self.expand(attributes);
+        for i in self.applicable(&attrs) {
+            let slot = &self.limits[i as usize];
+            let c = slot.live.as_ref().expect("applicable limits are live");
+            let delta = amounts.of(c.spec.input.metric);
+            if delta > 0 {
+                let (_, epoch, _) = Self::epoch_at(slot, c, at_ms);
+                out.push(Increment {
+                    limit: i,
+                    epoch,
+                    delta,
+                });
+            }
+        }
+    }
+
+    /// Applies increments to this node's own slots in memory. The caller has made the new
+    /// values durable first (I3: only durable values are visible).
+    pub fn apply_increments(&mut self, increments: &[Increment]) {
+        let me = self.me;
+        for inc in increments {
+            let counter = self.limits[inc.limit as usize]
+                .counters
+                .get_mut_or_default(inc.epoch);
+            let before = counter.slot(me);
+            counter.merge(me, before.saturating_add(inc.delta));
+        }
+    }
+
+    /// Status of every limit applying to `attributes` without requesting anything.
+    pub fn statuses(&self, attributes: &[(&str, &str)], now_ms: i64) -> Vec<LimitStatus> {
+        self.check(attributes, Amounts::default(), now_ms).limits
+    }
+
+    /// The view of one live limit.
+    pub fn limit_view(&self, id: &str, now_ms: i64) -> Option<LimitView<'_>> {
+        let idx = self.limit_idx(id)?;
+        let slot = &self.limits[idx as usize];
+        let c = slot.live.as_ref()?;
+        let status = self.status(idx, now_ms, Amounts::default());
+        let (_, epoch, baseline) = Self::epoch_at(slot, c, now_ms);
+        let mut nodes: Vec<(&str, u64)> = slot
+            .counters
+            .get(epoch)
+            .map(|ctr| {
+                ctr.slots()
+                    .iter()
+                    .map(|&(o, v)| (self.origins.name(o), v))
+                    .collect()
+            })
+            .unwrap_or_default();
+        nodes.sort_unstable();
+        Some(LimitView {
+            id: self.limit_ids.name(idx),
+            spec: &c.spec,
+            status,
+            nodes,
+            baseline,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

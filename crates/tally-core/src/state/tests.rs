@@ -1,0 +1,495 @@
+use super::*;
+use crate::period::Period;
+use proptest::prelude::*;
+
+const T0: i64 = 1_795_327_200_000; // 2026-11-22T06:00:00Z
+
+fn input(scope: &[(&str, &str)], metric: Metric, max: u64, period: &str) -> LimitInput {
+    LimitInput {
+        scope: scope
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        metric,
+        max,
+        period: period.parse().unwrap(),
+        calendar_aligned: false,
+        timezone: "UTC".into(),
+    }
+}
+
+fn put(s: &mut State, id: &str, i: LimitInput, now: i64) {
+    let rec = s.prepare_limit_put(id, i, now).unwrap();
+    assert!(s.apply_limit(rec, now));
+}
+
+fn record(s: &mut State, attrs: &[(&str, &str)], amounts: Amounts, at: i64) -> Vec<Increment> {
+    let mut incs = Vec::new();
+    s.plan_record(attrs, amounts, at, &mut incs);
+    s.apply_increments(&incs);
+    incs
+}
+
+fn cost(usd_micros: u64) -> Amounts {
+    Amounts {
+        cost: Micros(usd_micros),
+        tokens: 0,
+        requests: 1,
+    }
+}
+
+fn ids(s: &State, d: &Decision) -> Vec<String> {
+    let mut v: Vec<String> = d
+        .limits
+        .iter()
+        .map(|l| s.limit_id(l.limit).to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+use crate::units::Micros;
+
+#[test]
+fn scope_subsets_apply() {
+    let mut s = State::new("a");
+    put(
+        &mut s,
+        "global",
+        input(&[], Metric::Requests, 100, "1d"),
+        T0,
+    );
+    put(
+        &mut s,
+        "team",
+        input(&[("team", "eng")], Metric::Cost, 10, "1d"),
+        T0,
+    );
+    put(
+        &mut s,
+        "vk-openai",
+        input(
+            &[("virtual_key", "vk-1"), ("provider", "openai")],
+            Metric::Tokens,
+            10,
+            "1d",
+        ),
+        T0,
+    );
+    put(
+        &mut s,
+        "other-team",
+        input(&[("team", "ops")], Metric::Cost, 10, "1d"),
+        T0,
+    );
+    let d = s.check(
+        &[
+            ("virtual_key", "vk-1"),
+            ("team", "eng"),
+            ("provider", "openai"),
+        ],
+        Amounts::default(),
+        T0,
+    );
+    assert_eq!(ids(&s, &d), ["global", "team", "vk-openai"]);
+    let d = s.check(
+        &[("virtual_key", "vk-1"), ("team", "eng")],
+        Amounts::default(),
+        T0,
+    );
+    assert_eq!(ids(&s, &d), ["global", "team"]);
+    let d = s.check(&[("model", "gpt-4o")], Amounts::default(), T0);
+    assert_eq!(ids(&s, &d), ["global"]);
+}
+
+#[test]
+fn check_rule_used_plus_requested() {
+    let mut s = State::new("a");
+    put(
+        &mut s,
+        "b",
+        input(&[("team", "eng")], Metric::Cost, 100, "1d"),
+        T0,
+    );
+    let attrs = [("team", "eng")];
+    record(&mut s, &attrs, cost(60), T0);
+    // 60 + 40 <= 100 allowed, 60 + 41 denied.
+    assert!(s.check(&attrs, cost(40), T0).allowed);
+    let d = s.check(&attrs, cost(41), T0);
+    assert!(!d.allowed);
+    assert_eq!(
+        (d.limits[0].used, d.limits[0].remaining, d.limits[0].denied),
+        (60, 40, true)
+    );
+    record(&mut s, &attrs, cost(40), T0);
+    // Exactly at max: nothing requested is denied (used < max fails).
+    let d = s.check(&attrs, Amounts::default(), T0);
+    assert!(!d.allowed);
+    assert_eq!(d.limits[0].used, 100);
+    // Requests limits count 1 per check.
+    put(
+        &mut s,
+        "r",
+        input(&[("user", "u")], Metric::Requests, 2, "1d"),
+        T0,
+    );
+    let u = [("user", "u")];
+    assert!(s.check(&u, Amounts::default(), T0).allowed);
+    record(
+        &mut s,
+        &u,
+        Amounts {
+            requests: 1,
+            ..Amounts::default()
+        },
+        T0,
+    );
+    assert!(s.check(&u, Amounts::default(), T0).allowed);
+    record(
+        &mut s,
+        &u,
+        Amounts {
+            requests: 1,
+            ..Amounts::default()
+        },
+        T0,
+    );
+    assert!(!s.check(&u, Amounts::default(), T0).allowed);
+}
+
+#[test]
+fn entity_parents_expand_transitively_and_cycles_are_refused() {
+    let mut s = State::new("a");
+    put(
+        &mut s,
+        "cust",
+        input(&[("customer", "acme")], Metric::Cost, 5, "1M"),
+        T0,
+    );
+    let scope = |k: &str, v: &str| Scope::from([(k.to_string(), v.to_string())]);
+    let r = s
+        .prepare_entity_put("virtual_key", "vk-1", scope("team", "eng"), T0)
+        .unwrap();
+    s.apply_entity(r);
+    let r = s
+        .prepare_entity_put("team", "eng", scope("customer", "acme"), T0)
+        .unwrap();
+    s.apply_entity(r);
+    let d = s.check(&[("virtual_key", "vk-1")], Amounts::default(), T0);
+    assert_eq!(ids(&s, &d), ["cust"]);
+    let err = s
+        .prepare_entity_put("customer", "acme", scope("virtual_key", "vk-1"), T0)
+        .unwrap_err();
+    assert!(matches!(err, ConfigError::Cycle { .. }), "{err}");
+    assert!(matches!(
+        s.prepare_entity_put("team", "x", scope("team", "y"), T0),
+        Err(ConfigError::SelfDimension(_))
+    ));
+    // A request's own value wins over a parent's.
+    let d = s.check(
+        &[("virtual_key", "vk-1"), ("customer", "other")],
+        Amounts::default(),
+        T0,
+    );
+    assert!(d.limits.is_empty());
+    // Delete unlinks.
+    let r = s.prepare_entity_delete("team", "eng", T0).unwrap();
+    s.apply_entity(r);
+    assert!(
+        s.check(&[("virtual_key", "vk-1")], Amounts::default(), T0)
+            .limits
+            .is_empty()
+    );
+}
+
+#[test]
+fn rolling_period_resets_by_epoch_not_mutation() {
+    let mut s = State::new("a");
+    put(&mut s, "r", input(&[], Metric::Requests, 2, "1s"), T0);
+    let one = Amounts {
+        requests: 1,
+        ..Amounts::default()
+    };
+    record(&mut s, &[], one, T0);
+    record(&mut s, &[], one, T0 + 10);
+    assert!(!s.check(&[], one, T0 + 999).allowed);
+    s.tick(T0 + 1000);
+    let d = s.check(&[], one, T0 + 1000);
+    assert!(d.allowed);
+    assert_eq!(d.limits[0].used, 0);
+    assert_eq!(d.limits[0].period_start_ms, T0 + 1000);
+    assert_eq!(d.limits[0].resets_at_ms, T0 + 2000);
+}
+
+#[test]
+fn reset_and_set_usage_open_new_epochs() {
+    let mut s = State::new("a");
+    put(&mut s, "b", input(&[], Metric::Cost, 100, "1d"), T0);
+    record(&mut s, &[], cost(70), T0);
+    let before = s.epoch_of("b", T0).unwrap();
+    let reg = s.prepare_reset("b", 0, T0 + 5).unwrap();
+    assert!(s.apply_reset("b", reg.clone()));
+    assert!(!s.apply_reset("b", reg), "idempotent");
+    let after = s.epoch_of("b", T0 + 6).unwrap();
+    assert!(after > before && after.period == before.period);
+    assert_eq!(s.limit_view("b", T0 + 6).unwrap().status.used, 0);
+    record(&mut s, &[], cost(5), T0 + 7);
+    let reg = s.prepare_reset("b", 40, T0 + 8).unwrap();
+    s.apply_reset("b", reg);
+    let v = s.limit_view("b", T0 + 9).unwrap();
+    assert_eq!((v.status.used, v.baseline), (40, 40));
+    // Changing max is not a reset; changing the period is.
+    put(&mut s, "b", input(&[], Metric::Cost, 200, "1d"), T0 + 10);
+    assert_eq!(s.limit_view("b", T0 + 11).unwrap().status.used, 40);
+    put(&mut s, "b", input(&[], Metric::Cost, 200, "1w"), T0 + 12);
+    assert_eq!(s.limit_view("b", T0 + 13).unwrap().status.used, 0);
+}
+
+#[test]
+fn concurrent_resets_settle_on_one_register() {
+    let mut a = State::new("a");
+    let mut b = State::new("b");
+    for s in [&mut a, &mut b] {
+        let rec = LimitRecord {
+            id: "l".into(),
+            version: Version {
+                hlc: Hlc::from_wall_ms(T0),
+                node: "a".into(),
+            },
+            spec: Some(LimitSpec {
+                input: input(&[], Metric::Cost, 100, "1d"),
+                anchor_ms: T0,
+                spec_gen: Hlc::from_wall_ms(T0),
+            }),
+        };
+        s.apply_limit(rec, T0);
+    }
+    let ra = a.prepare_reset("l", 10, T0 + 100).unwrap();
+    let rb = b.prepare_reset("l", 20, T0 + 100).unwrap();
+    a.apply_reset("l", ra.clone());
+    b.apply_reset("l", rb.clone());
+    a.apply_reset("l", rb);
+    b.apply_reset("l", ra);
+    assert_eq!(a.epoch_of("l", T0 + 200), b.epoch_of("l", T0 + 200));
+    assert_eq!(
+        a.limit_view("l", T0 + 200).unwrap().baseline,
+        b.limit_view("l", T0 + 200).unwrap().baseline
+    );
+    assert_eq!(
+        a.limit_view("l", T0 + 200).unwrap().baseline,
+        20,
+        "b's node id wins the tie"
+    );
+}
+
+#[test]
+fn delete_then_recreate_starts_fresh() {
+    let mut s = State::new("a");
+    put(&mut s, "b", input(&[], Metric::Cost, 100, "1d"), T0);
+    record(&mut s, &[], cost(70), T0);
+    let t = s.prepare_limit_delete("b", T0 + 1).unwrap();
+    s.apply_limit(t, T0 + 1);
+    assert!(s.limit("b").is_none());
+    assert!(s.check(&[], Amounts::default(), T0 + 2).limits.is_empty());
+    assert!(matches!(
+        s.prepare_limit_delete("b", T0 + 3),
+        Err(StateError::UnknownLimit(_))
+    ));
+    put(&mut s, "b", input(&[], Metric::Cost, 100, "1d"), T0 + 4);
+    assert_eq!(s.limit_view("b", T0 + 5).unwrap().status.used, 0);
+    let (limits, _) = s.gc_tombstones(T0 + 8 * 86_400_000);
+    assert!(limits.is_empty(), "live records are never collected");
+}
+
+#[test]
+fn many_dimensions_fall_back_to_subset_enumeration() {
+    let mut s = State::new("a");
+    for i in 0..70 {
+        let d = format!("d{i}");
+        put(
+            &mut s,
+            &format!("l{i}"),
+            input(&[(&d, "x")], Metric::Requests, 1, "1d"),
+            T0,
+        );
+    }
+    let attrs = [("d1", "x"), ("d65", "x"), ("d69", "x"), ("d3", "y")];
+    let d = s.check(&attrs, Amounts::default(), T0);
+    assert_eq!(ids(&s, &d), ["l1", "l65", "l69"]);
+}
+
+// ----- property tests -----------------------------------------------------------------
+
+/// One replica's event: record on node `node` for limit `limit` at `dt` ms after T0.
+#[derive(Debug, Clone)]
+enum Op {
+    Record {
+        node: usize,
+        limit: usize,
+        amount: u64,
+        dt: i64,
+    },
+    Sync {
+        from: usize,
+        to: usize,
+        drop_mask: u8,
+    },
+}
+
+fn arb_ops(nodes: usize) -> impl Strategy<Value = Vec<Op>> {
+    let op = prop_oneof![
+        (0..nodes, 0..3usize, 1u64..1000, 0i64..5_000).prop_map(|(node, limit, amount, dt)| {
+            Op::Record {
+                node,
+                limit,
+                amount,
+                dt,
+            }
+        }),
+        (0..nodes, 0..nodes, any::<u8>()).prop_map(|(from, to, drop_mask)| Op::Sync {
+            from,
+            to,
+            drop_mask
+        }),
+    ];
+    proptest::collection::vec(op, 0..80)
+}
+
+/// Full state of a replica as a message: every counter slot.
+fn snapshot(s: &State) -> Vec<(String, Epoch, String, u64)> {
+    let mut v = Vec::new();
+    for (id, e, c) in s.counters() {
+        for &(o, val) in c.slots() {
+            v.push((id.to_string(), e, s.origin_name(o).to_string(), val));
+        }
+    }
+    v
+}
+
+fn deliver(to: &mut State, msg: &[(String, Epoch, String, u64)], drop_mask: u8) {
+    for (i, (id, e, origin, v)) in msg.iter().enumerate() {
+        if drop_mask & (1 << (i % 8)) != 0 {
+            continue;
+        }
+        let o = to.origin_idx(origin);
+        to.merge_slot(id, *e, o, *v);
+        // Duplicate delivery is harmless.
+        to.merge_slot(id, *e, o, *v);
+    }
+}
+
+fn fleet(n: usize) -> Vec<State> {
+    let limits = ["1s", "1m", "never"];
+    (0..n)
+        .map(|i| {
+            let mut s = State::new(&format!("node-{i}"));
+            for (j, p) in limits.iter().enumerate() {
+                let rec = LimitRecord {
+                    id: format!("l{j}"),
+                    version: Version {
+                        hlc: Hlc::from_wall_ms(T0),
+                        node: "node-0".into(),
+                    },
+                    spec: Some(LimitSpec {
+                        input: input(&[("k", &j.to_string())], Metric::Tokens, 1 << 40, p),
+                        anchor_ms: T0,
+                        spec_gen: Hlc::from_wall_ms(T0),
+                    }),
+                };
+                s.apply_limit(rec, T0);
+            }
+            s
+        })
+        .collect()
+}
+
+proptest! {
+    /// I4: replicas that increment and exchange state in any order, with drops and
+    /// duplicates, end with identical usage once everything is exchanged.
+    #[test]
+    fn replicas_converge(ops in arb_ops(4)) {
+        let mut nodes = fleet(4);
+        let mut truth: HashMap<(String, Epoch), u64> = HashMap::new();
+        for op in ops {
+            match op {
+                Op::Record { node, limit, amount, dt } => {
+                    let key = limit.to_string();
+                    let attrs = [("k", key.as_str())];
+                    let incs = record(&mut nodes[node], &attrs, Amounts { tokens: amount, ..Amounts::default() }, T0 + dt);
+                    prop_assert_eq!(incs.len(), 1);
+                    *truth.entry((format!("l{limit}"), incs[0].epoch)).or_default() += amount;
+                }
+                Op::Sync { from, to, drop_mask } => {
+                    let msg = snapshot(&nodes[from]);
+                    deliver(&mut nodes[to], &msg, drop_mask);
+                }
+            }
+        }
+        for from in 0..4 {
+            let msg = snapshot(&nodes[from]);
+            for to in nodes.iter_mut() {
+                deliver(to, &msg, 0);
+            }
+        }
+        for n in &nodes {
+            let mut totals: HashMap<(String, Epoch), u64> = HashMap::new();
+            for (id, e, c) in n.counters() {
+                if c.total() > 0 {
+                    totals.insert((id.to_string(), e), c.total());
+                }
+            }
+            prop_assert_eq!(&totals, &truth);
+        }
+    }
+
+    /// I5: the epoch of an event depends only on the limit, its reset register and the
+    /// event's instant, not on the node, its clock or the order it learned things in.
+    #[test]
+    fn epochs_are_deterministic(dt in -86_400_000i64..86_400_000, skew in -5_000i64..5_000, reset_dt in 0i64..60_000) {
+        let mut nodes = fleet(3);
+        let reg = nodes[0].prepare_reset("l1", 0, T0 + reset_dt).unwrap();
+        nodes[0].apply_reset("l1", reg.clone());
+        nodes[2].tick(T0 + skew); // a node with a skewed clock ticks differently
+        nodes[2].apply_reset("l1", reg.clone());
+        nodes[1].apply_reset("l1", reg);
+        for id in ["l0", "l1", "l2"] {
+            let e0 = nodes[0].epoch_of(id, T0 + dt);
+            prop_assert_eq!(e0, nodes[1].epoch_of(id, T0 + dt));
+            prop_assert_eq!(e0, nodes[2].epoch_of(id, T0 + dt));
+        }
+    }
+
+    /// LWW config converges to the same winner whatever the merge order.
+    #[test]
+    fn lww_config_converges(writes in proptest::collection::vec((0u64..5, 0usize..3, 1u64..100, any::<bool>()), 1..12), order in Just(()).prop_perturb(|_, mut rng| {
+        let mut v: Vec<usize> = (0..12).collect();
+        for i in (1..v.len()).rev() { let j = (rng.next_u32() as usize) % (i + 1); v.swap(i, j); }
+        v
+    })) {
+        // A version is unique to one write (the HLC is strictly monotone per node).
+        let mut seen = std::collections::HashSet::new();
+        let writes: Vec<_> = writes.into_iter().filter(|&(hlc, node, _, _)| seen.insert((hlc, node))).collect();
+        let recs: Vec<LimitRecord> = writes.iter().map(|&(hlc, node, max, delete)| LimitRecord {
+            id: "x".into(),
+            version: Version { hlc: Hlc(hlc), node: format!("n{node}") },
+            spec: (!delete).then(|| LimitSpec { input: input(&[], Metric::Requests, max, "1d"), anchor_ms: T0, spec_gen: Hlc(hlc) }),
+        }).collect();
+        let mut a = State::new("a");
+        for r in &recs { a.apply_limit(r.clone(), T0); }
+        let mut b = State::new("b");
+        for &i in order.iter().filter(|&&i| i < recs.len()) { b.apply_limit(recs[i].clone(), T0); }
+        for r in recs.iter().rev() { b.apply_limit(r.clone(), T0); }
+        let wa: Vec<_> = a.limit_records().cloned().collect();
+        let wb: Vec<_> = b.limit_records().cloned().collect();
+        prop_assert_eq!(&wa, &wb);
+        prop_assert_eq!(a.limit("x"), b.limit("x"));
+        let best = recs.iter().max_by(|x, y| x.version.cmp(&y.version)).unwrap();
+        prop_assert_eq!(&wa[0], best);
+    }
+}
+
+#[test]
+fn period_parse_round_trip_through_state() {
+    let p: Period = "3M".parse().unwrap();
+    assert_eq!(p.to_string(), "3M");
+}
