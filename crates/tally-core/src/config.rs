@@ -18,7 +18,7 @@ pub type Scope = BTreeMap<String, String>;
 pub const TOMBSTONE_RETENTION_MS: i64 = 7 * 24 * 3_600_000;
 
 /// What an admin writes for a limit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LimitInput {
     pub scope: Scope,
     pub metric: Metric,
@@ -30,7 +30,7 @@ pub struct LimitInput {
 }
 
 /// A limit as replicated: the input plus when its counting started.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LimitSpec {
     pub input: LimitInput,
     /// Origin of rolling periods: when this spec's counting began.
@@ -51,7 +51,7 @@ impl LimitInput {
 }
 
 /// A limit record: a live spec or a tombstone.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LimitRecord {
     pub id: String,
     pub version: Version,
@@ -59,7 +59,7 @@ pub struct LimitRecord {
 }
 
 /// An entity record: its parents, or a tombstone.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EntityRecord {
     pub dimension: String,
     pub value: String,
@@ -70,7 +70,7 @@ pub struct EntityRecord {
 /// The reset register of a limit: the winner opens epoch `(period, reset.hlc)` with
 /// `baseline` already used. Ordered by (spec_gen, period, reset) so a reset in a later
 /// period, or under a newer spec, wins everywhere (DESIGN.md §2).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ResetRegister {
     pub spec_gen: Hlc,
     pub period: i64,

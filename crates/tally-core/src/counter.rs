@@ -10,7 +10,9 @@ use std::fmt;
 /// `(period_index, reset_id)`, ordered lexicographically. `period_index` is the period's
 /// start in Unix ms; `reset_id` is the HLC of the reset that opened the epoch, or the
 /// limit's spec generation when no reset happened in that period (see ARCHITECTURE.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Epoch {
     pub period: i64,
     pub reset: u64,

@@ -6,7 +6,19 @@ use std::fmt;
 
 /// An HLC timestamp: wall-clock milliseconds in the high 48 bits, a logical counter in the
 /// low 16. Plain `u64` order is the clock's order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct Hlc(pub u64);
 
 const LOGICAL_BITS: u32 = 16;
@@ -54,7 +66,18 @@ impl HlcClock {
 
 /// A config version: an HLC timestamp with the writing node as tie-break, so any two
 /// versions written anywhere are ordered the same way on every node.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct Version {
     pub hlc: Hlc,
     pub node: String,

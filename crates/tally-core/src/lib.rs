@@ -5,6 +5,7 @@
 //! crate owns every rule about *what* is counted and decided; it must not touch tokio,
 //! redb, chitchat, axum, the clock or any other I/O, and it cannot fail on I/O.
 
+pub mod codec;
 pub mod config;
 pub mod counter;
 pub mod hlc;

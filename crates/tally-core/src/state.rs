@@ -532,13 +532,17 @@ impl State {
             .merge(epoch, origin, value)
     }
 
-    /// This node's slot of (limit, epoch), if the epoch is in memory.
+    /// This node's slot of (limit, epoch), if memory holds it. `None` means "ask the
+    /// store": the epoch may have been dropped from memory as history.
     pub fn own_slot(&self, limit: LimitIdx, epoch: Epoch) -> Option<u64> {
         self.limits
             .get(limit as usize)?
             .counters
-            .get(epoch)
-            .map(|c| c.slot(self.me))
+            .get(epoch)?
+            .slots()
+            .iter()
+            .find(|(o, _)| *o == self.me)
+            .map(|(_, v)| *v)
     }
 
     /// Every (limit, epoch, counter) in memory.

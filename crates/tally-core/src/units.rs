@@ -165,7 +165,9 @@ pub fn check_count(value: u64, what: &'static str) -> Result<u64, UnitError> {
 }
 
 /// What a limit counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Metric {
     /// Money, in micro-USD.
     Cost,

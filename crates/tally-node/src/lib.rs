@@ -1,1 +1,483 @@
+//! tally-node: one tally node, embeddable (DESIGN.md §4).
+//!
+//! [`Node`] wires the pure state of tally-core to the durable store of tally-store.
+//! Checks read the in-memory state under a short read lock and never touch disk. Records
+//! and config changes go through one bounded queue to a single writer thread that does
+//! group commit: it drains what is queued, writes it in one redb transaction, commits
+//! durably (one fsync), then updates memory and replies (I1, I3: nothing is acknowledged
+//! or visible before it is durable). When the queue is full callers wait up to
+//! `queue_wait`, then get [`NodeError::Unavailable`], never a silent drop.
+//!
+//! This crate knows no HTTP or JSON (tally-server) and no redb (tally-store).
 
+pub mod clock;
+pub mod metrics;
+mod writer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use tally_core::config::ConfigError;
+use tally_core::{Amounts, Decision, LimitInput, LimitStatus, Metric, Scope, State, StateError};
+use tally_store::{Store, StoreError};
+use tokio::sync::{Semaphore, oneshot};
+
+pub use clock::{Clock, SystemClock};
+pub use metrics::Metrics;
+use writer::{ConfigChange, Op};
+
+/// How a node is set up.
+#[derive(Clone)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    /// Stable id; generated and persisted on first start when absent.
+    pub node_id: Option<String>,
+    /// How long a record id is remembered for deduplication (I2).
+    pub dedup_window_ms: i64,
+    /// Most records in one group commit.
+    pub batch_records_max: usize,
+    /// Most records (config changes count 1) queued for the writer.
+    pub queue_records_max: usize,
+    /// How long a caller waits for queue space before `Unavailable`.
+    pub queue_wait: Duration,
+    /// How far in the future a record's `at` may be.
+    pub future_skew_ms: i64,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl NodeConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> NodeConfig {
+        NodeConfig {
+            data_dir: data_dir.into(),
+            node_id: None,
+            dedup_window_ms: 24 * 3_600_000,
+            batch_records_max: 4096,
+            queue_records_max: 65_536,
+            queue_wait: Duration::from_secs(2),
+            future_skew_ms: 5 * 60_000,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// Why an operation failed. The server maps each to its API error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<ConfigError> for NodeError {
+    fn from(e: ConfigError) -> Self {
+        match e {
+            ConfigError::Cycle { .. } => NodeError::Conflict(e.to_string()),
+            e => NodeError::InvalidArgument(e.to_string()),
+        }
+    }
+}
+
+impl From<StateError> for NodeError {
+    fn from(e: StateError) -> Self {
+        match e {
+            StateError::UnknownLimit(_) | StateError::UnknownEntity(..) => {
+                NodeError::NotFound(e.to_string())
+            }
+            StateError::Config(c) => c.into(),
+            e => NodeError::InvalidArgument(e.to_string()),
+        }
+    }
+}
+
+/// A failure to start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot start the writer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// One usage record as a client sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRecord {
+    pub id: String,
+    pub attributes: Vec<(String, String)>,
+    pub amounts: Amounts,
+    /// When the usage happened; `None` = now.
+    pub at_ms: Option<i64>,
+}
+
+/// One applicable limit in a check or record reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitReport {
+    pub id: String,
+    pub metric: Metric,
+    pub used: u64,
+    pub max: u64,
+    pub remaining: u64,
+    pub period_start_ms: i64,
+    /// `None` for `never`.
+    pub resets_at_ms: Option<i64>,
+    pub denied: bool,
+}
+
+/// A check's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckReply {
+    pub allowed: bool,
+    /// The node has not caught up with the fleet yet (DESIGN.md §4 readiness).
+    pub stale: bool,
+    pub limits: Vec<LimitReport>,
+}
+
+/// A limit with its current usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitDetails {
+    pub input: LimitInput,
+    pub report: LimitReport,
+    /// Usage per origin node in the current epoch.
+    pub nodes: Vec<(String, u64)>,
+}
+
+/// An entity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntityDetails {
+    pub dimension: String,
+    pub value: String,
+    pub parents: Scope,
+}
+
+pub(crate) struct Shared {
+    pub(crate) state: RwLock<State>,
+    pub(crate) metrics: Metrics,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) config: NodeConfig,
+    pub(crate) node_id: String,
+}
+
+/// A running node. Cheap to clone; all clones share one state and one writer.
+#[derive(Clone)]
+pub struct Node {
+    shared: Arc<Shared>,
+    queue: Arc<Semaphore>,
+    tx: std::sync::mpsc::Sender<Op>,
+}
+
+fn report(state: &State, s: &LimitStatus) -> LimitReport {
+    LimitReport {
+        id: state.limit_id(s.limit).to_string(),
+        metric: s.metric,
+        used: s.used,
+        max: s.max,
+        remaining: s.remaining,
+        period_start_ms: s.period_start_ms,
+        resets_at_ms: (s.resets_at_ms != i64::MAX).then_some(s.resets_at_ms),
+        denied: s.denied,
+    }
+}
+
+impl Node {
+    /// Opens the store, restores state from it, and starts the writer thread.
+    pub fn open(config: NodeConfig) -> Result<Node, OpenError> {
+        let store = Store::open(&config.data_dir)?;
+        let node_id = store.node_id(config.node_id.as_deref(), generate_node_id)?;
+        let now = config.clock.now_ms();
+        let recovered = store.recover()?;
+        let mut state = State::new(&node_id);
+        let (limits, entities, resets) = (
+            recovered.limits.len(),
+            recovered.entities.len(),
+            recovered.resets.len(),
+        );
+        for rec in recovered.limits {
+            state.apply_limit(rec, now);
+        }
+        for rec in recovered.entities {
+            state.apply_entity(rec);
+        }
+        for (id, reg) in recovered.resets {
+            state.apply_reset(&id, reg);
+        }
+        let me = state.me();
+        let own = recovered.own_slots.len();
+        for (limit, epoch, value) in recovered.own_slots {
+            state.merge_slot(&limit, epoch, me, value);
+        }
+        let peer = recovered.peer_slots.len();
+        for (origin, limit, epoch, value) in recovered.peer_slots {
+            let o = state.origin_idx(&origin);
+            state.merge_slot(&limit, epoch, o, value);
+        }
+        state.tick(now);
+        tracing::info!(
+            node = %node_id, limits, entities, resets, own_slots = own, peer_slots = peer,
+            dedup_ids = recovered.dedup_ids, path = %store.path().display(),
+            "state restored"
+        );
+        let shared = Arc::new(Shared {
+            state: RwLock::new(state),
+            metrics: Metrics::default(),
+            clock: config.clock.clone(),
+            node_id,
+            config,
+        });
+        let queue = Arc::new(Semaphore::new(shared.config.queue_records_max));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let w = shared.clone();
+        std::thread::Builder::new()
+            .name("tally-writer".into())
+            .spawn(move || writer::run(w, store, rx))
+            .map_err(OpenError::Thread)?;
+        Ok(Node { shared, queue, tx })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.shared.node_id
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.shared.clock.now_ms()
+    }
+
+    /// Records queued for the writer right now.
+    pub fn queue_depth(&self) -> usize {
+        self.shared.config.queue_records_max - self.queue.available_permits()
+    }
+
+    /// Number of (limit, epoch, origin) slots in memory.
+    pub fn slot_count(&self) -> usize {
+        self.shared.state.read().slot_count()
+    }
+
+    /// May a request proceed? Reads memory only.
+    pub fn check(&self, attributes: &[(&str, &str)], estimate: Amounts) -> CheckReply {
+        let now = self.now_ms();
+        let mut d = Decision::default();
+        let state = self.shared.state.read();
+        state.check_into(attributes, estimate, now, &mut d);
+        let limits = d.limits.iter().map(|s| report(&state, s)).collect();
+        drop(state);
+        Metrics::add(&self.shared.metrics.checks_total, 1);
+        if !d.allowed {
+            Metrics::add(&self.shared.metrics.checks_denied_total, 1);
+        }
+        CheckReply {
+            allowed: d.allowed,
+            stale: false,
+            limits,
+        }
+    }
+
+    /// Every limit applying to `attributes`, with usage now.
+    pub fn statuses(&self, attributes: &[(&str, &str)]) -> Vec<LimitReport> {
+        let now = self.now_ms();
+        let state = self.shared.state.read();
+        state
+            .statuses(attributes, now)
+            .iter()
+            .map(|s| report(&state, s))
+            .collect()
+    }
+
+    /// Records usage; replies once every record is durable. Per record: `true` if
+    /// applied, `false` if its id was already applied on this node (I2). All records are
+    /// validated before any is queued (all or nothing).
+    pub async fn record(&self, records: Vec<UsageRecord>) -> Result<Vec<bool>, NodeError> {
+        let now = self.now_ms();
+        let window = self.shared.config.dedup_window_ms;
+        let skew = self.shared.config.future_skew_ms;
+        for r in &records {
+            tally_core::units::validate_id(&r.id, "record id")
+                .map_err(|e| NodeError::InvalidArgument(e.to_string()))?;
+            if let Some(at) = r.at_ms {
+                if at > now + skew {
+                    return Err(NodeError::InvalidArgument(format!(
+                        "record {}: at is more than {} s in the future; check the client's clock",
+                        r.id,
+                        skew / 1000
+                    )));
+                }
+                if at <= now - window {
+                    return Err(NodeError::InvalidArgument(format!(
+                        "record {}: at is older than the {} s deduplication window and could be counted twice; record usage promptly",
+                        r.id,
+                        window / 1000
+                    )));
+                }
+            }
+        }
+        let n = records.len().max(1);
+        let (reply, rx) = oneshot::channel();
+        self.submit(n, |permit| Op::Records {
+            records,
+            reply,
+            _permit: permit,
+        })
+        .await?;
+        rx.await
+            .map_err(|_| NodeError::Unavailable("the node is shutting down".into()))?
+    }
+
+    async fn submit(
+        &self,
+        n: usize,
+        op: impl FnOnce(tokio::sync::OwnedSemaphorePermit) -> Op,
+    ) -> Result<(), NodeError> {
+        let cap = self.shared.config.queue_records_max;
+        if n > cap {
+            return Err(NodeError::InvalidArgument(format!(
+                "at most {cap} records may be queued at once"
+            )));
+        }
+        let permit = tokio::time::timeout(
+            self.shared.config.queue_wait,
+            self.queue.clone().acquire_many_owned(n as u32),
+        )
+        .await
+        .map_err(|_| {
+            Metrics::add(&self.shared.metrics.queue_rejected_total, 1);
+            NodeError::Unavailable(format!(
+                "the write queue stayed full for {} ms; retry later or add nodes",
+                self.shared.config.queue_wait.as_millis()
+            ))
+        })?
+        .map_err(|_| NodeError::Unavailable("the node is shutting down".into()))?;
+        self.tx
+            .send(op(permit))
+            .map_err(|_| NodeError::Unavailable("the node is shutting down".into()))
+    }
+
+    async fn change(&self, change: ConfigChange) -> Result<(), NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(1, |permit| Op::Config {
+            change,
+            reply,
+            _permit: permit,
+        })
+        .await?;
+        rx.await
+            .map_err(|_| NodeError::Unavailable("the node is shutting down".into()))?
+    }
+
+    /// Creates or replaces a limit; durable when this returns.
+    pub async fn put_limit(&self, id: &str, input: LimitInput) -> Result<LimitDetails, NodeError> {
+        input.validate(id)?;
+        self.change(ConfigChange::PutLimit(id.to_string(), input))
+            .await?;
+        self.limit(id)
+            .ok_or_else(|| NodeError::NotFound(format!("limit {id:?} was deleted concurrently")))
+    }
+
+    pub async fn delete_limit(&self, id: &str) -> Result<(), NodeError> {
+        self.change(ConfigChange::DeleteLimit(id.to_string())).await
+    }
+
+    /// Starts a new epoch for the limit in the current period, with `baseline` already used.
+    pub async fn reset_limit(&self, id: &str, baseline: u64) -> Result<LimitDetails, NodeError> {
+        self.change(ConfigChange::Reset(id.to_string(), baseline))
+            .await?;
+        self.limit(id)
+            .ok_or_else(|| NodeError::NotFound(format!("no limit with id {id:?}")))
+    }
+
+    /// A live limit and its usage now.
+    pub fn limit(&self, id: &str) -> Option<LimitDetails> {
+        let now = self.now_ms();
+        let state = self.shared.state.read();
+        let v = state.limit_view(id, now)?;
+        Some(LimitDetails {
+            input: v.spec.input.clone(),
+            report: report(&state, &v.status),
+            nodes: v.nodes.iter().map(|(n, u)| (n.to_string(), *u)).collect(),
+        })
+    }
+
+    /// Every live limit whose scope contains all of `filter`, sorted by id.
+    pub fn limits(&self, filter: &Scope) -> Vec<LimitDetails> {
+        let ids: Vec<String> = {
+            let state = self.shared.state.read();
+            state
+                .live_limit_ids()
+                .into_iter()
+                .filter(|id| {
+                    state.limit(id).is_some_and(|s| {
+                        filter.iter().all(|(k, v)| s.input.scope.get(k) == Some(v))
+                    })
+                })
+                .map(str::to_string)
+                .collect()
+        };
+        ids.iter().filter_map(|id| self.limit(id)).collect()
+    }
+
+    pub async fn put_entity(
+        &self,
+        dimension: &str,
+        value: &str,
+        parents: Scope,
+    ) -> Result<EntityDetails, NodeError> {
+        self.change(ConfigChange::PutEntity(
+            dimension.into(),
+            value.into(),
+            parents.clone(),
+        ))
+        .await?;
+        Ok(EntityDetails {
+            dimension: dimension.into(),
+            value: value.into(),
+            parents,
+        })
+    }
+
+    pub fn entity(&self, dimension: &str, value: &str) -> Option<EntityDetails> {
+        let state = self.shared.state.read();
+        state.entity(dimension, value).map(|p| EntityDetails {
+            dimension: dimension.into(),
+            value: value.into(),
+            parents: p.clone(),
+        })
+    }
+
+    pub async fn delete_entity(&self, dimension: &str, value: &str) -> Result<(), NodeError> {
+        self.change(ConfigChange::DeleteEntity(dimension.into(), value.into()))
+            .await
+    }
+
+    /// Commits everything queued before this call, stops the writer and waits for it.
+    pub async fn shutdown(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Op::Shutdown { reply }).is_ok() {
+            let _ = rx.await;
+        }
+        self.queue.close();
+    }
+}
+
+fn generate_node_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    format!("n-{:012x}", h.finish() & 0xffff_ffff_ffff)
+}
+
+#[cfg(test)]
+mod tests;

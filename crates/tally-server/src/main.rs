@@ -1,1 +1,47 @@
-fn main(){}
+//! The `tally` binary: parses the command line and dispatches to `serve` or a client
+//! command. Exit codes: 0 success, 1 error (printed as `error: ...` on stderr), 2 usage
+//! error (clap's own).
+
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tally_server::cli::{Cli, Command, ServeArgs};
+use tally_server::config::{LogFormat, ServeConfig};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(&args),
+        command => tally_server::client::run(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let cfg = ServeConfig::load(args)?;
+    init_tracing();
+    if cfg.log_format == LogFormat::Json {
+        tracing::warn!("log_format=json is not built into this binary; logging text");
+    }
+    cfg.validate_security()?;
+    tracing::debug!(config = ?cfg, "resolved configuration");
+    tally_server::serve::run(cfg)
+}
+
+/// Text logs on stderr, filtered by RUST_LOG (default `info`).
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

@@ -1,0 +1,313 @@
+//! The closed loop: `connections` tasks, each with one keep-alive connection, each sending a
+//! request, awaiting the whole response, recording its latency, and repeating.
+//!
+//! Closed-loop means the offered load adapts to the server: a slow response delays the
+//! next request on that connection, so the numbers are "latency at the throughput this many
+//! concurrent clients achieve", not latency under a fixed arrival rate (which would also
+//! count queueing the server causes; see coordinated omission).
+//!
+//! Time is split into a warmup (connections open, caches fill; nothing is counted) and a
+//! measurement window `[start, end]`. A response counts when it *completes* inside the
+//! window; at `end` whatever is in flight is abandoned, so `requests / duration` is exact.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::{Instant, sleep_until, timeout_at};
+
+use crate::client::{Conn, RequestTemplate, Target};
+use crate::histogram::Histogram;
+use crate::workload::BodyGen;
+
+/// How long a connection waits before reconnecting after a failed connect, so a dead
+/// server costs a trickle of errors rather than a busy loop.
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(10);
+
+#[derive(Clone, Copy, Debug)]
+pub struct RunConfig {
+    pub connections: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// A request not answered within this is a transport error (and its connection is
+    /// dropped, since its state is unknown).
+    pub request_timeout: Duration,
+}
+
+/// What the connections saw inside the measurement window.
+#[derive(Clone, Debug, Default)]
+pub struct RunStats {
+    /// Latency of every response (2xx or not), in nanoseconds.
+    pub latency: Histogram,
+    /// Responses of any status plus transport errors.
+    pub requests: u64,
+    /// Non-2xx responses by status code.
+    pub error_statuses: BTreeMap<u16, u64>,
+    /// Failed connects, broken connections and timeouts.
+    pub transport_errors: u64,
+}
+
+impl RunStats {
+    pub fn merge(&mut self, other: &RunStats) {
+        self.latency.merge(&other.latency);
+        self.requests += other.requests;
+        for (status, count) in &other.error_statuses {
+            *self.error_statuses.entry(*status).or_default() += count;
+        }
+        self.transport_errors += other.transport_errors;
+    }
+
+    /// Non-2xx responses plus transport errors.
+    pub fn errors(&self) -> u64 {
+        self.error_statuses.values().sum::<u64>() + self.transport_errors
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    start: Instant,
+    end: Instant,
+}
+
+impl Window {
+    fn contains(&self, at: Instant) -> bool {
+        self.start <= at && at <= self.end
+    }
+}
+
+/// Runs the closed loop; `bodies(i)` makes connection `i`'s body generator.
+pub async fn run(
+    target: Arc<Target>,
+    template: Arc<RequestTemplate>,
+    bodies: impl Fn(usize) -> BodyGen,
+    config: RunConfig,
+) -> RunStats {
+    assert!(config.connections > 0);
+    let start = Instant::now() + config.warmup;
+    let window = Window {
+        start,
+        end: start + config.duration,
+    };
+    let tasks: Vec<_> = (0..config.connections)
+        .map(|connection| {
+            tokio::spawn(connection_loop(
+                Arc::clone(&target),
+                Arc::clone(&template),
+                bodies(connection),
+                window,
+                config.request_timeout,
+            ))
+        })
+        .collect();
+    let mut total = RunStats::default();
+    for task in tasks {
+        let stats = task.await.expect("connection task panicked");
+        total.merge(&stats);
+    }
+    total
+}
+
+async fn connection_loop(
+    target: Arc<Target>,
+    template: Arc<RequestTemplate>,
+    mut bodies: BodyGen,
+    window: Window,
+    request_timeout: Duration,
+) -> RunStats {
+    let mut stats = RunStats::default();
+    let mut conn: Option<Conn> = None;
+    let count_error = |stats: &mut RunStats| {
+        if window.contains(Instant::now()) {
+            stats.requests += 1;
+            stats.transport_errors += 1;
+        }
+    };
+    while Instant::now() < window.end {
+        let conn_ref = match conn.as_mut() {
+            Some(conn) => conn,
+            None => match timeout_at(window.end, target.connect()).await {
+                Err(_end) => break,
+                Ok(Ok(connected)) => conn.insert(connected),
+                Ok(Err(_)) => {
+                    count_error(&mut stats);
+                    sleep_until((Instant::now() + RECONNECT_BACKOFF).min(window.end)).await;
+                    continue;
+                }
+            },
+        };
+        let request = template.build(bodies.next_body());
+        let sent_at = Instant::now();
+        let deadline = (sent_at + request_timeout).min(window.end);
+        // Bound first: the in-flight future borrows `conn`, which the arms may reset.
+        let outcome = timeout_at(deadline, conn_ref.send(request)).await;
+        match outcome {
+            Ok(Ok((status, _body))) => {
+                let done_at = Instant::now();
+                if window.contains(done_at) {
+                    let nanos = done_at.duration_since(sent_at).as_nanos();
+                    stats
+                        .latency
+                        .record(u64::try_from(nanos).unwrap_or(u64::MAX));
+                    stats.requests += 1;
+                    if !status.is_success() {
+                        *stats.error_statuses.entry(status.as_u16()).or_default() += 1;
+                    }
+                }
+            }
+            Ok(Err(_)) => {
+                conn = None;
+                count_error(&mut stats);
+            }
+            Err(_timeout) => {
+                // Either the window closed (abandon, uncounted) or the request timed out.
+                conn = None;
+                if deadline < window.end {
+                    count_error(&mut stats);
+                }
+            }
+        }
+    }
+    stats
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::{Bytes, Incoming};
+    use hyper::service::service_fn;
+    use hyper::{Method, Request, Response, StatusCode};
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A loopback HTTP/1.1 server on port 0 that answers every request with
+    /// `respond(method, path, body)`; returns its address. It lives until the test runtime
+    /// ends.
+    pub(crate) async fn serve(
+        respond: impl Fn(&Method, &str, &[u8]) -> (StatusCode, String) + Send + Sync + 'static,
+    ) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let respond = Arc::new(respond);
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let respond = Arc::clone(&respond);
+                tokio::spawn(async move {
+                    let service = service_fn(move |request: Request<Incoming>| {
+                        let respond = Arc::clone(&respond);
+                        async move {
+                            let method = request.method().clone();
+                            let path = request.uri().path().to_owned();
+                            let body = request.into_body().collect().await?.to_bytes();
+                            let (status, reply) = respond(&method, &path, &body);
+                            let mut response = Response::new(Full::new(Bytes::from(reply)));
+                            *response.status_mut() = status;
+                            Ok::<_, hyper::Error>(response)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn config(connections: usize) -> RunConfig {
+        RunConfig {
+            connections,
+            warmup: Duration::from_millis(50),
+            duration: Duration::from_millis(300),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+
+    async fn run_against(addr: SocketAddr, connections: usize, path: &str) -> RunStats {
+        let target = Arc::new(Target::parse(&format!("http://{addr}"), Some("tok")).unwrap());
+        let template = Arc::new(RequestTemplate::new(&target, Method::POST, path, true).unwrap());
+        run(
+            target,
+            template,
+            |connection| BodyGen::check(connection, 2),
+            config(connections),
+        )
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn counts_responses_and_latencies() {
+        let seen = Arc::new(AtomicU64::new(0));
+        let seen_by_server = Arc::clone(&seen);
+        let addr = serve(move |method, path, body| {
+            assert_eq!(method, Method::POST);
+            assert_eq!(path, "/v1/check");
+            let body: serde_json::Value = serde_json::from_slice(body).unwrap();
+            assert_eq!(body["attributes"]["provider"], "openai");
+            seen_by_server.fetch_add(1, Ordering::Relaxed);
+            (StatusCode::OK, r#"{"allowed":true}"#.to_owned())
+        })
+        .await;
+        let stats = run_against(addr, 4, "/v1/check").await;
+        assert!(stats.requests > 10, "only {} requests", stats.requests);
+        assert_eq!(stats.errors(), 0);
+        assert_eq!(stats.latency.count(), stats.requests);
+        assert!(stats.latency.percentile(50.0) > 0);
+        // Warmup requests reached the server but were not counted.
+        assert!(seen.load(Ordering::Relaxed) > stats.requests);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn non_2xx_responses_are_errors() {
+        let addr = serve(|_, path, _| match path {
+            "/v1/check" => (StatusCode::OK, String::new()),
+            _ => (StatusCode::NOT_FOUND, String::new()),
+        })
+        .await;
+        let stats = run_against(addr, 2, "/nope").await;
+        assert!(stats.requests > 0);
+        assert_eq!(stats.error_statuses.get(&404), Some(&stats.requests));
+        assert_eq!(stats.errors(), stats.requests);
+        assert_eq!(stats.transport_errors, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_dead_server_is_transport_errors() {
+        // Bind then drop, so the port is (very likely) closed.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let stats = run_against(addr, 2, "/v1/check").await;
+        assert!(stats.transport_errors > 0);
+        assert_eq!(stats.errors(), stats.requests);
+        assert_eq!(stats.latency.count(), 0);
+    }
+
+    #[test]
+    fn stats_merge_adds_up() {
+        let mut left = RunStats {
+            requests: 3,
+            error_statuses: BTreeMap::from([(500, 1)]),
+            ..RunStats::default()
+        };
+        left.latency.record(1_000);
+        let right = RunStats {
+            requests: 4,
+            error_statuses: BTreeMap::from([(500, 2), (429, 1)]),
+            transport_errors: 1,
+            ..RunStats::default()
+        };
+        left.merge(&right);
+        assert_eq!(left.requests, 7);
+        assert_eq!(left.errors(), 5);
+        assert_eq!(left.error_statuses[&500], 3);
+        assert_eq!(left.latency.count(), 1);
+    }
+}

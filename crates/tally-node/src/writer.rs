@@ -1,0 +1,314 @@
+//! The single writer: group commit of records and config changes (DESIGN.md §4).
+//!
+//! Records are planned against memory, written to one redb transaction together with their
+//! dedup ids, committed with one fsync, and only then applied to memory and acknowledged.
+//! A config change is committed in a transaction of its own (after the records queued
+//! before it), so each change sees the ones before it. If a commit fails, nothing of that
+//! batch reaches memory and every caller gets `Unavailable`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use tally_core::{EntityRecord, Epoch, Increment, LimitIdx, LimitRecord, ResetRegister, Scope};
+use tally_store::{Batch, Store, StoreError};
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+
+use crate::{Metrics, NodeError, Shared, UsageRecord};
+
+pub(crate) enum ConfigChange {
+    PutLimit(String, tally_core::LimitInput),
+    DeleteLimit(String),
+    Reset(String, u64),
+    PutEntity(String, String, Scope),
+    DeleteEntity(String, String),
+}
+
+/// Where a records op's answer goes: per record, applied or already seen.
+pub(crate) type RecordsReply = oneshot::Sender<Result<Vec<bool>, NodeError>>;
+
+pub(crate) enum Op {
+    Records {
+        records: Vec<UsageRecord>,
+        reply: RecordsReply,
+        _permit: OwnedSemaphorePermit,
+    },
+    Config {
+        change: ConfigChange,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+        _permit: OwnedSemaphorePermit,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// How often the writer advances windows and expires dedup ids when idle.
+const MAINTENANCE_EVERY: Duration = Duration::from_millis(100);
+const DEDUP_EXPIRE_EVERY: Duration = Duration::from_secs(10);
+const DEDUP_EXPIRE_MAX: usize = 10_000;
+
+fn unavailable(e: &StoreError) -> NodeError {
+    NodeError::Unavailable(format!("could not store the write durably: {e}"))
+}
+
+/// A group of record ops being committed together.
+struct Group<'a> {
+    batch: Batch,
+    /// New values of this node's slots, by (limit, epoch).
+    pending: HashMap<(LimitIdx, Epoch), u64>,
+    ids: HashSet<String>,
+    replies: Vec<(RecordsReply, Vec<bool>)>,
+    records: usize,
+    shared: &'a Shared,
+}
+
+impl Group<'_> {
+    fn add(&mut self, records: &[UsageRecord]) -> Result<Vec<bool>, StoreError> {
+        let now = self.shared.clock.now_ms();
+        let expiry = now + self.shared.config.dedup_window_ms;
+        let state = self.shared.state.read();
+        let mut incs: Vec<Increment> = Vec::with_capacity(8);
+        let mut applied = Vec::with_capacity(records.len());
+        for r in records {
+            if self.ids.contains(&r.id) || self.batch.dedup_contains(&r.id, now)? {
+                applied.push(false);
+                continue;
+            }
+            let attrs: Vec<(&str, &str)> = r
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            incs.clear();
+            state.plan_record(&attrs, r.amounts, r.at_ms.unwrap_or(now), &mut incs);
+            for inc in &incs {
+                let key = (inc.limit, inc.epoch);
+                let current = match self.pending.get(&key) {
+                    Some(v) => *v,
+                    // Memory has every durable own slot of epochs it holds; closed epochs
+                    // dropped from memory are read back from disk.
+                    None => match state.own_slot(inc.limit, inc.epoch) {
+                        Some(v) => v,
+                        None => self.batch.own_slot(state.limit_id(inc.limit), inc.epoch)?,
+                    },
+                };
+                self.pending.insert(key, current.saturating_add(inc.delta));
+            }
+            self.batch.dedup_insert(&r.id, expiry)?;
+            self.ids.insert(r.id.clone());
+            applied.push(true);
+        }
+        self.records += records.len();
+        Ok(applied)
+    }
+
+    fn commit(mut self) {
+        let started = Instant::now();
+        let result = (|| {
+            {
+                let state = self.shared.state.read();
+                for (&(limit, epoch), &value) in &self.pending {
+                    self.batch
+                        .put_own_slot(state.limit_id(limit), epoch, value)?;
+                }
+            }
+            self.batch.commit()
+        })();
+        let m = &self.shared.metrics;
+        match result {
+            Ok(()) => {
+                {
+                    let mut state = self.shared.state.write();
+                    let me = state.me();
+                    for (&(limit, epoch), &value) in &self.pending {
+                        state.merge_slot_idx(limit, epoch, me, value);
+                    }
+                }
+                Metrics::add(&m.commits_total, 1);
+                Metrics::add(&m.commit_records_total, self.records as u64);
+                Metrics::add(
+                    &m.commit_seconds_micros_total,
+                    started.elapsed().as_micros() as u64,
+                );
+                for (reply, applied) in self.replies {
+                    let n = applied.iter().filter(|a| **a).count() as u64;
+                    Metrics::add(&m.records_applied_total, n);
+                    Metrics::add(&m.records_duplicate_total, applied.len() as u64 - n);
+                    let _ = reply.send(Ok(applied));
+                }
+            }
+            Err(e) => {
+                Metrics::add(&m.commit_errors_total, 1);
+                tracing::error!(error = %e, records = self.records, "group commit failed; nothing of it was acknowledged");
+                for (reply, _) in self.replies {
+                    let _ = reply.send(Err(unavailable(&e)));
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
+    let mut last_expire = Instant::now();
+    let mut carry: Option<Op> = None;
+    loop {
+        let first = match carry.take() {
+            Some(op) => op,
+            None => match rx.recv_timeout(MAINTENANCE_EVERY) {
+                Ok(op) => op,
+                Err(RecvTimeoutError::Timeout) => {
+                    maintain(&shared, &store, &mut last_expire);
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            },
+        };
+        match first {
+            Op::Shutdown { reply } => {
+                // Close the database before replying, so the caller may reopen it at once.
+                drop(store);
+                tracing::info!("writer stopped: everything acknowledged is committed");
+                let _ = reply.send(());
+                return;
+            }
+            Op::Config { change, reply, .. } => {
+                let _ = reply.send(apply_config(&shared, &store, change));
+            }
+            Op::Records { records, reply, .. } => {
+                let mut group = match store.batch() {
+                    Ok(batch) => Group {
+                        batch,
+                        pending: HashMap::new(),
+                        ids: HashSet::new(),
+                        replies: Vec::new(),
+                        records: 0,
+                        shared: &shared,
+                    },
+                    Err(e) => {
+                        let _ = reply.send(Err(unavailable(&e)));
+                        continue;
+                    }
+                };
+                let mut next = Some((records, reply));
+                let mut failed: Option<StoreError> = None;
+                while let Some((records, reply)) = next.take() {
+                    match group.add(&records) {
+                        Ok(applied) => group.replies.push((reply, applied)),
+                        Err(e) => {
+                            let _ = reply.send(Err(unavailable(&e)));
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    if group.records >= shared.config.batch_records_max {
+                        break;
+                    }
+                    // Drain what is already queued into the same commit.
+                    match rx.try_recv() {
+                        Ok(Op::Records { records, reply, .. }) => next = Some((records, reply)),
+                        Ok(other) => carry = Some(other),
+                        Err(_) => {}
+                    }
+                }
+                if let Some(e) = failed {
+                    for (reply, _) in group.replies {
+                        let _ = reply.send(Err(unavailable(&e)));
+                    }
+                    continue;
+                }
+                group.commit();
+            }
+        }
+        if last_expire.elapsed() >= MAINTENANCE_EVERY {
+            maintain(&shared, &store, &mut last_expire);
+        }
+    }
+}
+
+/// Advances windows; every few seconds expires dedup ids and old tombstones.
+fn maintain(shared: &Shared, store: &Store, last_expire: &mut Instant) {
+    let now = shared.clock.now_ms();
+    shared.state.write().tick(now);
+    if last_expire.elapsed() < DEDUP_EXPIRE_EVERY {
+        return;
+    }
+    *last_expire = Instant::now();
+    let result = (|| {
+        let (limits, entities) = shared.state.write().gc_tombstones(now);
+        let mut b = store.batch()?;
+        let n = b.dedup_expire(now, DEDUP_EXPIRE_MAX)?;
+        for id in &limits {
+            b.remove_limit(id)?;
+        }
+        for (d, v) in &entities {
+            b.remove_entity(d, v)?;
+        }
+        b.commit()?;
+        Ok::<_, StoreError>(n)
+    })();
+    match result {
+        Ok(n) => Metrics::add(&shared.metrics.dedup_expired_total, n as u64),
+        Err(e) => tracing::warn!(error = %e, "expiring dedup ids failed; will retry"),
+    }
+}
+
+enum Prepared {
+    Limit(LimitRecord),
+    Entity(EntityRecord),
+    Reset(String, ResetRegister),
+}
+
+fn apply_config(shared: &Shared, store: &Store, change: ConfigChange) -> Result<(), NodeError> {
+    let now = shared.clock.now_ms();
+    let prepared = {
+        let mut state = shared.state.write();
+        match change {
+            ConfigChange::PutLimit(id, input) => {
+                Prepared::Limit(state.prepare_limit_put(&id, input, now)?)
+            }
+            ConfigChange::DeleteLimit(id) => Prepared::Limit(state.prepare_limit_delete(&id, now)?),
+            ConfigChange::Reset(id, baseline) => {
+                let reg = state.prepare_reset(&id, baseline, now)?;
+                Prepared::Reset(id, reg)
+            }
+            ConfigChange::PutEntity(d, v, parents) => {
+                Prepared::Entity(state.prepare_entity_put(&d, &v, parents, now)?)
+            }
+            ConfigChange::DeleteEntity(d, v) => {
+                Prepared::Entity(state.prepare_entity_delete(&d, &v, now)?)
+            }
+        }
+    };
+    let result = (|| {
+        let mut b = store.batch()?;
+        match &prepared {
+            Prepared::Limit(r) => b.put_limit(r)?,
+            Prepared::Entity(r) => b.put_entity(r)?,
+            Prepared::Reset(id, r) => b.put_reset(id, r)?,
+        }
+        b.commit()
+    })();
+    if let Err(e) = result {
+        Metrics::add(&shared.metrics.commit_errors_total, 1);
+        tracing::error!(error = %e, "config change not committed");
+        return Err(unavailable(&e));
+    }
+    let mut state = shared.state.write();
+    match prepared {
+        Prepared::Limit(r) => {
+            tracing::info!(limit = %r.id, deleted = r.spec.is_none(), version = %r.version.hlc, "limit written");
+            state.apply_limit(r, now);
+        }
+        Prepared::Entity(r) => {
+            tracing::info!(entity = %format!("{}/{}", r.dimension, r.value), deleted = r.parents.is_none(), "entity written");
+            state.apply_entity(r);
+        }
+        Prepared::Reset(id, r) => {
+            tracing::info!(limit = %id, baseline = r.baseline, reset = %r.reset.hlc, "limit reset");
+            state.apply_reset(&id, r);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,1180 @@
+//! The client commands: turn parsed arguments into HTTP requests (API.md), send them to a
+//! node with ureq, and print the reply as a table or, with `--json`, as pretty JSON.
+//!
+//! Building requests ([`plan`]) and rendering replies (`render_*`, [`Table`]) are pure
+//! functions, tested without a server; only [`Http::send`] does I/O. Errors are returned
+//! as `anyhow` errors whose text is what `main` prints after `error: `: an error reply
+//! reads `<code>: <message>`, an unreachable node says how to start one.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use serde_json::{Map, Value, json};
+
+use crate::cli::{
+    CheckArgs, ClientOpts, Command, Decimal, EntitiesArgs, EntitiesCommand, EntityRef, LimitPut,
+    LimitsArgs, LimitsCommand, MetricArg, StatusArgs, UsageArgs,
+};
+
+/// Whole-request timeout: generous, since a usage record waits for a durable commit.
+const REQUEST_TIMEOUT_SECS: u64 = 30;
+/// Largest reply body read; a list of every limit stays far below it.
+const REPLY_BYTES_MAX: u64 = 64 << 20;
+
+/// HTTP method of a planned request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Put,
+    Post,
+    Delete,
+}
+
+/// One HTTP request to make: method, path (with query) and optional JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub method: Method,
+    pub path: String,
+    pub body: Option<Value>,
+}
+
+impl Request {
+    fn get(path: String) -> Request {
+        Request {
+            method: Method::Get,
+            path,
+            body: None,
+        }
+    }
+}
+
+/// How a successful reply is shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum View {
+    LimitList,
+    Limit,
+    Entity,
+    Deleted(String),
+    Check,
+    Usage,
+}
+
+/// A reply: status code and body (JSON, or a JSON string holding a non-JSON body).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The error of a failed reply as `<code>: <message>` (API.md error shape), or the
+    /// status and body when the body has another shape.
+    pub fn error(&self) -> anyhow::Error {
+        let err = &self.body["error"];
+        match (err["code"].as_str(), err["message"].as_str()) {
+            (Some(code), Some(message)) => anyhow!("{code}: {message}"),
+            _ => {
+                let text = match &self.body {
+                    Value::String(s) => s.trim().to_owned(),
+                    Value::Null => String::new(),
+                    other => other.to_string(),
+                };
+                anyhow!("http_{}: {}", self.status, truncate(&text, 200))
+            }
+        }
+    }
+}
+
+/// Runs a client command (anything but `serve`).
+pub fn run(command: Command) -> anyhow::Result<()> {
+    if let Command::Status(StatusArgs { client }) = &command {
+        return status(client);
+    }
+    let (opts, request, view) = plan(&command)?;
+    let http = Http::new(opts)?;
+    let reply = http.send(&request)?;
+    if !reply.is_success() {
+        return Err(reply.error());
+    }
+    if opts.json {
+        println!("{}", pretty(&reply.body));
+    } else {
+        print!("{}", render(&view, &reply.body));
+    }
+    Ok(())
+}
+
+/// Plans the request of a client command (not `serve` or `status`).
+pub fn plan(command: &Command) -> anyhow::Result<(&ClientOpts, Request, View)> {
+    Ok(match command {
+        Command::Limits(LimitsArgs { client, command }) => {
+            let (request, view) = plan_limits(command)?;
+            (client, request, view)
+        }
+        Command::Entities(EntitiesArgs { client, command }) => {
+            let (request, view) = plan_entities(command)?;
+            (client, request, view)
+        }
+        Command::Check(args) => (&args.client, check_request(args)?, View::Check),
+        Command::Usage(args) => (&args.client, usage_request(args)?, View::Usage),
+        Command::Serve(_) | Command::Status(_) => {
+            bail!("internal: plan() covers request/reply commands only")
+        }
+    })
+}
+
+fn plan_limits(command: &LimitsCommand) -> anyhow::Result<(Request, View)> {
+    Ok(match command {
+        LimitsCommand::Put(put) => (
+            Request {
+                method: Method::Put,
+                path: format!("/v1/limits/{}", encode(&put.id)),
+                body: Some(limit_put_body(put)?),
+            },
+            View::Limit,
+        ),
+        LimitsCommand::List { scope } => {
+            pairs_to_map("--scope", scope)?;
+            let query: Vec<String> = scope
+                .iter()
+                .map(|(k, v)| format!("scope.{}={}", encode(k), encode(v)))
+                .collect();
+            let mut path = "/v1/limits".to_owned();
+            if !query.is_empty() {
+                path = format!("{path}?{}", query.join("&"));
+            }
+            (Request::get(path), View::LimitList)
+        }
+        LimitsCommand::Get { id } => (
+            Request::get(format!("/v1/limits/{}", encode(id))),
+            View::Limit,
+        ),
+        LimitsCommand::Delete { id } => (
+            Request {
+                method: Method::Delete,
+                path: format!("/v1/limits/{}", encode(id)),
+                body: None,
+            },
+            View::Deleted(format!("limit {id}")),
+        ),
+        LimitsCommand::Reset { id, used } => {
+            let body = match used {
+                Some(used) => json!({ "used": decimal_json(used) }),
+                None => json!({}),
+            };
+            (
+                Request {
+                    method: Method::Post,
+                    path: format!("/v1/limits/{}/reset", encode(id)),
+                    body: Some(body),
+                },
+                View::Limit,
+            )
+        }
+    })
+}
+
+fn plan_entities(command: &EntitiesCommand) -> anyhow::Result<(Request, View)> {
+    let path =
+        |e: &EntityRef| format!("/v1/entities/{}/{}", encode(&e.dimension), encode(&e.value));
+    Ok(match command {
+        EntitiesCommand::Put { entity, parents } => (
+            Request {
+                method: Method::Put,
+                path: path(entity),
+                body: Some(json!({ "parents": pairs_to_map("--parent", parents)? })),
+            },
+            View::Entity,
+        ),
+        EntitiesCommand::Get { entity } => (Request::get(path(entity)), View::Entity),
+        EntitiesCommand::Delete { entity } => (
+            Request {
+                method: Method::Delete,
+                path: path(entity),
+                body: None,
+            },
+            View::Deleted(format!("entity {entity}")),
+        ),
+    })
+}
+
+/// The body of `PUT /v1/limits/{id}`: `max` is a JSON number of USD for cost and an exact
+/// JSON integer for tokens and requests.
+pub fn limit_put_body(put: &LimitPut) -> anyhow::Result<Value> {
+    let max = match put.metric {
+        MetricArg::Cost => json!(put.max.value),
+        metric => match put.max.as_whole() {
+            Some(n) => json!(n),
+            None => bail!(
+                "--max for a {} limit must be a whole number, got {}",
+                metric.as_str(),
+                put.max.text
+            ),
+        },
+    };
+    let mut body = json!({
+        "scope": pairs_to_map("--scope", &put.scope)?,
+        "metric": put.metric.as_str(),
+        "max": max,
+        "period": put.period,
+        "calendar_aligned": put.calendar_aligned,
+    });
+    if let Some(tz) = &put.timezone {
+        body["timezone"] = json!(tz);
+    }
+    Ok(body)
+}
+
+/// `POST /v1/check`; estimates are sent only when given.
+pub fn check_request(args: &CheckArgs) -> anyhow::Result<Request> {
+    let mut body = json!({ "attributes": pairs_to_map("--attr", &args.attrs)? });
+    if let Some(cost) = &args.cost {
+        body["cost"] = json!(cost.value);
+    }
+    if let Some(tokens) = args.tokens {
+        body["tokens"] = json!(tokens);
+    }
+    Ok(Request {
+        method: Method::Post,
+        path: "/v1/check".to_owned(),
+        body: Some(body),
+    })
+}
+
+/// `POST /v1/usage`; amounts are sent only when given (the node applies its defaults).
+pub fn usage_request(args: &UsageArgs) -> anyhow::Result<Request> {
+    let mut body = json!({
+        "id": args.id,
+        "attributes": pairs_to_map("--attr", &args.attrs)?,
+    });
+    if let Some(cost) = &args.cost {
+        body["cost"] = json!(cost.value);
+    }
+    if let Some(tokens) = args.tokens {
+        body["tokens"] = json!(tokens);
+    }
+    if let Some(requests) = args.requests {
+        body["requests"] = json!(requests);
+    }
+    Ok(Request {
+        method: Method::Post,
+        path: "/v1/usage".to_owned(),
+        body: Some(body),
+    })
+}
+
+/// Whole numbers go as JSON integers (exact for counts), others as JSON numbers.
+fn decimal_json(d: &Decimal) -> Value {
+    match d.as_whole() {
+        Some(n) => json!(n),
+        None => json!(d.value),
+    }
+}
+
+/// `k=v` pairs as a JSON object; a key given twice is an error rather than a silent pick.
+fn pairs_to_map(flag: &str, pairs: &[(String, String)]) -> anyhow::Result<Map<String, Value>> {
+    let mut map = Map::new();
+    for (k, v) in pairs {
+        if map.insert(k.clone(), json!(v)).is_some() {
+            bail!("{flag} {k}=… given twice: give each key once");
+        }
+    }
+    Ok(map)
+}
+
+/// Percent-encodes a path segment or query component (RFC 3986 unreserved and `:` pass).
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':') {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP
+
+/// A blocking HTTP client for one node.
+pub struct Http {
+    agent: ureq::Agent,
+    base: String,
+    token: Option<String>,
+}
+
+impl Http {
+    pub fn new(opts: &ClientOpts) -> anyhow::Result<Http> {
+        let base = opts.url.trim().trim_end_matches('/').to_owned();
+        if base.starts_with("https://") {
+            bail!(
+                "{base}: https is not built into this client; use http:// (tally serves \
+                 plain HTTP; terminate TLS in a proxy)"
+            );
+        }
+        if !base.starts_with("http://") || base.len() == "http://".len() {
+            bail!(
+                "invalid --url {base:?}: expected http://HOST:PORT such as http://127.0.0.1:7070"
+            );
+        }
+        let config = ureq::Agent::config_builder()
+            // Error replies carry a JSON body worth showing; read them as replies.
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(REQUEST_TIMEOUT_SECS)))
+            .build();
+        Ok(Http {
+            agent: ureq::Agent::new_with_config(config),
+            base,
+            token: opts.token.clone().filter(|t| !t.is_empty()),
+        })
+    }
+
+    /// Sends a request. Transport failures are errors; any HTTP status is a [`Reply`].
+    pub fn send(&self, request: &Request) -> anyhow::Result<Reply> {
+        let url = format!("{}{}", self.base, request.path);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let body = request.body.as_ref().map(Value::to_string);
+        let result = match request.method {
+            Method::Get | Method::Delete => {
+                let mut rb = if request.method == Method::Get {
+                    self.agent.get(&url)
+                } else {
+                    self.agent.delete(&url)
+                };
+                if let Some(auth) = &auth {
+                    rb = rb.header("authorization", auth);
+                }
+                rb.call()
+            }
+            Method::Put | Method::Post => {
+                let mut rb = if request.method == Method::Put {
+                    self.agent.put(&url)
+                } else {
+                    self.agent.post(&url)
+                };
+                if let Some(auth) = &auth {
+                    rb = rb.header("authorization", auth);
+                }
+                rb.header("content-type", "application/json")
+                    .send(body.as_deref().unwrap_or("{}"))
+            }
+        };
+        let mut response = result.map_err(|e| self.transport_error(e))?;
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(REPLY_BYTES_MAX)
+            .read_to_string()
+            .map_err(|e| anyhow!("reading the reply from {url}: {e}"))?;
+        let body = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Ok(Reply { status, body })
+    }
+
+    fn transport_error(&self, e: ureq::Error) -> anyhow::Error {
+        let base = &self.base;
+        match &e {
+            ureq::Error::ConnectionFailed => {
+                anyhow!("cannot reach {base}: is the node running? (tally serve)")
+            }
+            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+                anyhow!("cannot reach {base}: is the node running? (tally serve)")
+            }
+            ureq::Error::HostNotFound => {
+                anyhow!("cannot reach {base}: host not found (check --url or TALLY_URL)")
+            }
+            ureq::Error::Io(io) => anyhow!("cannot reach {base}: {io}"),
+            _ => anyhow!("cannot reach {base}: {e}"),
+        }
+    }
+}
+
+/// `tally status`: /healthz, /readyz and /v1/cluster. Not ready is shown, not an error;
+/// an unreachable node or a failed cluster request is.
+fn status(opts: &ClientOpts) -> anyhow::Result<()> {
+    let http = Http::new(opts)?;
+    let health = http.send(&Request::get("/healthz".to_owned()))?;
+    let ready = http.send(&Request::get("/readyz".to_owned()))?;
+    let cluster = http.send(&Request::get("/v1/cluster".to_owned()))?;
+    if opts.json {
+        let doc = json!({
+            "url": http.base,
+            "healthz": {"status": health.status, "body": health.body},
+            "readyz": {"status": ready.status, "body": ready.body},
+            "cluster": {"status": cluster.status, "body": cluster.body},
+        });
+        println!("{}", pretty(&doc));
+    } else {
+        let cluster_body = cluster.is_success().then_some(&cluster.body);
+        print!(
+            "{}",
+            render_status(&http.base, &health, &ready, cluster_body)
+        );
+    }
+    if !cluster.is_success() {
+        return Err(cluster.error());
+    }
+    Ok(())
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+}
+
+// ---------------------------------------------------------------------------------------
+// Rendering (pure)
+
+/// Renders a successful reply for a view.
+pub fn render(view: &View, body: &Value) -> String {
+    match view {
+        View::LimitList => render_limit_list(body),
+        View::Limit => render_limit(body),
+        View::Entity => render_entity(body),
+        View::Deleted(what) => format!("deleted {what}\n"),
+        View::Check => render_check(body),
+        View::Usage => render_usage(body),
+    }
+}
+
+/// A text table: columns separated by two spaces, numbers right-aligned, no trailing
+/// whitespace. With no headers, only rows are printed (key/value views).
+#[derive(Debug, Default)]
+pub struct Table {
+    headers: Vec<String>,
+    right: Vec<bool>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// Columns named `headers`; a name starting with `>` is right-aligned (the `>` is
+    /// not printed).
+    pub fn new(headers: &[&str]) -> Table {
+        Table {
+            headers: headers
+                .iter()
+                .map(|h| h.trim_start_matches('>').to_owned())
+                .collect(),
+            right: headers.iter().map(|h| h.starts_with('>')).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// A table without a header line, `columns` wide, all left-aligned.
+    pub fn headless(columns: usize) -> Table {
+        Table {
+            headers: Vec::new(),
+            right: vec![false; columns],
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        assert_eq!(
+            cells.len(),
+            self.right.len(),
+            "row width must match the table"
+        );
+        self.rows.push(cells);
+    }
+
+    pub fn render(&self) -> String {
+        let columns = self.right.len();
+        let mut widths = vec![0usize; columns];
+        let lines = std::iter::once(&self.headers)
+            .filter(|h| !h.is_empty())
+            .chain(&self.rows);
+        for line in lines.clone() {
+            for (w, cell) in widths.iter_mut().zip(line) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for line in lines {
+            let mut text = String::new();
+            for (i, cell) in line.iter().enumerate() {
+                if i > 0 {
+                    text.push_str("  ");
+                }
+                let pad = widths[i] - cell.chars().count();
+                if self.right[i] {
+                    text.extend(std::iter::repeat_n(' ', pad));
+                    text.push_str(cell);
+                } else {
+                    text.push_str(cell);
+                    text.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+            out.push_str(text.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// Money and other decimals: at most 6 decimals (micro-USD), trailing zeros trimmed.
+pub fn format_money(x: f64) -> String {
+    let s = format!("{x:.6}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" {
+        "0".to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+/// An amount from a reply: integers as they are, other numbers via [`format_money`],
+/// missing or null as `-`.
+pub fn format_amount(v: &Value) -> String {
+    match v {
+        Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+            (Some(u), _, _) => u.to_string(),
+            (_, Some(i), _) => i.to_string(),
+            (_, _, Some(f)) => format_money(f),
+            _ => n.to_string(),
+        },
+        other => text(other),
+    }
+}
+
+/// A string field, or `-` when missing or null.
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A scope or parents object as `k=v,k=v` (sorted by key); `{}` when empty (global).
+pub fn format_pairs(v: &Value) -> String {
+    match v.as_object() {
+        Some(map) if map.is_empty() => "{}".to_owned(),
+        Some(map) => {
+            let mut pairs: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{k}={}", text(v)))
+                .collect();
+            pairs.sort();
+            pairs.join(",")
+        }
+        None => text(v),
+    }
+}
+
+/// `1M`, or `1M cal` when calendar-aligned (with the zone when it is not UTC).
+fn format_period(limit: &Value) -> String {
+    let mut s = text(&limit["period"]);
+    if limit["calendar_aligned"].as_bool() == Some(true) {
+        s.push_str(" cal");
+        match limit["timezone"].as_str() {
+            Some(tz) if tz != "UTC" => {
+                s.push(' ');
+                s.push_str(tz);
+            }
+            _ => {}
+        }
+    }
+    s
+}
+
+fn array<'a>(v: &'a Value, key: &str) -> &'a [Value] {
+    v[key].as_array().map(Vec::as_slice).unwrap_or(&[])
+}
+
+/// `GET /v1/limits`.
+pub fn render_limit_list(body: &Value) -> String {
+    let limits = array(body, "limits");
+    if limits.is_empty() {
+        return "no limits\n".to_owned();
+    }
+    let mut table = Table::new(&[
+        "ID",
+        "SCOPE",
+        "METRIC",
+        ">USED",
+        ">MAX",
+        ">REMAINING",
+        "PERIOD",
+        "RESETS_AT",
+    ]);
+    for l in limits {
+        table.row(vec![
+            text(&l["id"]),
+            format_pairs(&l["scope"]),
+            text(&l["metric"]),
+            format_amount(&l["used"]),
+            format_amount(&l["max"]),
+            format_amount(&l["remaining"]),
+            format_period(l),
+            text(&l["resets_at"]),
+        ]);
+    }
+    table.render()
+}
+
+/// One limit view (`GET`/`PUT /v1/limits/{id}`, reset), with usage per node.
+pub fn render_limit(l: &Value) -> String {
+    let mut period = text(&l["period"]);
+    if l["calendar_aligned"].as_bool() == Some(true) {
+        let tz = l["timezone"].as_str().unwrap_or("UTC");
+        let _ = write!(period, ", calendar-aligned in {tz}");
+    }
+    let mut kv = Table::headless(2);
+    for (key, value) in [
+        ("id", text(&l["id"])),
+        ("scope", format_pairs(&l["scope"])),
+        ("metric", text(&l["metric"])),
+        ("max", format_amount(&l["max"])),
+        ("used", format_amount(&l["used"])),
+        ("remaining", format_amount(&l["remaining"])),
+        ("period", period),
+        ("period_start", text(&l["period_start"])),
+        ("resets_at", text(&l["resets_at"])),
+    ] {
+        kv.row(vec![key.to_owned(), value]);
+    }
+    let mut out = kv.render();
+    if let Some(nodes) = l["nodes"].as_object().filter(|n| !n.is_empty()) {
+        let mut table = Table::new(&["NODE", ">USED"]);
+        for (node, used) in nodes {
+            table.row(vec![node.clone(), format_amount(used)]);
+        }
+        out.push('\n');
+        out.push_str(&table.render());
+    }
+    out
+}
+
+/// An entity (`{"dimension", "value", "parents"}`).
+pub fn render_entity(e: &Value) -> String {
+    let mut kv = Table::headless(2);
+    kv.row(vec![
+        "entity".to_owned(),
+        format!("{}/{}", text(&e["dimension"]), text(&e["value"])),
+    ]);
+    let parents = match e["parents"].as_object() {
+        Some(p) if p.is_empty() => "-".to_owned(),
+        _ => format_pairs(&e["parents"]),
+    };
+    kv.row(vec!["parents".to_owned(), parents]);
+    kv.render()
+}
+
+/// The limits of a check or usage reply; `*` marks the ones in `denied`.
+fn limit_status_table(limits: &[Value], denied: Option<&[Value]>) -> String {
+    if limits.is_empty() {
+        return "no limits apply\n".to_owned();
+    }
+    let mut headers = vec!["ID", "METRIC", ">USED", ">MAX", ">REMAINING", "RESETS_AT"];
+    if denied.is_some() {
+        headers.insert(0, "");
+    }
+    let mut table = Table::new(&headers);
+    for l in limits {
+        let mut row = vec![
+            text(&l["id"]),
+            text(&l["metric"]),
+            format_amount(&l["used"]),
+            format_amount(&l["max"]),
+            format_amount(&l["remaining"]),
+            text(&l["resets_at"]),
+        ];
+        if let Some(denied) = denied {
+            let mark = if denied.contains(&l["id"]) { "*" } else { "" };
+            row.insert(0, mark.to_owned());
+        }
+        table.row(row);
+    }
+    table.render()
+}
+
+/// `POST /v1/check`: the verdict, then every applicable limit, `*` on the denying ones.
+pub fn render_check(body: &Value) -> String {
+    let denied = array(body, "denied_by");
+    let mut out = if body["allowed"].as_bool() == Some(true) {
+        "ALLOWED".to_owned()
+    } else {
+        let ids: Vec<String> = denied.iter().map(text).collect();
+        format!("DENIED by {}", ids.join(", "))
+    };
+    if body["stale"].as_bool() == Some(true) {
+        out.push_str(" (stale: the node has not caught up with its peers yet)");
+    }
+    out.push('\n');
+    out.push_str(&limit_status_table(array(body, "limits"), Some(denied)));
+    out
+}
+
+/// `POST /v1/usage`.
+pub fn render_usage(body: &Value) -> String {
+    let mut out = if body["applied"].as_bool() == Some(true) {
+        "applied\n".to_owned()
+    } else {
+        "not applied: this id was already recorded on this node\n".to_owned()
+    };
+    out.push_str(&limit_status_table(array(body, "limits"), None));
+    out
+}
+
+/// `tally status`: health, readiness, then the cluster's nodes (`cluster` is `None` when
+/// that request failed; the caller reports the error).
+pub fn render_status(url: &str, health: &Reply, ready: &Reply, cluster: Option<&Value>) -> String {
+    let describe = |r: &Reply, ok: &str| {
+        if r.is_success() {
+            ok.to_owned()
+        } else {
+            let why = r.body["error"]["message"]
+                .as_str()
+                .map(str::to_owned)
+                .or_else(|| r.body.as_str().map(|s| truncate(s.trim(), 200)))
+                .unwrap_or_default();
+            if why.is_empty() {
+                format!("no (http {})", r.status)
+            } else {
+                format!("no (http {}: {why})", r.status)
+            }
+        }
+    };
+    let mut kv = Table::headless(2);
+    kv.row(vec!["url".to_owned(), url.to_owned()]);
+    if let Some(c) = cluster {
+        kv.row(vec!["node".to_owned(), text(&c["node_id"])]);
+    }
+    kv.row(vec!["healthy".to_owned(), describe(health, "yes")]);
+    kv.row(vec!["ready".to_owned(), describe(ready, "yes")]);
+    let mut out = kv.render();
+    if let Some(c) = cluster {
+        let nodes = array(c, "nodes");
+        if !nodes.is_empty() {
+            let mut table = Table::new(&["NODE_ID", "GOSSIP_ADDR", "LIVE", ">GENERATION"]);
+            for n in nodes {
+                let mut id = text(&n["node_id"]);
+                if n["node_id"] == c["node_id"] {
+                    id.push_str(" (this)");
+                }
+                let live = match n["live"].as_bool() {
+                    Some(true) => "yes",
+                    Some(false) => "no",
+                    None => "-",
+                };
+                table.row(vec![
+                    id,
+                    text(&n["gossip_addr"]),
+                    live.to_owned(),
+                    format_amount(&n["generation"]),
+                ]);
+            }
+            out.push('\n');
+            out.push_str(&table.render());
+        }
+    }
+    out
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    match s.char_indices().nth(max_chars) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, parse_decimal};
+    use clap::Parser;
+
+    fn command(args: &[&str]) -> Command {
+        Cli::try_parse_from(std::iter::once("tally").chain(args.iter().copied()))
+            .unwrap()
+            .command
+    }
+
+    fn planned(args: &[&str]) -> anyhow::Result<Request> {
+        plan(&command(args)).map(|(_, request, _)| request)
+    }
+
+    #[test]
+    fn money() {
+        for (x, want) in [
+            (0.0, "0"),
+            (100.0, "100"),
+            (12.5, "12.5"),
+            (0.0123, "0.0123"),
+            (0.1 + 0.2, "0.3"),
+            (1.0000004, "1"),
+            (0.000001, "0.000001"),
+            (0.0000006, "0.000001"),
+            (-0.0000001, "0"),
+            (1e9, "1000000000"),
+        ] {
+            assert_eq!(format_money(x), want, "{x}");
+        }
+        assert_eq!(format_amount(&json!(1500)), "1500");
+        assert_eq!(format_amount(&json!(87.5)), "87.5");
+        assert_eq!(format_amount(&Value::Null), "-");
+    }
+
+    #[test]
+    fn table_aligns_without_trailing_space() {
+        let mut t = Table::new(&["ID", ">N", "NOTE"]);
+        t.row(vec!["a".into(), "1".into(), "".into()]);
+        t.row(vec!["long-id".into(), "100".into(), "x".into()]);
+        assert_eq!(
+            t.render(),
+            "ID         N  NOTE\n\
+             a          1\n\
+             long-id  100  x\n"
+        );
+    }
+
+    fn limit_view() -> Value {
+        json!({"id": "team-eng-monthly", "scope": {"team": "eng"}, "metric": "cost",
+               "max": 100.0, "period": "1M", "calendar_aligned": true, "timezone": "UTC",
+               "used": 12.5, "remaining": 87.5, "period_start": "2026-11-01T00:00:00Z",
+               "resets_at": "2026-12-01T00:00:00Z", "nodes": {"n1": 10.0, "n2": 2.5}})
+    }
+
+    #[test]
+    fn limit_list() {
+        let tokens = json!({"id": "global-tokens", "scope": {}, "metric": "tokens",
+            "max": 1000000, "period": "1d", "calendar_aligned": false, "timezone": "UTC",
+            "used": 1500, "remaining": 998500, "resets_at": null});
+        let body = json!({"limits": [limit_view(), tokens]});
+        assert_eq!(
+            render_limit_list(&body),
+            "\
+ID                SCOPE     METRIC  USED      MAX  REMAINING  PERIOD  RESETS_AT
+team-eng-monthly  team=eng  cost    12.5      100       87.5  1M cal  2026-12-01T00:00:00Z
+global-tokens     {}        tokens  1500  1000000     998500  1d      -
+"
+        );
+        assert_eq!(render_limit_list(&json!({"limits": []})), "no limits\n");
+    }
+
+    #[test]
+    fn limit_detail() {
+        assert_eq!(
+            render_limit(&limit_view()),
+            "\
+id            team-eng-monthly
+scope         team=eng
+metric        cost
+max           100
+used          12.5
+remaining     87.5
+period        1M, calendar-aligned in UTC
+period_start  2026-11-01T00:00:00Z
+resets_at     2026-12-01T00:00:00Z
+
+NODE  USED
+n1      10
+n2     2.5
+"
+        );
+    }
+
+    #[test]
+    fn check_marks_denying_limits() {
+        let body = json!({"allowed": false, "stale": false,
+            "denied_by": ["team-eng-monthly"],
+            "limits": [
+                {"id": "team-eng-monthly", "metric": "cost", "used": 100.0, "max": 100.0,
+                 "remaining": 0.0, "resets_at": "2026-12-01T00:00:00Z"},
+                {"id": "vk-rpm", "metric": "requests", "used": 3, "max": 60,
+                 "remaining": 57, "resets_at": "2026-11-22T06:01:00Z"}]});
+        assert_eq!(
+            render_check(&body),
+            "\
+DENIED by team-eng-monthly
+   ID                METRIC    USED  MAX  REMAINING  RESETS_AT
+*  team-eng-monthly  cost       100  100          0  2026-12-01T00:00:00Z
+   vk-rpm            requests     3   60         57  2026-11-22T06:01:00Z
+"
+        );
+        let ok = json!({"allowed": true, "stale": true, "denied_by": [], "limits": []});
+        assert_eq!(
+            render_check(&ok),
+            "ALLOWED (stale: the node has not caught up with its peers yet)\nno limits apply\n"
+        );
+    }
+
+    #[test]
+    fn usage_and_entity() {
+        let body = json!({"applied": false, "limits": [{"id": "l", "metric": "cost",
+            "used": 0.0123, "max": 1.0, "remaining": 0.9877, "resets_at": null}]});
+        assert_eq!(
+            render_usage(&body),
+            "\
+not applied: this id was already recorded on this node
+ID  METRIC    USED  MAX  REMAINING  RESETS_AT
+l   cost    0.0123    1     0.9877  -
+"
+        );
+        let e = json!({"dimension": "virtual_key", "value": "vk-1", "parents": {"team": "eng"}});
+        assert_eq!(
+            render_entity(&e),
+            "entity   virtual_key/vk-1\nparents  team=eng\n"
+        );
+    }
+
+    #[test]
+    fn status_view() {
+        let ok = Reply {
+            status: 200,
+            body: json!({"status": "ok"}),
+        };
+        let not_ready = Reply {
+            status: 503,
+            body: json!({"error": {"code": "unavailable", "message": "catching up"}}),
+        };
+        let cluster = json!({"node_id": "n1", "nodes": [
+            {"node_id": "n1", "gossip_addr": "10.0.0.1:7071", "live": true, "generation": 17},
+            {"node_id": "n2", "gossip_addr": "10.0.0.2:7071", "live": false, "generation": 3}]});
+        assert_eq!(
+            render_status("http://x:7070", &ok, &not_ready, Some(&cluster)),
+            "\
+url      http://x:7070
+node     n1
+healthy  yes
+ready    no (http 503: catching up)
+
+NODE_ID    GOSSIP_ADDR    LIVE  GENERATION
+n1 (this)  10.0.0.1:7071  yes           17
+n2         10.0.0.2:7071  no             3
+"
+        );
+    }
+
+    #[test]
+    fn error_replies() {
+        let r = Reply {
+            status: 404,
+            body: json!({"error": {"code": "not_found", "message": "no limit x"}}),
+        };
+        assert_eq!(r.error().to_string(), "not_found: no limit x");
+        let r = Reply {
+            status: 502,
+            body: json!("Bad Gateway"),
+        };
+        assert_eq!(r.error().to_string(), "http_502: Bad Gateway");
+    }
+
+    #[test]
+    fn limit_put_bodies() {
+        let r = planned(&[
+            "limits",
+            "put",
+            "team-eng",
+            "--scope",
+            "team=eng",
+            "--metric",
+            "cost",
+            "--max",
+            "100",
+            "--period",
+            "1M",
+            "--calendar-aligned",
+        ])
+        .unwrap();
+        assert_eq!(r.method, Method::Put);
+        assert_eq!(r.path, "/v1/limits/team-eng");
+        assert_eq!(
+            r.body.unwrap(),
+            json!({"scope": {"team": "eng"}, "metric": "cost", "max": 100.0,
+                   "period": "1M", "calendar_aligned": true})
+        );
+        let body = planned(&[
+            "limits",
+            "put",
+            "t",
+            "--metric",
+            "tokens",
+            "--max",
+            "1e6",
+            "--period",
+            "1d",
+            "--timezone",
+            "Europe/Paris",
+        ])
+        .unwrap()
+        .body
+        .unwrap();
+        assert_eq!(
+            body.to_string(),
+            r#"{"calendar_aligned":false,"max":1000000,"metric":"tokens","period":"1d","scope":{},"timezone":"Europe/Paris"}"#
+        );
+        let e = planned(&[
+            "limits", "put", "t", "--metric", "requests", "--max", "1.5", "--period", "1m",
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("whole number"), "{e}");
+        let e = planned(&[
+            "limits", "put", "t", "--scope", "a=1", "--scope", "a=2", "--metric", "cost", "--max",
+            "1", "--period", "1m",
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("given twice"), "{e}");
+    }
+
+    #[test]
+    fn other_requests() {
+        let r = planned(&["limits", "list", "--scope", "team=a b"]).unwrap();
+        assert_eq!(r.path, "/v1/limits?scope.team=a%20b");
+        let r = planned(&["limits", "reset", "x", "--used", "40"]).unwrap();
+        assert_eq!(
+            (r.method, r.path.as_str()),
+            (Method::Post, "/v1/limits/x/reset")
+        );
+        assert_eq!(r.body.unwrap(), json!({"used": 40}));
+        let r = planned(&["limits", "reset", "x"]).unwrap();
+        assert_eq!(r.body.unwrap(), json!({}));
+        let r = planned(&["limits", "delete", "x"]).unwrap();
+        assert_eq!((r.method, r.body), (Method::Delete, None));
+        let r = planned(&[
+            "entities",
+            "put",
+            "virtual_key/vk-1",
+            "--parent",
+            "team=eng",
+        ])
+        .unwrap();
+        assert_eq!(r.path, "/v1/entities/virtual_key/vk-1");
+        assert_eq!(r.body.unwrap(), json!({"parents": {"team": "eng"}}));
+        let r = planned(&["check", "--attr", "virtual_key=vk-1", "--cost", "0.02"]).unwrap();
+        assert_eq!(
+            r.body.unwrap(),
+            json!({"attributes": {"virtual_key": "vk-1"}, "cost": 0.02})
+        );
+        let r = planned(&[
+            "usage",
+            "--id",
+            "req-7f3a",
+            "--attr",
+            "virtual_key=vk-1",
+            "--cost",
+            "0.0123",
+            "--tokens",
+            "1800",
+        ])
+        .unwrap();
+        assert_eq!(
+            r.body.unwrap(),
+            json!({"id": "req-7f3a", "attributes": {"virtual_key": "vk-1"},
+                   "cost": 0.0123, "tokens": 1800})
+        );
+        assert_eq!(decimal_json(&parse_decimal("0.5").unwrap()), json!(0.5));
+    }
+
+    #[test]
+    fn urls() {
+        let opts = |url: &str| ClientOpts {
+            url: url.to_owned(),
+            token: None,
+            json: false,
+        };
+        assert_eq!(Http::new(&opts("http://h:1/")).unwrap().base, "http://h:1");
+        assert!(Http::new(&opts("https://h:1")).is_err());
+        assert!(Http::new(&opts("h:1")).is_err());
+    }
+
+    /// Serves one HTTP/1.1 exchange with a canned reply; returns the raw request text.
+    fn one_shot_server(reply: &'static str) -> (String, std::thread::JoinHandle<String>) {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let handle = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Read the head, then as many body bytes as Content-Length says.
+            loop {
+                let n = stream.read(&mut buf).unwrap();
+                request.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&request).to_string();
+                if let Some(head_end) = text.find("\r\n\r\n") {
+                    let length = text[..head_end]
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse::<usize>().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if request.len() >= head_end + 4 + length {
+                        break;
+                    }
+                }
+                assert!(n > 0, "client closed early");
+            }
+            let response = format!(
+                "{reply_head}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                reply.split_once("\r\n\r\n").unwrap().1.len(),
+                reply_head = reply.split_once("\r\n\r\n").unwrap().0,
+                body = reply.split_once("\r\n\r\n").unwrap().1,
+            );
+            stream.write_all(response.as_bytes()).unwrap();
+            String::from_utf8(request).unwrap()
+        });
+        (url, handle)
+    }
+
+    #[test]
+    fn sends_token_and_reads_error_bodies() {
+        let (url, server) = one_shot_server(
+            "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n\r\n\
+             {\"error\":{\"code\":\"not_found\",\"message\":\"no limit x\"}}",
+        );
+        let http = Http::new(&ClientOpts {
+            url,
+            token: Some("t0k".to_owned()),
+            json: false,
+        })
+        .unwrap();
+        let request = planned(&["limits", "reset", "x", "--used", "2.5"]).unwrap();
+        let reply = http.send(&request).unwrap();
+        assert_eq!(reply.status, 404);
+        assert_eq!(reply.error().to_string(), "not_found: no limit x");
+        let seen = server.join().unwrap().to_ascii_lowercase();
+        assert!(
+            seen.starts_with("post /v1/limits/x/reset http/1.1"),
+            "{seen}"
+        );
+        assert!(seen.contains("authorization: bearer t0k"), "{seen}");
+        assert!(seen.contains("content-type: application/json"), "{seen}");
+        assert!(seen.ends_with(r#"{"used":2.5}"#), "{seen}");
+    }
+
+    #[test]
+    fn unreachable_node_is_explained() {
+        // Bind then drop a listener: the port is (very likely) closed for the request.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}");
+        let http = Http::new(&ClientOpts {
+            url: url.clone(),
+            token: None,
+            json: false,
+        })
+        .unwrap();
+        let e = http.send(&Request::get("/healthz".to_owned())).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("cannot reach {url}: is the node running? (tally serve)")
+        );
+    }
+}

@@ -1,0 +1,664 @@
+//! The HTTP API of API.md on axum: routes, auth, JSON shapes, validation and the error
+//! shape. Handlers validate everything before touching the node, so bad input changes
+//! nothing (I8); the node does the rest.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tally_core::units::{self, ATTRIBUTES_MAX, Micros};
+use tally_core::{Amounts, LimitInput, Metric, Period, Scope};
+use tally_node::{LimitDetails, LimitReport, Node, NodeError, UsageRecord};
+
+/// Largest request body accepted (API.md: 1 MiB).
+pub const BODY_BYTES_MAX: usize = 1 << 20;
+/// Most records in one batch.
+pub const BATCH_RECORDS_MAX: usize = 1000;
+
+/// Who may do what.
+#[derive(Clone, Debug, Default)]
+pub struct Auth {
+    pub admin_token: Option<String>,
+    pub client_token: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Role {
+    Client,
+    Admin,
+}
+
+/// Shared by every handler.
+pub struct AppState {
+    pub node: Node,
+    pub auth: Auth,
+    pub started_ms: i64,
+    pub gossip_addr: Option<String>,
+}
+
+type App = State<Arc<AppState>>;
+
+/// An API error: status, code and message, rendered in API.md's shape.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_argument",
+            message: message.into(),
+        }
+    }
+
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> ApiError {
+        let (status, code) = match &e {
+            NodeError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "invalid_argument"),
+            NodeError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            NodeError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        };
+        ApiError {
+            status,
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn ok(v: Value) -> ApiResult {
+    Ok(axum::Json(v).into_response())
+}
+
+/// A JSON body: at most 1 MiB (413 beyond), parsed strictly (400 on any mismatch).
+pub struct Body<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::to_bytes(req.into_body(), BODY_BYTES_MAX)
+            .await
+            .map_err(|_| ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                code: "payload_too_large",
+                message: format!("request body is larger than {BODY_BYTES_MAX} bytes"),
+            })?;
+        parse_json(&bytes).map(Body)
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        bytes
+    };
+    serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+}
+
+/// Path parameters, with API.md's error shape on failure.
+pub struct Params<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| Params(p.0))
+            .map_err(|e| ApiError::invalid(format!("invalid path: {e}")))
+    }
+}
+
+// ----- auth --------------------------------------------------------------------------
+
+fn authorize(state: &AppState, headers: &HeaderMap, need: Role) -> Result<(), ApiError> {
+    let auth = &state.auth;
+    if auth.admin_token.is_none() && auth.client_token.is_none() {
+        return Ok(()); // loopback-only node without tokens (DESIGN.md §4)
+    }
+    let unauthenticated = |m: &str| ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        code: "unauthenticated",
+        message: m.to_string(),
+    };
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthenticated("missing Authorization: Bearer <token> header"))?
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .ok_or_else(|| unauthenticated("Authorization header must be 'Bearer <token>'"))?;
+    let is = |t: &Option<String>| {
+        t.as_deref()
+            .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
+    };
+    let role = if is(&auth.admin_token) {
+        Role::Admin
+    } else if is(&auth.client_token) {
+        Role::Client
+    } else {
+        return Err(unauthenticated("unknown token"));
+    };
+    if role < need {
+        return Err(ApiError {
+            status: StatusCode::FORBIDDEN,
+            code: "permission_denied",
+            message: "this token's role may not do this; an admin token is needed".into(),
+        });
+    }
+    Ok(())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+// ----- JSON shapes -------------------------------------------------------------------
+
+fn rfc3339(ms: i64) -> Value {
+    match jiff::Timestamp::from_millisecond(ms) {
+        Ok(t) => Value::String(t.to_string()),
+        Err(_) => Value::Null,
+    }
+}
+
+fn amount(metric: Metric, v: u64) -> Value {
+    match metric {
+        Metric::Cost => json!(Micros(v).to_usd()),
+        _ => json!(v),
+    }
+}
+
+fn report_json(r: &LimitReport) -> Value {
+    json!({
+        "id": r.id,
+        "metric": r.metric.as_str(),
+        "used": amount(r.metric, r.used),
+        "max": amount(r.metric, r.max),
+        "remaining": amount(r.metric, r.remaining),
+        "resets_at": r.resets_at_ms.map_or(Value::Null, rfc3339),
+    })
+}
+
+fn view_json(d: &LimitDetails) -> Value {
+    let m = d.input.metric;
+    let never = d.input.period == Period::Never;
+    let nodes: serde_json::Map<String, Value> = d
+        .nodes
+        .iter()
+        .map(|(n, v)| (n.clone(), amount(m, *v)))
+        .collect();
+    json!({
+        "id": d.report.id,
+        "scope": d.input.scope,
+        "metric": m.as_str(),
+        "max": amount(m, d.input.max),
+        "period": d.input.period.to_string(),
+        "calendar_aligned": d.input.calendar_aligned,
+        "timezone": d.input.timezone,
+        "used": amount(m, d.report.used),
+        "remaining": amount(m, d.report.remaining),
+        "period_start": if never { Value::Null } else { rfc3339(d.report.period_start_ms) },
+        "resets_at": d.report.resets_at_ms.map_or(Value::Null, rfc3339),
+        "nodes": nodes,
+    })
+}
+
+fn check_id(id: &str, what: &'static str) -> Result<(), ApiError> {
+    units::validate_id(id, what).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+fn check_attributes(attrs: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if attrs.len() > ATTRIBUTES_MAX {
+        return Err(ApiError::invalid(format!(
+            "attributes has {} entries; at most {ATTRIBUTES_MAX} are allowed",
+            attrs.len()
+        )));
+    }
+    for (k, v) in attrs {
+        units::validate_dimension(k).map_err(|e| ApiError::invalid(e.to_string()))?;
+        units::validate_attribute_value(v).map_err(|e| ApiError::invalid(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// A metric amount given as a JSON number: USD for cost, a whole count otherwise.
+fn metric_amount(
+    metric: Metric,
+    n: &serde_json::Number,
+    what: &'static str,
+) -> Result<u64, ApiError> {
+    let bad = |e: units::UnitError| ApiError::invalid(e.to_string());
+    match metric {
+        Metric::Cost => {
+            let f = n
+                .as_f64()
+                .ok_or_else(|| ApiError::invalid(format!("{what} must be a number")))?;
+            Micros::from_usd(f, what).map(|m| m.0).map_err(bad)
+        }
+        _ => match n.as_u64() {
+            Some(v) => units::check_count(v, what).map_err(bad),
+            None => {
+                let f = n
+                    .as_f64()
+                    .ok_or_else(|| ApiError::invalid(format!("{what} must be a number")))?;
+                units::count_from_f64(f, what).map_err(bad)
+            }
+        },
+    }
+}
+
+fn cost(c: Option<f64>) -> Result<Micros, ApiError> {
+    c.map_or(Ok(Micros(0)), |c| Micros::from_usd(c, "cost"))
+        .map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+fn count(c: Option<u64>, what: &'static str, default: u64) -> Result<u64, ApiError> {
+    units::check_count(c.unwrap_or(default), what).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+fn pairs(attrs: &BTreeMap<String, String>) -> Vec<(&str, &str)> {
+    attrs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+// ----- limits ------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitBody {
+    #[serde(default)]
+    scope: BTreeMap<String, String>,
+    metric: String,
+    max: serde_json::Number,
+    period: String,
+    #[serde(default)]
+    calendar_aligned: bool,
+    #[serde(default = "utc")]
+    timezone: String,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+
+async fn put_limit(
+    State(s): App,
+    headers: HeaderMap,
+    Params(id): Params<String>,
+    Body(b): Body<LimitBody>,
+) -> ApiResult {
+    authorize(&s, &headers, Role::Admin)?;
+    check_id(&id, "limit id")?;
+    let metric = Metric::parse(&b.metric).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "metric {:?} must be one of cost, tokens, requests",
+            b.metric
+        ))
+    })?;
+    let max = metric_amount(metric, &b.max, "max")?;
+    let period: Period = b
+        .period
+        .parse()
+        .map_err(|e: tally_core::PeriodError| ApiError::invalid(e.to_string()))?;
+    let input = LimitInput {
+        scope: b.scope,
+        metric,
+        max,
+        period,
+        calendar_aligned: b.calendar_aligned,
+        timezone: b.timezone,
+    };
+    let d = s.node.put_limit(&id, input).await?;
+    ok(view_json(&d))
+}
+
+async fn get_limit(State(s): App, headers: HeaderMap, Params(id): Params<String>) -> ApiResult {
+    authorize(&s, &headers, Role::Client)?;
+    let d = s
+        .node
+        .limit(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no limit with id {id:?}")))?;
+    ok(view_json(&d))
+}
+
+async fn list_limits(State(s): App, headers: HeaderMap, uri: axum::http::Uri) -> ApiResult {
+    authorize(&s, &headers, Role::Client)?;
+    let mut filter = Scope::new();
+    if let Some(q) = uri.query() {
+        for (k, v) in form_pairs(q)? {
+            let dim = k.strip_prefix("scope.").ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "unknown query parameter {k:?}; filter with scope.<dimension>=<value>"
+                ))
+            })?;
+            units::validate_dimension(dim).map_err(|e| ApiError::invalid(e.to_string()))?;
+            filter.insert(dim.to_string(), v);
+        }
+    }
+    let limits: Vec<Value> = s.node.limits(&filter).iter().map(view_json).collect();
+    ok(json!({ "limits": limits }))
+}
+
+/// Decodes `a=b&c=d` with percent-escapes and `+` as space.
+fn form_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
+    fn decode(s: &str) -> Result<String, ApiError> {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < b.len() => {
+                    let hex = std::str::from_utf8(&b[i + 1..i + 3])
+                        .ok()
+                        .and_then(|h| u8::from_str_radix(h, 16).ok());
+                    out.push(hex.ok_or_else(|| ApiError::invalid("bad percent-escape in query"))?);
+                    i += 2;
+                }
+                c => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8(out).map_err(|_| ApiError::invalid("query is not UTF-8"))
+    }
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            Ok((decode(k)?, decode(v)?))
+        })
+        .collect()
+}
+
+async fn delete_limit(State(s): App, headers: HeaderMap, Params(id): Params<String>) -> ApiResult {
+    authorize(&s, &headers, Role::Admin)?;
+    s.node.delete_limit(&id).await?;
+    ok(json!({"deleted": true}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResetBody {
+    used: Option<serde_json::Number>,
+}
+
+async fn reset_limit(
+    State(s): App,
+    headers: HeaderMap,
+    Params(id): Params<String>,
+    Body(b): Body<ResetBody>,
+) -> ApiResult {
+    authorize(&s, &headers, Role::Admin)?;
+    let d = s
+        .node
+        .limit(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no limit with id {id:?}")))?;
+    let baseline = match &b.used {
+        Some(n) => metric_amount(d.input.metric, n, "used")?,
+        None => 0,
+    };
+    let d = s.node.reset_limit(&id, baseline).await?;
+    ok(view_json(&d))
+}
+
+// ----- entities ----------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntityBody {
+    #[serde(default)]
+    parents: BTreeMap<String, String>,
+}
+
+fn check_entity(dim: &str, value: &str) -> Result<(), ApiError> {
+    units::validate_dimension(dim).map_err(|e| ApiError::invalid(e.to_string()))?;
+    units::validate_attribute_value(value).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+async fn put_entity(
+    State(s): App,
+    headers: HeaderMap,
+    Params((dim, value)): Params<(String, String)>,
+    Body(b): Body<EntityBody>,
+) -> ApiResult {
+    authorize(&s, &headers, Role::Admin)?;
+    check_entity(&dim, &value)?;
+    check_attributes(&b.parents)?;
+    let e = s.node.put_entity(&dim, &value, b.parents).await?;
+    ok(json!({"dimension": e.dimension, "value": e.value, "parents": e.parents}))
+}
+
+async fn get_entity(
+    State(s): App,
+    headers: HeaderMap,
+    Params((dim, value)): Params<(String, String)>,
+) -> ApiResult {
+    authorize(&s, &headers, Role::Client)?;
+    let e = s
+        .node
+        .entity(&dim, &value)
+        .ok_or_else(|| ApiError::not_found(format!("no entity {dim}/{value}")))?;
+    ok(json!({"dimension": e.dimension, "value": e.value, "parents": e.parents}))
+}
+
+async fn delete_entity(
+    State(s): App,
+    headers: HeaderMap,
+    Params((dim, value)): Params<(String, String)>,
+) -> ApiResult {
+    authorize(&s, &headers, Role::Admin)?;
+    s.node.delete_entity(&dim, &value).await?;
+    ok(json!({"deleted": true}))
+}
+
+// ----- check and usage ---------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckBody {
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+    cost: Option<f64>,
+    tokens: Option<u64>,
+}
+
+async fn check(State(s): App, headers: HeaderMap, Body(b): Body<CheckBody>) -> ApiResult {
+    authorize(&s, &headers, Role::Client)?;
+    check_attributes(&b.attributes)?;
+    let estimate = Amounts {
+        cost: cost(b.cost)?,
+        tokens: count(b.tokens, "tokens", 0)?,
+        requests: 1,
+    };
+    let reply = s.node.check(&pairs(&b.attributes), estimate);
+    let denied_by: Vec<&str> = reply
+        .limits
+        .iter()
+        .filter(|l| l.denied)
+        .map(|l| l.id.as_str())
+        .collect();
+    let limits: Vec<Value> = reply.limits.iter().map(report_json).collect();
+    ok(
+        json!({"allowed": reply.allowed, "stale": reply.stale, "denied_by": denied_by, "limits": limits}),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageBody {
+    id: String,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+    cost: Option<f64>,
+    tokens: Option<u64>,
+    requests: Option<u64>,
+    at: Option<String>,
+}
+
+fn usage_record(b: UsageBody) -> Result<UsageRecord, ApiError> {
+    check_id(&b.id, "record id")?;
+    check_attributes(&b.attributes)?;
+    let at_ms = match &b.at {
+        Some(at) => Some(
+            at.parse::<jiff::Timestamp>()
+                .map_err(|e| ApiError::invalid(format!("at {at:?} is not an RFC 3339 time: {e}")))?
+                .as_millisecond(),
+        ),
+        None => None,
+    };
+    Ok(UsageRecord {
+        amounts: Amounts {
+            cost: cost(b.cost)?,
+            tokens: count(b.tokens, "tokens", 0)?,
+            requests: count(b.requests, "requests", 1)?,
+        },
+        id: b.id,
+        attributes: b.attributes.into_iter().collect(),
+        at_ms,
+    })
+}
+
+async fn usage(State(s): App, headers: HeaderMap, Body(b): Body<UsageBody>) -> ApiResult {
+    authorize(&s, &headers, Role::Client)?;
+    let rec = usage_record(b)?;
+    let attrs = rec.attributes.clone();
+    let applied = s.node.record(vec![rec]).await?;
+    let pairs: Vec<(&str, &str)> = attrs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let limits: Vec<Value> = s.node.statuses(&pairs).iter().map(report_json).collect();
+    ok(json!({"applied": applied[0], "limits": limits}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    records: Vec<UsageBody>,
+}
+
+async fn usage_batch(State(s): App, headers: HeaderMap, Body(b): Body<BatchBody>) -> ApiResult {
+    authorize(&s, &headers, Role::Client)?;
+    if b.records.len() > BATCH_RECORDS_MAX {
+        return Err(ApiError::invalid(format!(
+            "a batch has at most {BATCH_RECORDS_MAX} records, this one has {}",
+            b.records.len()
+        )));
+    }
+    let records = b
+        .records
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            usage_record(r).map_err(|e| ApiError::invalid(format!("records[{i}]: {}", e.message)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+    let applied = if records.is_empty() {
+        Vec::new()
+    } else {
+        s.node.record(records).await?
+    };
+    let results: Vec<Value> = ids
+        .iter()
+        .zip(applied)
+        .map(|(id, a)| json!({"id": id, "applied": a}))
+        .collect();
+    ok(json!({ "results": results }))
+}
+
+// ----- operations --------------------------------------------------------------------
+
+async fn healthz() -> ApiResult {
+    ok(json!({"status": "ok"}))
+}
+
+async fn readyz() -> ApiResult {
+    ok(json!({"ready": true}))
+}
+
+async fn cluster(State(s): App, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Role::Client)?;
+    ok(json!({
+        "node_id": s.node.node_id(),
+        "nodes": [{
+            "node_id": s.node.node_id(),
+            "gossip_addr": s.gossip_addr,
+            "live": true,
+            "generation": s.started_ms,
+        }],
+    }))
+}
+
+async fn metrics(State(s): App) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(&s.node),
+    )
+        .into_response()
+}
+
+async fn no_route(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {method} {}", uri.path()))
+}
+
+/// The router of API.md.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/limits", get(list_limits))
+        .route(
+            "/v1/limits/{id}",
+            put(put_limit).get(get_limit).delete(delete_limit),
+        )
+        .route("/v1/limits/{id}/reset", post(reset_limit))
+        .route(
+            "/v1/entities/{dimension}/{value}",
+            put(put_entity).get(get_entity).delete(delete_entity),
+        )
+        .route("/v1/check", post(check))
+        .route("/v1/usage", post(usage))
+        .route("/v1/usage/batch", post(usage_batch))
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_route)
+        .with_state(state)
+}
