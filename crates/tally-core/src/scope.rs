@@ -81,9 +81,14 @@ impl<'a> Attrs<'a> {
         self.len == 0
     }
 
-    /// Whether every pair of `scope` is among these attributes.
-    pub fn covers<'s>(&self, mut scope: impl Iterator<Item = (&'s str, &'s str)>) -> bool {
-        scope.all(|(d, v)| self.get(d) == Some(v))
+    /// Whether every pair of `scope` is among these attributes. Each scope pair carries its
+    /// [`pair_hash`], compared first, so strings are compared once, on a likely match.
+    pub fn covers<'s>(&self, mut scope: impl Iterator<Item = (&'s str, &'s str, u64)>) -> bool {
+        scope.all(|(d, v, h)| {
+            self.as_slice()
+                .iter()
+                .any(|&(ad, av, ah)| ah == h && ad == d && av == v)
+        })
     }
 }
 
@@ -135,17 +140,37 @@ impl IdxBuf {
         self.len + self.spill.len()
     }
 
-    /// Consumes the buffer, yielding the entries for which `keep` holds.
-    pub fn into_iter_filtered(
-        self,
-        keep: impl Fn(LimitIdx) -> bool,
-    ) -> impl Iterator<Item = LimitIdx> {
-        let IdxBuf { inline, len, spill } = self;
-        inline
-            .into_iter()
-            .take(len)
-            .chain(spill)
-            .filter(move |&i| keep(i))
+    /// Drops repeated entries, keeping the first of each.
+    pub fn dedup(&mut self) {
+        let mut n = 0;
+        for i in 0..self.len {
+            if !self.inline[..n].contains(&self.inline[i]) {
+                self.inline[n] = self.inline[i];
+                n += 1;
+            }
+        }
+        self.len = n;
+        if !self.spill.is_empty() {
+            let mut seen: Vec<LimitIdx> = self.inline[..n].to_vec();
+            self.spill.retain(|i| {
+                let new = !seen.contains(i);
+                seen.push(*i);
+                new
+            });
+        }
+    }
+
+    /// Keeps only the entries for which `keep` holds, in order.
+    pub fn retain(&mut self, mut keep: impl FnMut(LimitIdx) -> bool) {
+        let mut n = 0;
+        for i in 0..self.len {
+            if keep(self.inline[i]) {
+                self.inline[n] = self.inline[i];
+                n += 1;
+            }
+        }
+        self.len = n;
+        self.spill.retain(|&i| keep(i));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -239,12 +264,12 @@ impl ScopeIndex {
             }
         }
         let bits = &bits[..n];
+        // A limit sits in one bucket, and distinct subsets reach the same bucket only on a
+        // 64-bit sum collision; callers dedup after verifying (see `IdxBuf::dedup`).
         let visit = |h: u64, out: &mut IdxBuf| {
             if let Some(list) = self.by_hash.get(&h) {
                 for &idx in list {
-                    if !out.contains(&idx) {
-                        out.push(idx);
-                    }
+                    out.push(idx);
                 }
             }
         };

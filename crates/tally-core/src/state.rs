@@ -52,7 +52,8 @@ impl Interner {
 struct Compiled {
     spec: LimitSpec,
     period: PeriodSpec,
-    scope: Vec<(Box<str>, Box<str>)>,
+    /// Scope pairs with their pair hashes, for fast verification.
+    scope: Vec<(Box<str>, Box<str>, u64)>,
     /// The window of the last `tick`; checks recompute when `now` is outside it.
     cached: Window,
 }
@@ -275,7 +276,7 @@ impl State {
                 scope: i
                     .scope
                     .iter()
-                    .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+                    .map(|(k, v)| (k.as_str().into(), v.as_str().into(), pair_hash(k, v)))
                     .collect(),
                 period,
                 cached,
@@ -289,11 +290,11 @@ impl State {
         slot.live = new;
         if let Some(old) = &old {
             self.index
-                .remove(idx, old.scope.iter().map(|(k, v)| (&**k, &**v)));
+                .remove(idx, old.scope.iter().map(|(k, v, _)| (&**k, &**v)));
         }
         if let Some(new) = &self.limits[idx as usize].live {
             self.index
-                .insert(idx, new.scope.iter().map(|(k, v)| (&**k, &**v)));
+                .insert(idx, new.scope.iter().map(|(k, v, _)| (&**k, &**v)));
         }
         true
     }
@@ -644,17 +645,15 @@ impl State {
     }
 
     /// Every live limit that applies to (expanded) `attrs`.
-    fn applicable(&self, attrs: &Attrs<'_>) -> impl Iterator<Item = LimitIdx> {
-        let mut candidates = IdxBuf::new();
-        self.index.candidates(attrs, &mut candidates);
-        let limits = &self.limits;
-        let attrs = *attrs;
-        candidates.into_iter_filtered(move |i| {
-            limits[i as usize]
+    fn applicable(&self, attrs: &Attrs<'_>, out: &mut IdxBuf) {
+        self.index.candidates(attrs, out);
+        out.retain(|i| {
+            self.limits[i as usize]
                 .live
                 .as_ref()
-                .is_some_and(|c| attrs.covers(c.scope.iter().map(|(k, v)| (&**k, &**v))))
-        })
+                .is_some_and(|c| attrs.covers(c.scope.iter().map(|(k, v, h)| (&**k, &**v, *h))))
+        });
+        out.dedup();
     }
 
     fn status(&self, limit: LimitIdx, now_ms: i64, requested: Amounts) -> LimitStatus {
@@ -707,10 +706,10 @@ impl State {
             ..estimate
         };
         out.limits.clear();
-        out.limits.extend(
-            self.applicable(&attrs)
-                .map(|i| self.status(i, now_ms, requested)),
-        );
+        let mut idx = IdxBuf::new();
+        self.applicable(&attrs, &mut idx);
+        out.limits
+            .extend(idx.iter().map(|i| self.status(i, now_ms, requested)));
         out.allowed = out.limits.iter().all(|l| !l.denied);
     }
 
@@ -725,7 +724,9 @@ impl State {
         out: &mut Vec<Increment>,
     ) {
         let attrs = self.expand(attributes);
-        for i in self.applicable(&attrs) {
+        let mut idx = IdxBuf::new();
+        self.applicable(&attrs, &mut idx);
+        for i in idx.iter() {
             let slot = &self.limits[i as usize];
             let c = slot.live.as_ref().expect("applicable limits are live");
             let delta = amounts.of(c.spec.input.metric);
