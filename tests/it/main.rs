@@ -1,1 +1,12 @@
+//! Black-box tests of the real `tally` binary on loopback (one integration binary per crate).
+//!
+//! Every test starts its own node(s) through `tally_tests::Node`, talks HTTP as a gateway
+//! would, and names in a comment the DESIGN.md §3 invariants it checks.
+//!
+//! - `api`: the HTTP contract of API.md, bad input (I8) and auth.
+//! - `periods`: rolling and calendar-aligned periods, epochs of recorded events (I5).
+//! - `crash`: SIGKILL / SIGTERM under concurrent load (I1, I2, I3).
 
+mod api;
+mod crash;
+mod periods;

@@ -546,6 +546,45 @@ impl State {
             .map(|(_, v)| *v)
     }
 
+    /// `origin`'s slot of (limit, epoch) as held in memory (0 when unknown).
+    pub fn slot(&self, limit_id: &str, epoch: Epoch, origin: &str) -> u64 {
+        let (Some(l), Some(o)) = (self.limit_idx(limit_id), self.origins.get(origin)) else {
+            return 0;
+        };
+        self.limits[l as usize]
+            .counters
+            .get(epoch)
+            .map_or(0, |c| c.slot(o))
+    }
+
+    /// The record (live or tombstone) of a limit, if any.
+    pub fn limit_record(&self, id: &str) -> Option<&LimitRecord> {
+        self.limits
+            .get(self.limit_idx(id)? as usize)?
+            .record
+            .as_ref()
+    }
+
+    /// The record (live or tombstone) of an entity, if any.
+    pub fn entity_record(&self, dimension: &str, value: &str) -> Option<&EntityRecord> {
+        self.entities
+            .get(&(dimension.to_string(), value.to_string()))
+    }
+
+    /// The reset register of a limit, if any.
+    pub fn reset_register(&self, id: &str) -> Option<&ResetRegister> {
+        self.limits
+            .get(self.limit_idx(id)? as usize)?
+            .reset
+            .as_ref()
+    }
+
+    /// Whether `epoch` is the epoch a limit assigns to `now_ms` (false for unknown or
+    /// deleted limits: their slots are history).
+    pub fn is_current(&self, limit_id: &str, epoch: Epoch, now_ms: i64) -> bool {
+        self.epoch_of(limit_id, now_ms) == Some(epoch)
+    }
+
     /// Every (limit, epoch, counter) in memory.
     pub fn counters(&self) -> impl Iterator<Item = (&str, Epoch, &EpochCounter)> {
         self.limits.iter().enumerate().flat_map(move |(i, s)| {

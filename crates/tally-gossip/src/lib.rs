@@ -16,11 +16,13 @@
 //! &payload)`, and on receipt `mac::open` → `values::decode_*` → check that the record
 //! matches its `GossipKey`.
 
+pub mod cluster;
 pub mod keys;
 pub mod mac;
 mod text;
 pub mod values;
 
+pub use cluster::{Gossip, GossipConfig, GossipStats, Incoming, Member};
 pub use keys::{ENTITY_PREFIX, GossipKey, LIMIT_PREFIX, RELAY_PREFIX, RESET_PREFIX, SLOT_PREFIX};
 pub use mac::{ClusterKey, KeyError, MacError, open, seal};
 pub use values::{

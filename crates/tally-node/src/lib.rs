@@ -11,6 +11,7 @@
 //! This crate knows no HTTP or JSON (tally-server) and no redb (tally-store).
 
 pub mod clock;
+mod cluster;
 pub mod metrics;
 mod writer;
 
@@ -25,7 +26,9 @@ use tally_store::{Store, StoreError};
 use tokio::sync::{Semaphore, oneshot};
 
 pub use clock::{Clock, SystemClock};
+pub use cluster::ClusterConfig;
 pub use metrics::Metrics;
+pub use tally_gossip::{ClusterKey, GossipStats, Member};
 use writer::{ConfigChange, Op};
 
 /// How a node is set up.
@@ -105,6 +108,8 @@ pub enum OpenError {
     Store(#[from] StoreError),
     #[error("cannot start the writer thread: {0}")]
     Thread(std::io::Error),
+    #[error("{0}")]
+    NodeId(String),
 }
 
 /// One usage record as a client sends it.
@@ -163,6 +168,9 @@ pub(crate) struct Shared {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: NodeConfig,
     pub(crate) node_id: String,
+    pub(crate) cluster: std::sync::OnceLock<cluster::ClusterHandle>,
+    /// Remote values handed to the writer and not yet merged.
+    pub(crate) remote_pending: std::sync::atomic::AtomicUsize,
 }
 
 /// A running node. Cheap to clone; all clones share one state and one writer.
@@ -190,6 +198,10 @@ impl Node {
     /// Opens the store, restores state from it, and starts the writer thread.
     pub fn open(config: NodeConfig) -> Result<Node, OpenError> {
         let store = Store::open(&config.data_dir)?;
+        if let Some(id) = &config.node_id {
+            tally_core::units::validate_id(id, "node id")
+                .map_err(|e| OpenError::NodeId(e.to_string()))?;
+        }
         let node_id = store.node_id(config.node_id.as_deref(), generate_node_id)?;
         let now = config.clock.now_ms();
         let recovered = store.recover()?;
@@ -230,6 +242,8 @@ impl Node {
             clock: config.clock.clone(),
             node_id,
             config,
+            cluster: std::sync::OnceLock::new(),
+            remote_pending: std::sync::atomic::AtomicUsize::new(0),
         });
         let queue = Arc::new(Semaphore::new(shared.config.queue_records_max));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -277,7 +291,7 @@ impl Node {
         }
         CheckReply {
             allowed: d.allowed,
-            stale: false,
+            stale: !self.ready(),
             limits,
         }
     }
@@ -455,6 +469,29 @@ impl Node {
     pub async fn delete_entity(&self, dimension: &str, value: &str) -> Result<(), NodeError> {
         self.change(ConfigChange::DeleteEntity(dimension.into(), value.into()))
             .await
+    }
+
+    /// Joins a fleet by gossip. Without this the node is a fleet of one.
+    pub async fn start_cluster(&self, config: ClusterConfig) -> anyhow::Result<()> {
+        cluster::start(self.shared.clone(), self.tx.clone(), config).await
+    }
+
+    /// Caught up with the fleet (always, for a node without peers to wait for).
+    pub fn ready(&self) -> bool {
+        self.shared
+            .cluster
+            .get()
+            .is_none_or(|c| c.ready.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The fleet as this node sees it; `None` when not clustered.
+    pub async fn members(&self) -> Option<Vec<Member>> {
+        Some(self.shared.cluster.get()?.gossip.members().await)
+    }
+
+    /// Gossip counters; `None` when not clustered.
+    pub fn gossip_stats(&self) -> Option<&GossipStats> {
+        self.shared.cluster.get().map(|c| c.gossip.stats())
     }
 
     /// Commits everything queued before this call, stops the writer and waits for it.

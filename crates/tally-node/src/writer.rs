@@ -15,6 +15,9 @@ use tally_core::{EntityRecord, Epoch, Increment, LimitIdx, LimitRecord, ResetReg
 use tally_store::{Batch, Store, StoreError};
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
+use tally_gossip::Incoming;
+
+use crate::cluster::Publication;
 use crate::{Metrics, NodeError, Shared, UsageRecord};
 
 pub(crate) enum ConfigChange {
@@ -38,6 +41,10 @@ pub(crate) enum Op {
         change: ConfigChange,
         reply: oneshot::Sender<Result<(), NodeError>>,
         _permit: OwnedSemaphorePermit,
+    },
+    /// Values other nodes published, already verified.
+    Remote {
+        items: Vec<Incoming>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -119,13 +126,20 @@ impl Group<'_> {
         let m = &self.shared.metrics;
         match result {
             Ok(()) => {
-                {
+                let published: Vec<(String, Epoch, u64)> = {
                     let mut state = self.shared.state.write();
                     let me = state.me();
                     for (&(limit, epoch), &value) in &self.pending {
                         state.merge_slot_idx(limit, epoch, me, value);
                     }
-                }
+                    self.pending
+                        .iter()
+                        .map(|(&(limit, epoch), &value)| {
+                            (state.limit_id(limit).to_string(), epoch, value)
+                        })
+                        .collect()
+                };
+                publish(self.shared, Publication::Slots(published));
                 Metrics::add(&m.commits_total, 1);
                 Metrics::add(&m.commit_records_total, self.records as u64);
                 Metrics::add(
@@ -175,6 +189,13 @@ pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
             }
             Op::Config { change, reply, .. } => {
                 let _ = reply.send(apply_config(&shared, &store, change));
+            }
+            Op::Remote { items } => {
+                let n = items.len();
+                apply_remote(&shared, &store, items);
+                shared
+                    .remote_pending
+                    .fetch_sub(n, std::sync::atomic::Ordering::SeqCst);
             }
             Op::Records { records, reply, .. } => {
                 let mut group = match store.batch() {
@@ -296,19 +317,122 @@ fn apply_config(shared: &Shared, store: &Store, change: ConfigChange) -> Result<
         return Err(unavailable(&e));
     }
     let mut state = shared.state.write();
-    match prepared {
+    let publication = match prepared {
         Prepared::Limit(r) => {
             tracing::info!(limit = %r.id, deleted = r.spec.is_none(), version = %r.version.hlc, "limit written");
-            state.apply_limit(r, now);
+            state.apply_limit(r.clone(), now);
+            Publication::Limit(r)
         }
         Prepared::Entity(r) => {
             tracing::info!(entity = %format!("{}/{}", r.dimension, r.value), deleted = r.parents.is_none(), "entity written");
-            state.apply_entity(r);
+            state.apply_entity(r.clone());
+            Publication::Entity(r)
         }
         Prepared::Reset(id, r) => {
             tracing::info!(limit = %id, baseline = r.baseline, reset = %r.reset.hlc, "limit reset");
-            state.apply_reset(&id, r);
+            state.apply_reset(&id, r.clone());
+            Publication::Reset(id, r)
+        }
+    };
+    drop(state);
+    publish(shared, publication);
+    Ok(())
+}
+
+/// Hands durable changes to gossip, when the node is clustered.
+fn publish(shared: &Shared, p: Publication) {
+    if let Some(c) = shared.cluster.get() {
+        let _ = c.publish.send(p);
+    }
+}
+
+/// Merges values from other nodes: keeps only what is news (a higher slot, a newer
+/// record), makes it durable, then applies it to memory. Own slots echoed back are
+/// ignored: this node's slots come only from its own disk.
+fn apply_remote(shared: &Shared, store: &Store, items: Vec<Incoming>) {
+    let now = shared.clock.now_ms();
+    let news: Vec<Incoming> = {
+        let state = shared.state.read();
+        let me = state.node_id();
+        items
+            .into_iter()
+            .filter(|i| match i {
+                Incoming::Slot {
+                    origin,
+                    limit,
+                    epoch,
+                    value,
+                } => origin != me && *value > state.slot(limit, *epoch, origin),
+                Incoming::Limit(r) => state
+                    .limit_record(&r.id)
+                    .is_none_or(|c| c.version < r.version),
+                Incoming::Entity(r) => state
+                    .entity_record(&r.dimension, &r.value)
+                    .is_none_or(|c| c.version < r.version),
+                Incoming::Reset(id, r) => state.reset_register(id).is_none_or(|c| r.supersedes(c)),
+            })
+            .collect()
+    };
+    if news.is_empty() {
+        return;
+    }
+    let result = (|| {
+        let mut b = store.batch()?;
+        for i in &news {
+            match i {
+                Incoming::Slot {
+                    origin,
+                    limit,
+                    epoch,
+                    value,
+                } => {
+                    b.merge_peer_slot(origin, limit, *epoch, *value)?;
+                }
+                Incoming::Limit(r) => b.put_limit(r)?,
+                Incoming::Entity(r) => b.put_entity(r)?,
+                Incoming::Reset(id, r) => b.put_reset(id, r)?,
+            }
+        }
+        b.commit()
+    })();
+    if let Err(e) = result {
+        Metrics::add(&shared.metrics.commit_errors_total, 1);
+        tracing::error!(error = %e, "could not store values from peers; gossip will deliver them again");
+        return;
+    }
+    let mut republish = Vec::new();
+    let mut state = shared.state.write();
+    for i in news {
+        match i {
+            Incoming::Slot {
+                origin,
+                limit,
+                epoch,
+                value,
+            } => {
+                let o = state.origin_idx(&origin);
+                state.merge_slot(&limit, epoch, o, value);
+            }
+            Incoming::Limit(r) => {
+                if state.apply_limit(r.clone(), now) {
+                    republish.push(Publication::Limit(r));
+                }
+            }
+            Incoming::Entity(r) => {
+                if state.apply_entity(r.clone()) {
+                    republish.push(Publication::Entity(r));
+                }
+            }
+            Incoming::Reset(id, r) => {
+                if state.apply_reset(&id, r.clone()) {
+                    republish.push(Publication::Reset(id, r));
+                }
+            }
         }
     }
-    Ok(())
+    drop(state);
+    // Every node re-publishes the newest config it knows, so it survives its writer.
+    for p in republish {
+        publish(shared, p);
+    }
 }

@@ -609,27 +609,45 @@ async fn healthz() -> ApiResult {
     ok(json!({"status": "ok"}))
 }
 
-async fn readyz() -> ApiResult {
-    ok(json!({"ready": true}))
+async fn readyz(State(s): App) -> ApiResult {
+    if s.node.ready() {
+        return ok(json!({"ready": true}));
+    }
+    Err(ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: "unavailable",
+        message: "not caught up with a live peer yet".into(),
+    })
 }
 
 async fn cluster(State(s): App, headers: HeaderMap) -> ApiResult {
     authorize(&s, &headers, Role::Client)?;
-    ok(json!({
-        "node_id": s.node.node_id(),
-        "nodes": [{
+    let nodes: Vec<Value> = match s.node.members().await {
+        Some(members) => members
+            .iter()
+            .map(|m| {
+                json!({
+                    "node_id": m.node_id,
+                    "gossip_addr": m.gossip_addr.to_string(),
+                    "live": m.live,
+                    "generation": m.generation,
+                })
+            })
+            .collect(),
+        None => vec![json!({
             "node_id": s.node.node_id(),
             "gossip_addr": s.gossip_addr,
             "live": true,
             "generation": s.started_ms,
-        }],
-    }))
+        })],
+    };
+    ok(json!({"node_id": s.node.node_id(), "nodes": nodes}))
 }
 
 async fn metrics(State(s): App) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::render(&s.node),
+        crate::metrics::render(&s.node).await,
     )
         .into_response()
 }

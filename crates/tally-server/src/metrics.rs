@@ -11,7 +11,7 @@ fn metric(out: &mut String, kind: &str, name: &str, help: &str, v: impl Display)
     );
 }
 
-pub fn render(node: &Node) -> String {
+pub async fn render(node: &Node) -> String {
     let m = node.metrics();
     let g = Metrics::get;
     let mut out = String::with_capacity(2048);
@@ -100,5 +100,70 @@ pub fn render(node: &Node) -> String {
         "(limit, epoch, origin) slots in memory.",
         node.slot_count(),
     );
+    metric(
+        o,
+        "gauge",
+        "tally_ready",
+        "1 when caught up with the fleet.",
+        u8::from(node.ready()),
+    );
+    if let Some(st) = node.gossip_stats() {
+        let r = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        metric(
+            o,
+            "counter",
+            "tally_gossip_bytes_sent_total",
+            "Gossip bytes sent.",
+            r(&st.bytes_sent),
+        );
+        metric(
+            o,
+            "counter",
+            "tally_gossip_bytes_received_total",
+            "Gossip bytes received.",
+            r(&st.bytes_received),
+        );
+        metric(
+            o,
+            "counter",
+            "tally_gossip_values_rejected_total",
+            "Gossip values ignored: MAC check failed or malformed (wrong cluster key?).",
+            r(&st.values_rejected),
+        );
+        metric(
+            o,
+            "counter",
+            "tally_gossip_values_accepted_total",
+            "Gossip values accepted.",
+            r(&st.values_accepted),
+        );
+    }
+    if let Some(members) = node.members().await {
+        let live = members.iter().filter(|m| m.live).count();
+        metric(
+            o,
+            "gauge",
+            "tally_gossip_live_nodes",
+            "Live nodes, this one included.",
+            live,
+        );
+        metric(
+            o,
+            "gauge",
+            "tally_gossip_dead_nodes",
+            "Nodes known but not live.",
+            members.len() - live,
+        );
+        let name = "tally_gossip_peer_newest_value_age_seconds";
+        let _ = writeln!(
+            o,
+            "# HELP {name} Seconds since a value from this peer was last accepted.\n# TYPE {name} gauge"
+        );
+        for m in members.iter().filter(|m| m.node_id != node.node_id()) {
+            if let Some(age) = m.newest_value_age {
+                let _ = writeln!(o, "{name}{{peer=\"{}\"}} {}", m.node_id, age.as_secs_f64());
+            }
+        }
+    }
     out
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tally_node::{Node, NodeConfig};
+use tally_node::{ClusterConfig, ClusterKey, Node, NodeConfig};
 use tokio::net::TcpListener;
 
 use crate::config::ServeConfig;
@@ -52,6 +52,13 @@ pub async fn serve(
         .await
         .context("opening the node panicked")?
         .with_context(|| format!("cannot open the data directory {}", cfg.data_dir.display()))?;
+    if let Some(cluster) = cluster_config(&cfg)? {
+        let gossip_listen = cluster.listen;
+        node.start_cluster(cluster)
+            .await
+            .with_context(|| format!("cannot start gossip on {gossip_listen}"))?;
+        tracing::info!(%gossip_listen, seeds = ?cfg.seeds, "gossip started");
+    }
     let addr = listener.local_addr().context("listener has no address")?;
     let state = Arc::new(AppState {
         started_ms: node.now_ms(),
@@ -60,7 +67,10 @@ pub async fn serve(
             admin_token: cfg.admin_token.clone(),
             client_token: cfg.client_token.clone(),
         },
-        gossip_addr: cfg.gossip_advertise.clone(),
+        gossip_addr: cfg
+            .gossip_advertise
+            .clone()
+            .or_else(|| cfg.gossip_listen.map(|a| a.to_string())),
     });
     {
         use std::io::Write as _;
@@ -106,4 +116,38 @@ pub async fn shutdown_signal() {
         () = ctrl_c => tracing::info!("SIGINT received, shutting down"),
         () = term => tracing::info!("SIGTERM received, shutting down"),
     }
+}
+
+/// The gossip settings a serve config implies; `None` for a single node.
+pub fn cluster_config(cfg: &ServeConfig) -> anyhow::Result<Option<ClusterConfig>> {
+    let Some(listen) = cfg.gossip_listen else {
+        return Ok(None);
+    };
+    let advertise = match &cfg.gossip_advertise {
+        Some(a) => a.parse().with_context(|| {
+            format!(
+                "--gossip-advertise {a:?} must be ip:port, the address peers reach this node at"
+            )
+        })?,
+        None if listen.ip().is_unspecified() => {
+            anyhow::bail!(
+                "--gossip-listen {listen} listens on every address: set --gossip-advertise to the ip:port peers should use"
+            )
+        }
+        None => listen,
+    };
+    let key = match &cfg.cluster_key {
+        Some(k) => {
+            ClusterKey::new(k.as_bytes()).map_err(|e| anyhow::anyhow!("--cluster-key: {e}"))?
+        }
+        None => ClusterKey::insecure(),
+    };
+    Ok(Some(ClusterConfig {
+        listen,
+        advertise,
+        seeds: cfg.seeds.clone(),
+        cluster_id: cfg.cluster_id.clone(),
+        key,
+        interval: Duration::from_millis(cfg.gossip_interval_ms),
+    }))
 }

@@ -1,0 +1,394 @@
+//! The chitchat glue: one [`Gossip`] per node runs chitchat over UDP, publishes sealed
+//! values in this node's key-value state, and turns every verified value other nodes
+//! publish into an [`Incoming`] for the node to merge.
+//!
+//! chitchat's listeners run under its lock, so the listener only copies the raw strings
+//! into a channel; MAC checks and decoding happen in a task outside the lock. Values whose
+//! MAC fails, or that do not decode, are dropped and counted (no one without the cluster
+//! key can raise usage or change a limit).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpTransport};
+use chitchat::{
+    ChitchatConfig, ChitchatEnvelope, ChitchatHandle, ChitchatId, FailureDetectorConfig,
+    ListenerHandle,
+};
+use tally_core::{EntityRecord, Epoch, LimitRecord, ResetRegister};
+use tokio::sync::mpsc;
+
+use crate::keys::GossipKey;
+use crate::mac::{ClusterKey, open, seal};
+use crate::values::{decode_record, decode_slot};
+
+/// How a node joins the fleet.
+#[derive(Clone, Debug)]
+pub struct GossipConfig {
+    pub node_id: String,
+    /// Changes on every start (chitchat's generation).
+    pub generation: u64,
+    pub listen: SocketAddr,
+    pub advertise: SocketAddr,
+    pub seeds: Vec<String>,
+    pub cluster_id: String,
+    pub key: ClusterKey,
+    pub interval: Duration,
+    /// How long a dead node's state is kept by chitchat (its slots stay durable here).
+    pub dead_node_grace: Duration,
+    /// How long deleted keys are kept as tombstones before chitchat forgets them.
+    pub tombstone_grace: Duration,
+}
+
+/// A verified value published by another node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// `origin`'s slot of (limit, epoch), from the origin itself or relayed for it.
+    Slot {
+        origin: String,
+        limit: String,
+        epoch: Epoch,
+        value: u64,
+    },
+    Limit(LimitRecord),
+    Entity(EntityRecord),
+    Reset(String, ResetRegister),
+}
+
+/// Counters for /metrics.
+#[derive(Debug, Default)]
+pub struct GossipStats {
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub values_rejected: AtomicU64,
+    pub values_accepted: AtomicU64,
+    pub transport_errors: AtomicU64,
+}
+
+/// One member of the fleet as this node sees it (merged over generations by node id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub node_id: String,
+    pub gossip_addr: SocketAddr,
+    pub live: bool,
+    pub generation: u64,
+    /// Time since a value from this node was last accepted.
+    pub newest_value_age: Option<Duration>,
+}
+
+/// A running gossip endpoint.
+pub struct Gossip {
+    handle: ChitchatHandle,
+    key: ClusterKey,
+    node_id: String,
+    stats: Arc<GossipStats>,
+    last_seen: Arc<parking_lot_free::Seen>,
+    _listener: ListenerHandle,
+}
+
+/// Per-publisher time of the newest accepted value (a tiny mutex-protected map; the
+/// listener task is its only writer).
+mod parking_lot_free {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    #[derive(Default, Debug)]
+    pub struct Seen(pub Mutex<HashMap<String, Instant>>);
+}
+
+/// Counts bytes and keeps chitchat's loop alive: a failed send is logged and reported as
+/// sent (UDP may drop it anyway), a failed receive is retried after a pause, because an
+/// error returned from `recv` stops chitchat's loop for good.
+struct CountingTransport {
+    stats: Arc<GossipStats>,
+}
+
+struct CountingSocket {
+    inner: Box<dyn Socket>,
+    stats: Arc<GossipStats>,
+}
+
+#[async_trait]
+impl Transport for CountingTransport {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let inner = UdpTransport.open(listen_addr).await?;
+        Ok(Box::new(CountingSocket {
+            inner,
+            stats: self.stats.clone(),
+        }))
+    }
+}
+
+#[async_trait]
+impl Socket for CountingSocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    async fn send(
+        &mut self,
+        to: SocketAddr,
+        envelope: ChitchatEnvelope,
+    ) -> anyhow::Result<SendOutcome> {
+        match self.inner.send(to, envelope).await {
+            Ok(out) => {
+                self.stats
+                    .bytes_sent
+                    .fetch_add(out.num_bytes_sent as u64, Ordering::Relaxed);
+                Ok(out)
+            }
+            Err(e) => {
+                self.stats.transport_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, %to, "gossip send failed; the peer will be retried next round");
+                Ok(SendOutcome { num_bytes_sent: 0 })
+            }
+        }
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
+        loop {
+            match self.inner.recv().await {
+                Ok(out) => {
+                    self.stats
+                        .bytes_received
+                        .fetch_add(out.num_bytes_received as u64, Ordering::Relaxed);
+                    return Ok(out);
+                }
+                Err(e) => {
+                    self.stats.transport_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "gossip receive failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Raw key/value from the listener, checked outside chitchat's lock.
+struct Raw {
+    publisher: String,
+    key: String,
+    value: String,
+}
+
+impl Gossip {
+    /// Starts chitchat with `initial` values (gossip key, payload) already published, and
+    /// forwards every verified value from other nodes to `incoming`.
+    pub async fn start(
+        cfg: GossipConfig,
+        initial: Vec<(GossipKey, String)>,
+        incoming: mpsc::UnboundedSender<Incoming>,
+    ) -> anyhow::Result<Gossip> {
+        let stats = Arc::new(GossipStats::default());
+        let chitchat_id = ChitchatId::new(cfg.node_id.clone(), cfg.generation, cfg.advertise);
+        let failure_detector_config = FailureDetectorConfig {
+            dead_node_grace_period: cfg.dead_node_grace,
+            initial_interval: cfg.interval * 10,
+            ..FailureDetectorConfig::default()
+        };
+        let config = ChitchatConfig {
+            chitchat_id,
+            cluster_id: cfg.cluster_id.clone(),
+            gossip_interval: cfg.interval,
+            listen_addr: cfg.listen,
+            seed_nodes: cfg.seeds.clone(),
+            failure_detector_config,
+            marked_for_deletion_grace_period: cfg.tombstone_grace,
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: chitchat::ProtocolVersion::V0,
+        };
+        let sealed: Vec<(String, String)> = initial
+            .into_iter()
+            .map(|(k, payload)| {
+                let k = k.encode();
+                let v = seal(&cfg.key, &cfg.node_id, &k, &payload);
+                (k, v)
+            })
+            .collect();
+        let transport = CountingTransport {
+            stats: stats.clone(),
+        };
+        let handle = chitchat::spawn_chitchat(config, sealed, &transport).await?;
+        let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<Raw>();
+        let me = cfg.node_id.clone();
+        let listener = handle
+            .with_chitchat(|c| {
+                let raw_tx = raw_tx.clone();
+                let me = me.clone();
+                c.subscribe_event("", move |ev| {
+                    if *ev.node.node_id != *me {
+                        let _ = raw_tx.send(Raw {
+                            publisher: ev.node.node_id.to_string(),
+                            key: ev.key.to_string(),
+                            value: ev.value.to_string(),
+                        });
+                    }
+                })
+            })
+            .await;
+        let last_seen = Arc::new(parking_lot_free::Seen::default());
+        {
+            let (key, stats, last_seen) = (cfg.key.clone(), stats.clone(), last_seen.clone());
+            tokio::spawn(async move {
+                while let Some(raw) = raw_rx.recv().await {
+                    match verify(&key, &raw) {
+                        Some(item) => {
+                            stats.values_accepted.fetch_add(1, Ordering::Relaxed);
+                            if let Ok(mut m) = last_seen.0.lock() {
+                                m.insert(raw.publisher.clone(), Instant::now());
+                            }
+                            if incoming.send(item).is_err() {
+                                return;
+                            }
+                        }
+                        None => {
+                            stats.values_rejected.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(publisher = %raw.publisher, key = %raw.key, "gossip value rejected (bad MAC or format)");
+                        }
+                    }
+                }
+            });
+        }
+        Ok(Gossip {
+            handle,
+            key: cfg.key,
+            node_id: cfg.node_id,
+            stats,
+            last_seen,
+            _listener: listener,
+        })
+    }
+
+    pub fn stats(&self) -> &GossipStats {
+        &self.stats
+    }
+
+    /// Publishes (or updates) values in this node's state.
+    pub async fn publish(&self, items: Vec<(GossipKey, String)>) {
+        if items.is_empty() {
+            return;
+        }
+        let sealed: Vec<(String, String)> = items
+            .into_iter()
+            .map(|(k, payload)| {
+                let k = k.encode();
+                let v = seal(&self.key, &self.node_id, &k, &payload);
+                (k, v)
+            })
+            .collect();
+        self.handle
+            .with_chitchat(|c| {
+                let state = c.self_node_state();
+                for (k, v) in &sealed {
+                    if state.get(k) != Some(v.as_str()) {
+                        state.set(k.clone(), v.clone());
+                    }
+                }
+            })
+            .await;
+    }
+
+    /// Deletes keys from this node's state (chitchat keeps tombstones for a grace period).
+    pub async fn unpublish(&self, keys: Vec<String>) {
+        if keys.is_empty() {
+            return;
+        }
+        self.handle
+            .with_chitchat(|c| {
+                let state = c.self_node_state();
+                for k in &keys {
+                    state.delete(k);
+                }
+            })
+            .await;
+    }
+
+    /// Keys this node publishes now, with their prefix.
+    pub async fn own_keys(&self, prefix: &str) -> Vec<String> {
+        self.handle
+            .with_chitchat(|c| {
+                c.self_node_state()
+                    .key_values()
+                    .filter(|(k, _)| k.starts_with(prefix))
+                    .map(|(k, _)| k.to_string())
+                    .collect()
+            })
+            .await
+    }
+
+    /// The fleet as this node sees it, itself included, one entry per node id (the newest
+    /// generation; live if any generation is live).
+    pub async fn members(&self) -> Vec<Member> {
+        let seen: HashMap<String, Instant> = self
+            .last_seen
+            .0
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        self.handle
+            .with_chitchat(|c| {
+                let live: Vec<ChitchatId> = c.live_nodes().cloned().collect();
+                let mut out: BTreeMap<String, Member> = BTreeMap::new();
+                for id in c.node_states().keys() {
+                    let is_live = live.contains(id) || *id.node_id == *self.node_id;
+                    let m = out.entry(id.node_id.to_string()).or_insert_with(|| Member {
+                        node_id: id.node_id.to_string(),
+                        gossip_addr: id.gossip_advertise_addr,
+                        live: false,
+                        generation: id.generation_id,
+                        newest_value_age: seen.get(&*id.node_id).map(Instant::elapsed),
+                    });
+                    m.live |= is_live;
+                    if id.generation_id >= m.generation {
+                        m.generation = id.generation_id;
+                        m.gossip_addr = id.gossip_advertise_addr;
+                    }
+                }
+                out.into_values().collect()
+            })
+            .await
+    }
+
+    /// Stops gossiping.
+    pub async fn shutdown(self) {
+        let _ = self.handle.shutdown().await;
+    }
+}
+
+/// MAC check, key parse and payload decode; `None` for anything that fails.
+fn verify(key: &ClusterKey, raw: &Raw) -> Option<Incoming> {
+    let payload = open(key, &raw.publisher, &raw.key, &raw.value).ok()?;
+    match GossipKey::parse(&raw.key)? {
+        GossipKey::Slot { limit, epoch } => Some(Incoming::Slot {
+            origin: raw.publisher.clone(),
+            limit,
+            epoch,
+            value: decode_slot(payload)?,
+        }),
+        GossipKey::Relay {
+            origin,
+            limit,
+            epoch,
+        } => Some(Incoming::Slot {
+            origin,
+            limit,
+            epoch,
+            value: decode_slot(payload)?,
+        }),
+        GossipKey::Limit(id) => {
+            let rec: LimitRecord = decode_record(payload)?;
+            (rec.id == id).then_some(Incoming::Limit(rec))
+        }
+        GossipKey::Entity { dimension, value } => {
+            let rec: EntityRecord = decode_record(payload)?;
+            (rec.dimension == dimension && rec.value == value).then_some(Incoming::Entity(rec))
+        }
+        GossipKey::Reset(id) => Some(Incoming::Reset(id, decode_record(payload)?)),
+    }
+}

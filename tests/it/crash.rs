@@ -1,0 +1,290 @@
+//! Crashes under load: SIGKILL at random moments while clients record usage, and graceful
+//! SIGTERM. Checks I1 (no acknowledged record is lost), I2 (a retried id is counted once,
+//! across restarts) and I3 (the node's own slot never decreases across restarts).
+//!
+//! Clients behave like a careful gateway: every record has a unique id; an attempt whose
+//! outcome is unknown (connection refused or reset, 503) is retried with the same id until
+//! it gets a 200. The expected total is therefore exactly the number of distinct ids that
+//! got a 200, whether that 200 said `applied: true` or (for a retry of a record that had
+//! been applied before the crash) `applied: false`.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tally_tests::{Client, Node, Rng, Value, count, json, micros, ok};
+
+/// Concurrent client threads.
+const THREADS: usize = 4;
+/// SIGKILL / restart cycles in the crash test.
+const CYCLES: usize = 6;
+/// Cost of every record, in micro-USD (0.001 USD).
+const UNIT_COST_MICROS: i128 = 1_000;
+/// Bound on the whole load phase, so a wedged server fails instead of hanging.
+const LOAD_DEADLINE: Duration = Duration::from_secs(45);
+/// Pause between attempts while the node is down.
+const RETRY_PAUSE: Duration = Duration::from_millis(5);
+
+/// Two global limits every record hits: requests (1 per record) and cost (0.001 each).
+fn create_limits(node: &Node) {
+    ok(node.put(
+        "/v1/limits/all-requests",
+        json!({"scope": {}, "metric": "requests", "max": 1_000_000_000_000u64,
+               "period": "1Y"}),
+    ));
+    ok(node.put(
+        "/v1/limits/all-cost",
+        json!({"scope": {}, "metric": "cost", "max": 1e9, "period": "1Y"}),
+    ));
+}
+
+fn record(id: &str) -> Value {
+    json!({"id": id, "attributes": {"team": "crash"}, "cost": 0.001, "requests": 1})
+}
+
+/// What the node reports: records counted, and this node's own slot for the requests limit.
+struct Totals {
+    requests: u64,
+    own_slot: u64,
+}
+
+/// The suite's check: reads both limits and requires them to agree with each other (one
+/// record is one atomic unit: 1 request and 0.001 USD), that the node's own slot equals the
+/// total (a single node and no baseline), and that the total lies in `expected` (I1 below,
+/// I2 above).
+#[track_caller]
+fn check_totals(node: &Node, expected: std::ops::RangeInclusive<u64>) -> Totals {
+    let req = ok(node.get("/v1/limits/all-requests"));
+    let cost = ok(node.get("/v1/limits/all-cost"));
+    let requests = count(&req["used"]);
+    assert_eq!(
+        micros(&cost["used"]),
+        i128::from(requests) * UNIT_COST_MICROS,
+        "cost and requests disagree: {cost} vs {req}"
+    );
+    let own_slot = req["nodes"].get(node.node_id()).map(count).unwrap_or(0);
+    assert_eq!(own_slot, requests, "own slot vs total: {req}");
+    assert!(
+        expected.contains(&requests),
+        "counted {requests} records, expected {expected:?} (I1 lost / I2 double count)"
+    );
+    Totals { requests, own_slot }
+}
+
+/// Shared between the test and its client threads.
+struct Load {
+    /// Where clients send: `None` while the node is being killed, restarted and checked
+    /// (clients then hold their pending id and wait), so checks see an idle node.
+    target: RwLock<Option<Client>>,
+    stop: AtomicBool,
+    /// Distinct ids that got a 200 so far.
+    acked: AtomicU64,
+    deadline: Instant,
+}
+
+/// What one client thread saw.
+struct Outcome {
+    /// Ids that got a 200, each once.
+    acked: Vec<String>,
+    /// Of those, ids retried after an unknown outcome that the node said it already had.
+    retried_already_applied: usize,
+    /// Attempts with an unknown outcome.
+    unknown: usize,
+}
+
+/// A client thread: records `t{thread}-{n}` until told to stop, retrying an id whose
+/// outcome is unknown until it gets a 200; never leaves an id unresolved.
+fn client(thread: usize, load: Arc<Load>) -> Outcome {
+    let mut out = Outcome {
+        acked: Vec::new(),
+        retried_already_applied: 0,
+        unknown: 0,
+    };
+    let mut n = 0;
+    let mut pending: Option<(String, u32)> = None;
+    loop {
+        let (id, attempts) = match pending.take() {
+            Some(p) => p,
+            None if load.stop.load(Ordering::SeqCst) => return out,
+            None => {
+                n += 1;
+                (format!("t{thread}-{n}"), 0)
+            }
+        };
+        assert!(
+            Instant::now() < load.deadline,
+            "client {thread}: id {id} unresolved at the deadline"
+        );
+        let Some(target) = load.target.read().expect("target lock").clone() else {
+            pending = Some((id, attempts));
+            std::thread::sleep(RETRY_PAUSE);
+            continue;
+        };
+        let body = serde_json::to_vec(&record(&id)).expect("serialize");
+        match target.try_request("POST", "/v1/usage", Some(&body)) {
+            Ok((200, text)) => {
+                let reply: Value = serde_json::from_str(&text).expect("JSON reply");
+                let applied = reply["applied"]
+                    .as_bool()
+                    .unwrap_or_else(|| panic!("no applied in {reply}"));
+                if attempts == 0 {
+                    assert!(applied, "fresh id {id} answered applied:false: {reply}");
+                } else if !applied {
+                    out.retried_already_applied += 1;
+                }
+                out.acked.push(id);
+                load.acked.fetch_add(1, Ordering::SeqCst);
+            }
+            // Outcome unknown: the node died or is not ready. Retry the same id.
+            Ok((503, _)) | Err(_) => {
+                out.unknown += 1;
+                pending = Some((id, attempts + 1));
+                std::thread::sleep(RETRY_PAUSE);
+            }
+            Ok((status, text)) => panic!("client {thread}: {id}: unexpected {status} {text}"),
+        }
+    }
+}
+
+fn start_clients(load: &Arc<Load>) -> Vec<JoinHandle<Outcome>> {
+    (0..THREADS)
+        .map(|t| {
+            let load = load.clone();
+            std::thread::spawn(move || client(t, load))
+        })
+        .collect()
+}
+
+/// Stops the clients (each first resolves its pending id) and returns every acked id.
+fn stop_clients(load: &Load, handles: Vec<JoinHandle<Outcome>>) -> Vec<String> {
+    load.stop.store(true, Ordering::SeqCst);
+    let mut ids = Vec::new();
+    let (mut retried, mut unknown) = (0, 0);
+    for h in handles {
+        let out = h.join().expect("client thread panicked");
+        ids.extend(out.acked);
+        retried += out.retried_already_applied;
+        unknown += out.unknown;
+    }
+    eprintln!(
+        "clients: {} records acknowledged, {unknown} attempts with unknown outcome, \
+         {retried} retries found already applied",
+        ids.len()
+    );
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "an id was acknowledged twice");
+    ids
+}
+
+/// Re-sends `ids` (a spread sample of at most `max`) and requires each to be answered
+/// `applied: false` (I2).
+fn resend_is_noop(node: &Node, ids: &[String], max: usize) {
+    let step = ids.len().div_ceil(max).max(1);
+    for id in ids.iter().step_by(step) {
+        let reply = ok(node.post("/v1/usage", record(id)));
+        assert_eq!(reply["applied"], json!(false), "re-sent {id}: {reply}");
+    }
+}
+
+/// I1, I2, I3 under SIGKILL: four clients record usage while the node is killed at random
+/// moments and restarted on the same data directory, six times. After each restart the
+/// total is at least what was acknowledged before the kill (I1) and at most that plus one
+/// in-flight record per client (I2), and the node's own slot has not decreased (I3). At the
+/// end the total is exactly the number of acknowledged ids, re-sending them changes
+/// nothing, and that still holds after one more crash.
+#[test]
+fn sigkill_under_load_loses_and_duplicates_nothing() {
+    let mut rng = Rng::from_env_or_time("sigkill_under_load");
+    let mut node = Node::single();
+    let node_id = node.node_id().to_string();
+    create_limits(&node);
+    let load = Arc::new(Load {
+        target: RwLock::new(Some(node.client())),
+        stop: AtomicBool::new(false),
+        acked: AtomicU64::new(0),
+        deadline: Instant::now() + LOAD_DEADLINE,
+    });
+    let handles = start_clients(&load);
+    let mut last_slot = 0;
+    for cycle in 0..CYCLES {
+        let delay = rng.range(50, 400);
+        std::thread::sleep(Duration::from_millis(delay));
+        // Requests already sent stay in flight through the kill; no new ones start.
+        *load.target.write().expect("target lock") = None;
+        node.kill9();
+        // Every 200 the clients count from here on came from a process that is dead.
+        let acked_before = load.acked.load(Ordering::SeqCst);
+        node.restart();
+        assert_eq!(node.node_id(), node_id, "node id is persisted");
+        let totals = check_totals(&node, acked_before..=acked_before + THREADS as u64);
+        assert!(
+            totals.own_slot >= last_slot,
+            "own slot went from {last_slot} to {} (I3)",
+            totals.own_slot
+        );
+        last_slot = totals.own_slot;
+        eprintln!(
+            "cycle {cycle}: killed after {delay} ms; {acked_before} acknowledged, {} counted",
+            totals.requests
+        );
+        *load.target.write().expect("target lock") = Some(node.client());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let ids = stop_clients(&load, handles);
+    let total = ids.len() as u64;
+    assert!(total > 0, "no record was ever acknowledged");
+    check_totals(&node, total..=total);
+    resend_is_noop(&node, &ids, 200);
+    check_totals(&node, total..=total);
+
+    // Dedup and slots are durable: one more crash with no traffic changes nothing.
+    node.kill9();
+    node.restart();
+    let totals = check_totals(&node, total..=total);
+    assert!(totals.own_slot >= last_slot, "own slot decreased (I3)");
+    resend_is_noop(&node, &ids, 200);
+    check_totals(&node, total..=total);
+}
+
+/// Graceful shutdown (I1, I2): SIGTERM exits 0 and keeps every acknowledged record, first
+/// with nothing in flight (exact), then under load (at least the acknowledged ones, at most
+/// one in-flight record more per client; exact once the clients resolved their retries).
+#[test]
+fn sigterm_drains_and_keeps_acknowledged_records() {
+    let mut node = Node::single();
+    create_limits(&node);
+    for i in 0..20 {
+        let reply = ok(node.post("/v1/usage", record(&format!("seq-{i}"))));
+        assert_eq!(reply["applied"], json!(true), "{reply}");
+    }
+    let status = node.terminate();
+    assert_eq!(status.code(), Some(0), "SIGTERM exit status: {status}");
+    node.restart();
+    check_totals(&node, 20..=20);
+
+    let load = Arc::new(Load {
+        target: RwLock::new(Some(node.client())),
+        stop: AtomicBool::new(false),
+        acked: AtomicU64::new(20),
+        deadline: Instant::now() + LOAD_DEADLINE,
+    });
+    let handles = start_clients(&load);
+    std::thread::sleep(Duration::from_millis(300));
+    *load.target.write().expect("target lock") = None;
+    let status = node.terminate();
+    assert_eq!(status.code(), Some(0), "SIGTERM under load: {status}");
+    let acked_before = load.acked.load(Ordering::SeqCst);
+    assert!(acked_before > 20, "no record acknowledged under load");
+    node.restart();
+    check_totals(&node, acked_before..=acked_before + THREADS as u64);
+    *load.target.write().expect("target lock") = Some(node.client());
+    std::thread::sleep(Duration::from_millis(100));
+    let mut ids = stop_clients(&load, handles);
+    ids.extend((0..20).map(|i| format!("seq-{i}")));
+    let total = ids.len() as u64;
+    check_totals(&node, total..=total);
+    resend_is_noop(&node, &ids, 100);
+    check_totals(&node, total..=total);
+}
