@@ -50,7 +50,10 @@ impl Interner {
 /// A live limit, compiled for the hot path.
 #[derive(Debug)]
 struct Compiled {
-    spec: LimitSpec,
+    /// Copied out of the record (which owns the spec) for the hot path.
+    metric: Metric,
+    max: u64,
+    spec_gen: Hlc,
     period: PeriodSpec,
     /// Scope pairs with their pair hashes, for fast verification.
     scope: Vec<(Box<str>, Box<str>, u64)>,
@@ -272,7 +275,9 @@ impl State {
                 PeriodSpec::new(i.period, i.calendar_aligned, &i.timezone, spec.anchor_ms).ok()?;
             let cached = period.window(now_ms);
             Some(Compiled {
-                spec: spec.clone(),
+                metric: i.metric,
+                max: i.max,
+                spec_gen: spec.spec_gen,
                 scope: i
                     .scope
                     .iter()
@@ -302,7 +307,9 @@ impl State {
     /// The live limit with this id.
     pub fn limit(&self, id: &str) -> Option<&LimitSpec> {
         let idx = self.limit_idx(id)?;
-        self.limits[idx as usize].live.as_ref().map(|c| &c.spec)
+        let slot = &self.limits[idx as usize];
+        slot.live.as_ref()?;
+        slot.record.as_ref()?.spec.as_ref()
     }
 
     /// Every limit record known, live or tombstone (for persistence and gossip).
@@ -478,7 +485,7 @@ impl State {
             .live
             .as_ref()
             .ok_or_else(|| StateError::UnknownLimit(id.into()))?;
-        let (spec_gen, period) = (c.spec.spec_gen, c.period.window(now_ms).index);
+        let (spec_gen, period) = (c.spec_gen, c.period.window(now_ms).index);
         let reset = self.version(now_ms);
         Ok(ResetRegister {
             spec_gen,
@@ -607,7 +614,7 @@ impl State {
             c.period.window(t_ms)
         };
         match &slot.reset {
-            Some(r) if r.spec_gen == c.spec.spec_gen && r.period == w.index => (
+            Some(r) if r.spec_gen == c.spec_gen && r.period == w.index => (
                 w,
                 Epoch {
                     period: w.index,
@@ -619,7 +626,7 @@ impl State {
                 w,
                 Epoch {
                     period: w.index,
-                    reset: c.spec.spec_gen.0,
+                    reset: c.spec_gen.0,
                 },
                 0,
             ),
@@ -700,8 +707,8 @@ impl State {
         let c = slot.live.as_ref().expect("applicable limits are live");
         let (w, epoch, baseline) = Self::epoch_at(slot, c, now_ms);
         let used = baseline.saturating_add(slot.counters.get(epoch).map_or(0, EpochCounter::total));
-        let metric = c.spec.input.metric;
-        let max = c.spec.input.max;
+        let metric = c.metric;
+        let max = c.max;
         let want = requested.of(metric);
         let denied = if want == 0 {
             used >= max
@@ -768,7 +775,7 @@ impl State {
         for i in idx.iter() {
             let slot = &self.limits[i as usize];
             let c = slot.live.as_ref().expect("applicable limits are live");
-            let delta = amounts.of(c.spec.input.metric);
+            let delta = amounts.of(c.metric);
             if delta > 0 {
                 let (_, epoch, _) = Self::epoch_at(slot, c, at_ms);
                 out.push(Increment {
@@ -818,7 +825,7 @@ impl State {
         nodes.sort_unstable();
         Some(LimitView {
             id: self.limit_ids.name(idx),
-            spec: &c.spec,
+            spec: slot.record.as_ref()?.spec.as_ref()?,
             status,
             nodes,
             baseline,

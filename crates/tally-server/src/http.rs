@@ -11,8 +11,8 @@ use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tally_core::units::{self, ATTRIBUTES_MAX, Micros};
 use tally_core::{Amounts, LimitInput, Metric, Period, Scope};
@@ -202,15 +202,64 @@ fn amount(metric: Metric, v: u64) -> Value {
     }
 }
 
-fn report_json(r: &LimitReport) -> Value {
-    json!({
-        "id": r.id,
-        "metric": r.metric.as_str(),
-        "used": amount(r.metric, r.used),
-        "max": amount(r.metric, r.max),
-        "remaining": amount(r.metric, r.remaining),
-        "resets_at": r.resets_at_ms.map_or(Value::Null, rfc3339),
-    })
+/// An amount as JSON: USD for cost, an integer otherwise.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Amount {
+    Usd(f64),
+    Count(u64),
+}
+
+fn amount_of(metric: Metric, v: u64) -> Amount {
+    match metric {
+        Metric::Cost => Amount::Usd(Micros(v).to_usd()),
+        _ => Amount::Count(v),
+    }
+}
+
+/// One applicable limit in a check or usage reply (API.md).
+#[derive(Serialize)]
+struct ReportJson<'a> {
+    id: &'a str,
+    metric: &'static str,
+    used: Amount,
+    max: Amount,
+    remaining: Amount,
+    resets_at: Option<String>,
+}
+
+fn report_json(r: &LimitReport) -> ReportJson<'_> {
+    ReportJson {
+        id: &r.id,
+        metric: r.metric.as_str(),
+        used: amount_of(r.metric, r.used),
+        max: amount_of(r.metric, r.max),
+        remaining: amount_of(r.metric, r.remaining),
+        resets_at: r
+            .resets_at_ms
+            .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+            .map(|t| t.to_string()),
+    }
+}
+
+#[derive(Serialize)]
+struct CheckJson<'a> {
+    allowed: bool,
+    stale: bool,
+    denied_by: Vec<&'a str>,
+    limits: Vec<ReportJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct UsageJson<'a> {
+    applied: bool,
+    limits: Vec<ReportJson<'a>>,
+}
+
+fn reply<T: Serialize>(v: &T) -> ApiResult {
+    let body = serde_json::to_vec(v)
+        .map_err(|e| ApiError::invalid(format!("cannot encode reply: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 fn view_json(d: &LimitDetails) -> Value {
@@ -506,17 +555,18 @@ async fn check(State(s): App, headers: HeaderMap, Body(b): Body<CheckBody>) -> A
         tokens: count(b.tokens, "tokens", 0)?,
         requests: 1,
     };
-    let reply = s.node.check(&pairs(&b.attributes), estimate);
-    let denied_by: Vec<&str> = reply
-        .limits
-        .iter()
-        .filter(|l| l.denied)
-        .map(|l| l.id.as_str())
-        .collect();
-    let limits: Vec<Value> = reply.limits.iter().map(report_json).collect();
-    ok(
-        json!({"allowed": reply.allowed, "stale": reply.stale, "denied_by": denied_by, "limits": limits}),
-    )
+    let r = s.node.check(&pairs(&b.attributes), estimate);
+    reply(&CheckJson {
+        allowed: r.allowed,
+        stale: r.stale,
+        denied_by: r
+            .limits
+            .iter()
+            .filter(|l| l.denied)
+            .map(|l| l.id.as_str())
+            .collect(),
+        limits: r.limits.iter().map(report_json).collect(),
+    })
 }
 
 #[derive(Deserialize)]
@@ -563,8 +613,11 @@ async fn usage(State(s): App, headers: HeaderMap, Body(b): Body<UsageBody>) -> A
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let limits: Vec<Value> = s.node.statuses(&pairs).iter().map(report_json).collect();
-    ok(json!({"applied": applied[0], "limits": limits}))
+    let statuses = s.node.statuses(&pairs);
+    reply(&UsageJson {
+        applied: applied[0],
+        limits: statuses.iter().map(report_json).collect(),
+    })
 }
 
 #[derive(Deserialize)]

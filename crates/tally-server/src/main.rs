@@ -3,6 +3,11 @@
 //! error (clap's own).
 
 use std::io::IsTerminal as _;
+
+/// mimalloc: the request path allocates small, short-lived objects on several threads,
+/// where glibc's malloc spent ~17% of server time under load (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 use clap::Parser as _;
