@@ -27,7 +27,7 @@ use crate::mac::{ClusterKey, open, seal};
 use crate::values::{decode_record, decode_slot};
 
 /// How a node joins the fleet.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct GossipConfig {
     pub node_id: String,
     /// Changes on every start (chitchat's generation).
@@ -42,6 +42,13 @@ pub struct GossipConfig {
     pub dead_node_grace: Duration,
     /// How long deleted keys are kept as tombstones before chitchat forgets them.
     pub tombstone_grace: Duration,
+    /// The network seam: real UDP in production, a simulated network in `sim/`.
+    pub transport: Arc<dyn Transport>,
+}
+
+/// The production transport: chitchat's UDP.
+pub fn udp_transport() -> Arc<dyn Transport> {
+    Arc::new(UdpTransport)
 }
 
 /// A verified value published by another node.
@@ -105,6 +112,7 @@ mod parking_lot_free {
 /// sent (UDP may drop it anyway), a failed receive is retried after a pause, because an
 /// error returned from `recv` stops chitchat's loop for good.
 struct CountingTransport {
+    inner: Arc<dyn Transport>,
     stats: Arc<GossipStats>,
 }
 
@@ -116,7 +124,7 @@ struct CountingSocket {
 #[async_trait]
 impl Transport for CountingTransport {
     async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
-        let inner = UdpTransport.open(listen_addr).await?;
+        let inner = self.inner.open(listen_addr).await?;
         Ok(Box::new(CountingSocket {
             inner,
             stats: self.stats.clone(),
@@ -212,6 +220,7 @@ impl Gossip {
             })
             .collect();
         let transport = CountingTransport {
+            inner: cfg.transport.clone(),
             stats: stats.clone(),
         };
         let handle = chitchat::spawn_chitchat(config, sealed, &transport).await?;

@@ -7,7 +7,8 @@
 //! knows chitchat, and nothing here decides what a value means for counting: merges and
 //! decisions stay in tally-core.
 //!
-//! What is here today is pure: plain strings in, plain values out, no I/O, no clock.
+//! `keys`, `values` and `mac` are pure: plain strings in, plain values out. `cluster` runs
+//! chitchat; its network is a [`Transport`] (UDP in production, simulated in `sim/`).
 //! Decoders never panic on peer input; they return `None` or an error value, and the
 //! caller ignores and counts what it cannot read.
 //!
@@ -22,7 +23,9 @@ pub mod mac;
 mod text;
 pub mod values;
 
-pub use cluster::{Gossip, GossipConfig, GossipStats, Incoming, Member};
+pub use chitchat::transport::{ChannelTransport, RecvOutcome, SendOutcome, Socket, Transport};
+pub use chitchat::{ChitchatEnvelope, ChitchatMessage};
+pub use cluster::{Gossip, GossipConfig, GossipStats, Incoming, Member, udp_transport};
 pub use keys::{ENTITY_PREFIX, GossipKey, LIMIT_PREFIX, RELAY_PREFIX, RESET_PREFIX, SLOT_PREFIX};
 pub use mac::{ClusterKey, KeyError, MacError, open, seal};
 pub use values::{

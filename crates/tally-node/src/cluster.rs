@@ -27,7 +27,7 @@ use crate::Shared;
 use crate::writer::Op;
 
 /// How this node joins a fleet.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClusterConfig {
     pub listen: SocketAddr,
     pub advertise: SocketAddr,
@@ -35,6 +35,8 @@ pub struct ClusterConfig {
     pub cluster_id: String,
     pub key: ClusterKey,
     pub interval: Duration,
+    /// The gossip network: `tally_gossip::udp_transport()` outside the simulator.
+    pub transport: Arc<dyn tally_gossip::Transport>,
 }
 
 /// Something the writer made durable that the fleet should learn.
@@ -151,6 +153,7 @@ pub(crate) async fn start(
             interval: config.interval,
             dead_node_grace: Duration::from_secs(3600),
             tombstone_grace: Duration::from_secs(600),
+            transport: config.transport.clone(),
         },
         snapshot(&shared),
         in_tx,

@@ -149,5 +149,6 @@ pub fn cluster_config(cfg: &ServeConfig) -> anyhow::Result<Option<ClusterConfig>
         cluster_id: cfg.cluster_id.clone(),
         key,
         interval: Duration::from_millis(cfg.gossip_interval_ms),
+        transport: tally_gossip::udp_transport(),
     }))
 }
