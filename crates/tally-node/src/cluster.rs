@@ -245,6 +245,8 @@ async fn sweep(shared: &Shared, c: &ClusterHandle, members: &[Member]) {
         .collect();
     let own_slot_keys = c.gossip.own_keys(tally_gossip::SLOT_PREFIX).await;
     let own_relay_keys = c.gossip.own_keys(tally_gossip::RELAY_PREFIX).await;
+    let mut own_config_keys = c.gossip.own_keys(tally_gossip::LIMIT_PREFIX).await;
+    own_config_keys.extend(c.gossip.own_keys(tally_gossip::ENTITY_PREFIX).await);
     let (relays, stale) = {
         let state = shared.state.read();
         let me = state.node_id().to_string();
@@ -270,6 +272,7 @@ async fn sweep(shared: &Shared, c: &ClusterHandle, members: &[Member]) {
         let stale: Vec<String> = own_slot_keys
             .into_iter()
             .chain(own_relay_keys)
+            .chain(own_config_keys)
             .filter(|k| match GossipKey::parse(k) {
                 Some(GossipKey::Slot { limit, epoch }) => !state.is_current(&limit, epoch, now),
                 Some(GossipKey::Relay {
@@ -277,6 +280,11 @@ async fn sweep(shared: &Shared, c: &ClusterHandle, members: &[Member]) {
                     limit,
                     epoch,
                 }) => live.contains(origin.as_str()) || !state.is_current(&limit, epoch, now),
+                // Tombstones past their retention are forgotten here: stop gossiping them.
+                Some(GossipKey::Limit(id)) => state.limit_record(&id).is_none(),
+                Some(GossipKey::Entity { dimension, value }) => {
+                    state.entity_record(&dimension, &value).is_none()
+                }
                 _ => true,
             })
             .collect();
