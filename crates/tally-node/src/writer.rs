@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use tally_core::{EntityRecord, Epoch, Increment, LimitIdx, LimitRecord, ResetRegister, Scope};
+use tally_core::{
+    EntityRecord, Epoch, Increment, LimitIdx, LimitRecord, ResetRegister, Scope, State,
+};
 use tally_store::{Batch, Store, StoreError};
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
@@ -275,40 +277,96 @@ fn maintain(shared: &Shared, store: &Store, last_expire: &mut Instant) {
     }
 }
 
-enum Prepared {
+/// A config record, from this node's API or from a peer: persisted, then applied.
+enum ConfigRecord {
     Limit(LimitRecord),
     Entity(EntityRecord),
     Reset(String, ResetRegister),
 }
 
+impl ConfigRecord {
+    fn persist(&self, b: &mut Batch) -> Result<(), StoreError> {
+        match self {
+            ConfigRecord::Limit(r) => b.put_limit(r),
+            ConfigRecord::Entity(r) => b.put_entity(r),
+            ConfigRecord::Reset(id, r) => b.put_reset(id, r),
+        }
+    }
+
+    /// Whether memory already holds this record or a newer one.
+    fn is_known(&self, state: &State) -> bool {
+        match self {
+            ConfigRecord::Limit(r) => state
+                .limit_record(&r.id)
+                .is_some_and(|c| c.version >= r.version),
+            ConfigRecord::Entity(r) => state
+                .entity_record(&r.dimension, &r.value)
+                .is_some_and(|c| c.version >= r.version),
+            ConfigRecord::Reset(id, r) => {
+                state.reset_register(id).is_some_and(|c| !r.supersedes(c))
+            }
+        }
+    }
+
+    /// Applies to memory (LWW); what changed is returned for gossip, since every node
+    /// re-publishes the newest config it knows, so it outlives its writer.
+    fn apply(self, state: &mut State, now: i64) -> Option<Publication> {
+        match self {
+            ConfigRecord::Limit(r) => state
+                .apply_limit(r.clone(), now)
+                .then_some(Publication::Limit(r)),
+            ConfigRecord::Entity(r) => state
+                .apply_entity(r.clone())
+                .then_some(Publication::Entity(r)),
+            ConfigRecord::Reset(id, r) => state
+                .apply_reset(&id, r.clone())
+                .then_some(Publication::Reset(id, r)),
+        }
+    }
+
+    fn log(&self) {
+        match self {
+            ConfigRecord::Limit(r) => {
+                tracing::info!(limit = %r.id, deleted = r.spec.is_none(), version = %r.version.hlc, "limit written")
+            }
+            ConfigRecord::Entity(r) => tracing::info!(
+                entity = %format!("{}/{}", r.dimension, r.value),
+                deleted = r.parents.is_none(),
+                "entity written"
+            ),
+            ConfigRecord::Reset(id, r) => {
+                tracing::info!(limit = %id, baseline = r.baseline, reset = %r.reset.hlc, "limit reset")
+            }
+        }
+    }
+}
+
 fn apply_config(shared: &Shared, store: &Store, change: ConfigChange) -> Result<(), NodeError> {
     let now = shared.clock.now_ms();
-    let prepared = {
+    let record = {
         let mut state = shared.state.write();
         match change {
             ConfigChange::PutLimit(id, input) => {
-                Prepared::Limit(state.prepare_limit_put(&id, input, now)?)
+                ConfigRecord::Limit(state.prepare_limit_put(&id, input, now)?)
             }
-            ConfigChange::DeleteLimit(id) => Prepared::Limit(state.prepare_limit_delete(&id, now)?),
+            ConfigChange::DeleteLimit(id) => {
+                ConfigRecord::Limit(state.prepare_limit_delete(&id, now)?)
+            }
             ConfigChange::Reset(id, baseline) => {
                 let reg = state.prepare_reset(&id, baseline, now)?;
-                Prepared::Reset(id, reg)
+                ConfigRecord::Reset(id, reg)
             }
             ConfigChange::PutEntity(d, v, parents) => {
-                Prepared::Entity(state.prepare_entity_put(&d, &v, parents, now)?)
+                ConfigRecord::Entity(state.prepare_entity_put(&d, &v, parents, now)?)
             }
             ConfigChange::DeleteEntity(d, v) => {
-                Prepared::Entity(state.prepare_entity_delete(&d, &v, now)?)
+                ConfigRecord::Entity(state.prepare_entity_delete(&d, &v, now)?)
             }
         }
     };
     let result = (|| {
         let mut b = store.batch()?;
-        match &prepared {
-            Prepared::Limit(r) => b.put_limit(r)?,
-            Prepared::Entity(r) => b.put_entity(r)?,
-            Prepared::Reset(id, r) => b.put_reset(id, r)?,
-        }
+        record.persist(&mut b)?;
         b.commit()
     })();
     if let Err(e) = result {
@@ -316,26 +374,11 @@ fn apply_config(shared: &Shared, store: &Store, change: ConfigChange) -> Result<
         tracing::error!(error = %e, "config change not committed");
         return Err(unavailable(&e));
     }
-    let mut state = shared.state.write();
-    let publication = match prepared {
-        Prepared::Limit(r) => {
-            tracing::info!(limit = %r.id, deleted = r.spec.is_none(), version = %r.version.hlc, "limit written");
-            state.apply_limit(r.clone(), now);
-            Publication::Limit(r)
-        }
-        Prepared::Entity(r) => {
-            tracing::info!(entity = %format!("{}/{}", r.dimension, r.value), deleted = r.parents.is_none(), "entity written");
-            state.apply_entity(r.clone());
-            Publication::Entity(r)
-        }
-        Prepared::Reset(id, r) => {
-            tracing::info!(limit = %id, baseline = r.baseline, reset = %r.reset.hlc, "limit reset");
-            state.apply_reset(&id, r.clone());
-            Publication::Reset(id, r)
-        }
-    };
-    drop(state);
-    publish(shared, publication);
+    record.log();
+    let publication = record.apply(&mut shared.state.write(), now);
+    if let Some(p) = publication {
+        publish(shared, p);
+    }
     Ok(())
 }
 
@@ -351,47 +394,44 @@ fn publish(shared: &Shared, p: Publication) {
 /// ignored: this node's slots come only from its own disk.
 fn apply_remote(shared: &Shared, store: &Store, items: Vec<Incoming>) {
     let now = shared.clock.now_ms();
-    let news: Vec<Incoming> = {
+    let (slots, records) = {
         let state = shared.state.read();
         let me = state.node_id();
-        items
-            .into_iter()
-            .filter(|i| match i {
-                Incoming::Slot {
-                    origin,
-                    limit,
-                    epoch,
-                    value,
-                } => origin != me && *value > state.slot(limit, *epoch, origin),
-                Incoming::Limit(r) => state
-                    .limit_record(&r.id)
-                    .is_none_or(|c| c.version < r.version),
-                Incoming::Entity(r) => state
-                    .entity_record(&r.dimension, &r.value)
-                    .is_none_or(|c| c.version < r.version),
-                Incoming::Reset(id, r) => state.reset_register(id).is_none_or(|c| r.supersedes(c)),
-            })
-            .collect()
-    };
-    if news.is_empty() {
-        return;
-    }
-    let result = (|| {
-        let mut b = store.batch()?;
-        for i in &news {
-            match i {
+        let mut slots = Vec::new();
+        let mut records = Vec::new();
+        for item in items {
+            let record = match item {
                 Incoming::Slot {
                     origin,
                     limit,
                     epoch,
                     value,
                 } => {
-                    b.merge_peer_slot(origin, limit, *epoch, *value)?;
+                    if origin != me && value > state.slot(&limit, epoch, &origin) {
+                        slots.push((origin, limit, epoch, value));
+                    }
+                    continue;
                 }
-                Incoming::Limit(r) => b.put_limit(r)?,
-                Incoming::Entity(r) => b.put_entity(r)?,
-                Incoming::Reset(id, r) => b.put_reset(id, r)?,
+                Incoming::Limit(r) => ConfigRecord::Limit(r),
+                Incoming::Entity(r) => ConfigRecord::Entity(r),
+                Incoming::Reset(id, r) => ConfigRecord::Reset(id, r),
+            };
+            if !record.is_known(&state) {
+                records.push(record);
             }
+        }
+        (slots, records)
+    };
+    if slots.is_empty() && records.is_empty() {
+        return;
+    }
+    let result = (|| {
+        let mut b = store.batch()?;
+        for (origin, limit, epoch, value) in &slots {
+            b.merge_peer_slot(origin, limit, *epoch, *value)?;
+        }
+        for r in &records {
+            r.persist(&mut b)?;
         }
         b.commit()
     })();
@@ -400,38 +440,16 @@ fn apply_remote(shared: &Shared, store: &Store, items: Vec<Incoming>) {
         tracing::error!(error = %e, "could not store values from peers; gossip will deliver them again");
         return;
     }
-    let mut republish = Vec::new();
     let mut state = shared.state.write();
-    for i in news {
-        match i {
-            Incoming::Slot {
-                origin,
-                limit,
-                epoch,
-                value,
-            } => {
-                let o = state.origin_idx(&origin);
-                state.merge_slot(&limit, epoch, o, value);
-            }
-            Incoming::Limit(r) => {
-                if state.apply_limit(r.clone(), now) {
-                    republish.push(Publication::Limit(r));
-                }
-            }
-            Incoming::Entity(r) => {
-                if state.apply_entity(r.clone()) {
-                    republish.push(Publication::Entity(r));
-                }
-            }
-            Incoming::Reset(id, r) => {
-                if state.apply_reset(&id, r.clone()) {
-                    republish.push(Publication::Reset(id, r));
-                }
-            }
-        }
+    for (origin, limit, epoch, value) in slots {
+        let o = state.origin_idx(&origin);
+        state.merge_slot(&limit, epoch, o, value);
     }
+    let republish: Vec<Publication> = records
+        .into_iter()
+        .filter_map(|r| r.apply(&mut state, now))
+        .collect();
     drop(state);
-    // Every node re-publishes the newest config it knows, so it survives its writer.
     for p in republish {
         publish(shared, p);
     }
