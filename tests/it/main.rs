@@ -6,7 +6,10 @@
 //! - `api`: the HTTP contract of API.md, bad input (I8) and auth.
 //! - `periods`: rolling and calendar-aligned periods, epochs of recorded events (I5).
 //! - `crash`: SIGKILL / SIGTERM under concurrent load (I1, I2, I3).
+//! - `cluster`: fleets gossiping on loopback: replication, a crash under load, a node
+//!   removed for good, a wrong cluster key (I1, I3, I4).
 
 mod api;
+mod cluster;
 mod crash;
 mod periods;

@@ -1,8 +1,9 @@
 //! Black-box harness for the real `tally` binary.
 //!
 //! Owns: building the binary once per test process, running nodes on loopback with a
-//! temporary data directory that survives restarts, killing them (SIGKILL / SIGTERM), and a
-//! small blocking HTTP client for the contract in API.md. It knows nothing of the server's
+//! temporary data directory that survives restarts, killing them (SIGKILL / SIGTERM), a
+//! small blocking HTTP client for the contract in API.md, fleets of gossiping nodes (free UDP
+//! ports, the gossip flags, `/v1/cluster` and `/metrics` readers) and bounded polling. It knows nothing of the server's
 //! internals: everything goes through the process boundary and HTTP, as a gateway would.
 //!
 //! Must not touch: any crate of the workspace (the tests see only the binary).
@@ -781,6 +782,250 @@ pub fn sorted_by_id(list: &Value) -> Vec<Value> {
         .clone();
     items.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     items
+}
+
+// ---------------------------------------------------------------------------------------
+// Fleets: several nodes gossiping on loopback.
+
+/// The cluster key of test fleets (the server wants at least 16 bytes).
+pub const CLUSTER_KEY: &str = "tally-tests-cluster-key-0123456789";
+/// Gossip round interval of test fleets, in ms (the server's default, passed explicitly so
+/// the timings below do not silently change with it).
+pub const GOSSIP_INTERVAL_MS: u64 = 100;
+/// How long a fleet may take from its last start until every node is ready and lists every
+/// member as live.
+pub const FLEET_READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Pause between two probes of [`wait_until`] and [`wait_for`].
+pub const POLL_EVERY: Duration = Duration::from_millis(50);
+
+/// A UDP port on 127.0.0.1 that was free a moment ago: binds port 0, reads the port the
+/// kernel chose and drops the socket. Never hands out the same port twice in one test
+/// process, since tests run on parallel threads and the kernel may offer a port again once
+/// it is released. (Another process could still take it before the node binds it; the node
+/// then fails to start, loudly.)
+pub fn free_udp_port() -> u16 {
+    static HANDED_OUT: Mutex<std::collections::BTreeSet<u16>> =
+        Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
+        let port = socket.local_addr().expect("local address").port();
+        drop(socket);
+        if HANDED_OUT.lock().expect("port lock").insert(port) {
+            return port;
+        }
+    }
+}
+
+/// `127.0.0.1:{port}`.
+pub fn loopback(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+impl NodeOpts {
+    /// Several arguments at once.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// The flags of a fleet member: a fixed node id, gossip on `127.0.0.1:{gossip_port}`
+    /// (fixed, so a restarted node comes back at the address its peers know), one `--seed`
+    /// per port of `seeds`, the cluster key, and [`GOSSIP_INTERVAL_MS`].
+    pub fn gossip(node_id: &str, gossip_port: u16, seeds: &[u16], cluster_key: &str) -> Self {
+        let mut opts = NodeOpts::default().args([
+            "--node-id".to_string(),
+            node_id.to_string(),
+            "--gossip-listen".to_string(),
+            loopback(gossip_port),
+            "--cluster-key".to_string(),
+            cluster_key.to_string(),
+            "--gossip-interval-ms".to_string(),
+            GOSSIP_INTERVAL_MS.to_string(),
+        ]);
+        for &seed in seeds {
+            opts = opts.arg("--seed").arg(loopback(seed));
+        }
+        opts
+    }
+}
+
+/// Calls `cond` every [`POLL_EVERY`] until it returns true (then returns how long that
+/// took) or `timeout` has passed (then returns `None`). `cond` runs at least once.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(POLL_EVERY);
+    }
+}
+
+/// Calls `probe` every [`POLL_EVERY`] until it returns `Ok`, and returns that value and how
+/// long it took. Panics after `timeout` with `what` and the last `Err` (which should say
+/// what was seen instead of what was awaited).
+#[track_caller]
+pub fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> (T, Duration) {
+    let start = Instant::now();
+    loop {
+        let last = match probe() {
+            Ok(value) => return (value, start.elapsed()),
+            Err(e) => e,
+        };
+        if start.elapsed() >= timeout {
+            panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}");
+        }
+        std::thread::sleep(POLL_EVERY);
+    }
+}
+
+/// Whether `/readyz` answers 200 (a transport error counts as not ready).
+pub fn is_ready(client: &Client) -> bool {
+    matches!(client.try_request("GET", "/readyz", None), Ok((200, _)))
+}
+
+/// The sum of every sample of the metric `name` in `/metrics` (a plain `name value` line or
+/// `name{labels} value` lines), or `None` if the node does not report it.
+pub fn metric(client: &Client, name: &str) -> Option<f64> {
+    let (status, text) = client.get_text("/metrics");
+    assert_eq!(status, 200, "GET /metrics: {status} {text}");
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        let value: f64 = rest
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("metric line {line:?} has no number"));
+        *found.get_or_insert(0.0) += value;
+    }
+    found
+}
+
+/// Members of the fleet as `GET /v1/cluster` on this node reports them: node id →
+/// (gossip address, live). Checks the reply's shape and that it names the node itself.
+pub fn cluster_members(
+    client: &Client,
+) -> Result<std::collections::BTreeMap<String, (String, bool)>, String> {
+    let (status, body) = client
+        .try_request("GET", "/v1/cluster", None)
+        .map_err(|e| format!("GET /v1/cluster: {e}"))?;
+    if status != 200 {
+        return Err(format!("GET /v1/cluster: {status} {body}"));
+    }
+    let body = parse_body(&body);
+    let nodes = body["nodes"]
+        .as_array()
+        .ok_or_else(|| format!("no nodes array in {body}"))?;
+    let mut members = std::collections::BTreeMap::new();
+    for m in nodes {
+        let (Some(id), Some(addr), Some(live), true) = (
+            m["node_id"].as_str(),
+            m["gossip_addr"].as_str(),
+            m["live"].as_bool(),
+            m["generation"].is_u64(),
+        ) else {
+            return Err(format!("malformed member {m} in {body}"));
+        };
+        if members
+            .insert(id.to_string(), (addr.to_string(), live))
+            .is_some()
+        {
+            return Err(format!("node {id} listed twice in {body}"));
+        }
+    }
+    let me = body["node_id"]
+        .as_str()
+        .ok_or_else(|| format!("no node_id in {body}"))?;
+    if !members.contains_key(me) {
+        return Err(format!("the node does not list itself: {body}"));
+    }
+    Ok(members)
+}
+
+/// `n` nodes `node-1` … `node-n` sharing [`CLUSTER_KEY`], each seeded with the gossip
+/// address of every other member (so any of them, restarted, finds the others).
+pub struct Fleet {
+    pub nodes: Vec<Node>,
+    /// Gossip port of `nodes[i]`.
+    pub gossip_ports: Vec<u16>,
+}
+
+impl Fleet {
+    /// Starts the fleet and waits (bounded by [`FLEET_READY_TIMEOUT`]) until it has formed.
+    pub fn start(n: usize) -> Fleet {
+        let gossip_ports: Vec<u16> = (0..n).map(|_| free_udp_port()).collect();
+        let nodes = (0..n)
+            .map(|i| {
+                let seeds: Vec<u16> = gossip_ports
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != i)
+                    .map(|(_, &p)| p)
+                    .collect();
+                let id = format!("node-{}", i + 1);
+                let node = Node::start(NodeOpts::gossip(&id, gossip_ports[i], &seeds, CLUSTER_KEY));
+                assert_eq!(node.node_id(), id, "the node took the id it was given");
+                node
+            })
+            .collect();
+        let fleet = Fleet {
+            nodes,
+            gossip_ports,
+        };
+        let took = fleet.wait_formed(FLEET_READY_TIMEOUT);
+        eprintln!("fleet of {n}: ready and fully live after {took:?}");
+        fleet
+    }
+
+    /// Node ids, in order.
+    pub fn ids(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.node_id().to_string()).collect()
+    }
+
+    /// Waits until every node answers `/readyz` 200 and lists exactly the fleet's members,
+    /// each live, at its gossip address. Returns how long that took.
+    #[track_caller]
+    pub fn wait_formed(&self, timeout: Duration) -> Duration {
+        let want: std::collections::BTreeMap<String, (String, bool)> = self
+            .nodes
+            .iter()
+            .zip(&self.gossip_ports)
+            .map(|(n, &p)| (n.node_id().to_string(), (loopback(p), true)))
+            .collect();
+        let ((), took) = wait_for(timeout, "the fleet to form", || {
+            for node in &self.nodes {
+                if !is_ready(&node.client()) {
+                    return Err(format!("{} not ready", node.node_id()));
+                }
+                let members = cluster_members(&node.client())?;
+                if members != want {
+                    return Err(format!(
+                        "{} sees {members:?}, want {want:?}",
+                        node.node_id()
+                    ));
+                }
+            }
+            Ok(())
+        });
+        took
+    }
 }
 
 // ---------------------------------------------------------------------------------------
