@@ -58,6 +58,24 @@ pub struct LimitRecord {
     pub spec: Option<LimitSpec>,
 }
 
+impl LimitRecord {
+    /// The generation a record competes in: its spec's generation, or for a tombstone the
+    /// instant of the delete (deleting, like re-creating, ends a generation).
+    pub fn generation(&self) -> Hlc {
+        self.spec.as_ref().map_or(self.version.hlc, |s| s.spec_gen)
+    }
+
+    /// Last-writer-wins order of limit records: generation first, then version. A change
+    /// of what a limit counts (metric, period, alignment, zone: a reset, DESIGN.md §2)
+    /// therefore wins over a concurrent edit that kept the older counting, so a reset is
+    /// never undone by a concurrent write and a limit's epochs only move forward (I5).
+    /// Sequential edits are unaffected: an edit either keeps the generation or starts a
+    /// newer one, so the newest edit always has the greatest (generation, version).
+    pub fn supersedes(&self, other: &LimitRecord) -> bool {
+        (self.generation(), &self.version) > (other.generation(), &other.version)
+    }
+}
+
 /// An entity record: its parents, or a tombstone.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EntityRecord {
@@ -68,8 +86,9 @@ pub struct EntityRecord {
 }
 
 /// The reset register of a limit: the winner opens epoch `(period, reset.hlc)` with
-/// `baseline` already used. Ordered by (spec_gen, period, reset) so a reset in a later
-/// period, or under a newer spec, wins everywhere (DESIGN.md §2).
+/// `baseline` already used, if that is later than the limit's generation (a spec change
+/// after the reset is itself a reset). Ordered by (spec_gen, period, reset) so a reset in
+/// a later period, or under a newer spec, wins everywhere (DESIGN.md §2).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ResetRegister {
     pub spec_gen: Hlc,

@@ -255,15 +255,12 @@ impl State {
         })
     }
 
-    /// Applies a limit record if its version is newer (LWW). Returns whether it changed.
+    /// Applies a limit record if it supersedes the one held (LWW by generation, then
+    /// version: [`LimitRecord::supersedes`]). Returns whether it changed.
     pub fn apply_limit(&mut self, rec: LimitRecord, now_ms: i64) -> bool {
         self.clock.observe(rec.version.hlc);
         let (idx, slot) = self.slot_mut(&rec.id);
-        if slot
-            .record
-            .as_ref()
-            .is_some_and(|r| r.version >= rec.version)
-        {
+        if slot.record.as_ref().is_some_and(|r| !rec.supersedes(r)) {
             return false;
         }
         let old = slot.live.take();
@@ -586,10 +583,23 @@ impl State {
             .as_ref()
     }
 
-    /// Whether `epoch` is the epoch a limit assigns to `now_ms` (false for unknown or
-    /// deleted limits: their slots are history).
-    pub fn is_current(&self, limit_id: &str, epoch: Epoch, now_ms: i64) -> bool {
-        self.epoch_of(limit_id, now_ms) == Some(epoch)
+    /// Whether (limit, epoch) still counts, now or later: the limit is live and the epoch
+    /// is the one the limit assigns to its own period, in the current period or a later
+    /// one (a record whose `at` is slightly ahead lands in the next period). Epochs of
+    /// earlier periods are closed; epochs superseded by a reset or a spec change are not
+    /// open while superseded, but may open again when config converges (a concurrent edit
+    /// that keeps the old period wins), so callers must not assume "not open" is final.
+    pub fn is_open(&self, limit_id: &str, epoch: Epoch, now_ms: i64) -> bool {
+        let Some(idx) = self.limit_idx(limit_id) else {
+            return false;
+        };
+        let slot = &self.limits[idx as usize];
+        let Some(c) = slot.live.as_ref() else {
+            return false;
+        };
+        let (current, _, _) = Self::epoch_at(slot, c, now_ms);
+        // The period index is the period's start instant, so it names its own period.
+        epoch.period >= current.index && Self::epoch_at(slot, c, epoch.period).1 == epoch
     }
 
     /// Every (limit, epoch, counter) in memory.
@@ -605,8 +615,10 @@ impl State {
     }
 
     /// The epoch of instant `t_ms` for a live limit, and its baseline: the reset register
-    /// opens its epoch only in its own period and generation (I5: a function of the spec,
-    /// the register and the instant, nothing node-local).
+    /// opens its epoch only in its own period, and only if the reset is later than the
+    /// limit's generation (I5: a function of the spec, the register and the instant,
+    /// nothing node-local). Both the generation and the register only grow, so a limit's
+    /// epoch for a period never goes back, whichever concurrent writes win.
     fn epoch_at(slot: &LimitSlot, c: &Compiled, t_ms: i64) -> (Window, Epoch, u64) {
         let w = if c.cached.contains(t_ms) {
             c.cached
@@ -614,7 +626,7 @@ impl State {
             c.period.window(t_ms)
         };
         match &slot.reset {
-            Some(r) if r.spec_gen == c.spec_gen && r.period == w.index => (
+            Some(r) if r.period == w.index && r.reset.hlc > c.spec_gen => (
                 w,
                 Epoch {
                     period: w.index,

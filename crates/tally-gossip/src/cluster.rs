@@ -283,24 +283,48 @@ impl Gossip {
         if items.is_empty() {
             return;
         }
-        let sealed: Vec<(String, String)> = items
+        let mut sealed = self.seal_all(items);
+        self.handle
+            .with_chitchat(|c| {
+                let state = c.self_node_state();
+                for (k, v) in sealed.drain(..) {
+                    if state.get(&k) != Some(v.as_str()) {
+                        state.set(k, v);
+                    }
+                }
+            })
+            .await;
+    }
+
+    /// Publishes values only under keys this node does not publish now (never published,
+    /// or deleted). A value read from memory a moment ago must not overwrite a newer one
+    /// published meanwhile; the check and the set happen under chitchat's lock.
+    pub async fn publish_missing(&self, items: Vec<(GossipKey, String)>) {
+        if items.is_empty() {
+            return;
+        }
+        let mut sealed = self.seal_all(items);
+        self.handle
+            .with_chitchat(|c| {
+                let state = c.self_node_state();
+                for (k, v) in sealed.drain(..) {
+                    if state.get(&k).is_none() {
+                        state.set(k, v);
+                    }
+                }
+            })
+            .await;
+    }
+
+    fn seal_all(&self, items: Vec<(GossipKey, String)>) -> Vec<(String, String)> {
+        items
             .into_iter()
             .map(|(k, payload)| {
                 let k = k.encode();
                 let v = seal(&self.key, &self.node_id, &k, &payload);
                 (k, v)
             })
-            .collect();
-        self.handle
-            .with_chitchat(|c| {
-                let state = c.self_node_state();
-                for (k, v) in &sealed {
-                    if state.get(k) != Some(v.as_str()) {
-                        state.set(k.clone(), v.clone());
-                    }
-                }
-            })
-            .await;
+            .collect()
     }
 
     /// Deletes keys from this node's state (chitchat keeps tombstones for a grace period).

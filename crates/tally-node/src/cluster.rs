@@ -7,9 +7,13 @@
 //!   config) before memory changes, so a restart never forgets usage it had counted.
 //! - Every node re-publishes every config record and reset register at the highest
 //!   version it knows, so config outlives the node that wrote it.
-//! - For origins that are not live, a node relays their current-epoch slots under
+//! - For origins that are not live, a node relays their slots of open epochs under
 //!   `r/{origin}/…`, so a node that joins after another was removed still counts it (I1).
-//! - Keys of closed epochs are deleted from gossip (they stay on disk as history).
+//! - Keys of epochs that are not open (`State::is_open`: closed periods, superseded
+//!   epochs) are deleted from gossip; they stay on disk as history. An epoch can open
+//!   again (a concurrent period edit loses to one that keeps the old period), so the sweep
+//!   re-publishes every own slot of an open epoch that gossip lacks: what is published
+//!   is reconciled with memory, not only updated at commits.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -107,7 +111,7 @@ fn snapshot(shared: &Shared) -> Vec<(GossipKey, String)> {
     let me = state.me();
     let mut out = Vec::new();
     for (limit, epoch, counter) in state.counters() {
-        if state.is_current(limit, epoch, now) {
+        if state.is_open(limit, epoch, now) {
             let v = counter.slot(me);
             if v > 0 {
                 out.push((
@@ -247,17 +251,32 @@ async fn sweep(shared: &Shared, c: &ClusterHandle, members: &[Member]) {
     let own_relay_keys = c.gossip.own_keys(tally_gossip::RELAY_PREFIX).await;
     let mut own_config_keys = c.gossip.own_keys(tally_gossip::LIMIT_PREFIX).await;
     own_config_keys.extend(c.gossip.own_keys(tally_gossip::ENTITY_PREFIX).await);
-    let (relays, stale) = {
+    let (relays, missing, stale) = {
+        let published: HashSet<&str> = own_slot_keys.iter().map(String::as_str).collect();
         let state = shared.state.read();
-        let me = state.node_id().to_string();
+        let me = state.me();
         let mut relays = Vec::new();
+        let mut missing = Vec::new();
         for (limit, epoch, counter) in state.counters() {
-            if !state.is_current(limit, epoch, now) {
+            if !state.is_open(limit, epoch, now) {
                 continue;
             }
             for &(o, v) in counter.slots() {
+                if v == 0 {
+                    continue;
+                }
+                if o == me {
+                    let key = GossipKey::Slot {
+                        limit: limit.to_string(),
+                        epoch,
+                    };
+                    if !published.contains(key.encode().as_str()) {
+                        missing.push((key, encode_slot(v)));
+                    }
+                    continue;
+                }
                 let origin = state.origin_name(o);
-                if origin != me && !live.contains(origin) && v > 0 {
+                if !live.contains(origin) {
                     relays.push((
                         GossipKey::Relay {
                             origin: origin.to_string(),
@@ -274,12 +293,12 @@ async fn sweep(shared: &Shared, c: &ClusterHandle, members: &[Member]) {
             .chain(own_relay_keys)
             .chain(own_config_keys)
             .filter(|k| match GossipKey::parse(k) {
-                Some(GossipKey::Slot { limit, epoch }) => !state.is_current(&limit, epoch, now),
+                Some(GossipKey::Slot { limit, epoch }) => !state.is_open(&limit, epoch, now),
                 Some(GossipKey::Relay {
                     origin,
                     limit,
                     epoch,
-                }) => live.contains(origin.as_str()) || !state.is_current(&limit, epoch, now),
+                }) => live.contains(origin.as_str()) || !state.is_open(&limit, epoch, now),
                 // Tombstones past their retention are forgotten here: stop gossiping them.
                 Some(GossipKey::Limit(id)) => state.limit_record(&id).is_none(),
                 Some(GossipKey::Entity { dimension, value }) => {
@@ -288,8 +307,15 @@ async fn sweep(shared: &Shared, c: &ClusterHandle, members: &[Member]) {
                 _ => true,
             })
             .collect();
-        (relays, stale)
+        (relays, missing, stale)
     };
+    if !missing.is_empty() {
+        tracing::debug!(
+            slots = missing.len(),
+            "re-publishing own slots of epochs that are open again"
+        );
+    }
     c.gossip.publish(relays).await;
+    c.gossip.publish_missing(missing).await;
     c.gossip.unpublish(stale).await;
 }

@@ -296,9 +296,7 @@ impl ConfigRecord {
     /// Whether memory already holds this record or a newer one.
     fn is_known(&self, state: &State) -> bool {
         match self {
-            ConfigRecord::Limit(r) => state
-                .limit_record(&r.id)
-                .is_some_and(|c| c.version >= r.version),
+            ConfigRecord::Limit(r) => state.limit_record(&r.id).is_some_and(|c| !r.supersedes(c)),
             ConfigRecord::Entity(r) => state
                 .entity_record(&r.dimension, &r.value)
                 .is_some_and(|c| c.version >= r.version),

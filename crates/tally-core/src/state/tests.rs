@@ -246,6 +246,114 @@ fn reset_and_set_usage_open_new_epochs() {
 }
 
 #[test]
+fn open_epochs_are_current_or_later_and_not_superseded() {
+    let mut s = State::new("a");
+    put(&mut s, "d", input(&[], Metric::Requests, 100, "1d"), T0);
+    let day = 86_400_000;
+    let today = s.epoch_of("d", T0).unwrap();
+    let tomorrow = s.epoch_of("d", T0 + day).unwrap();
+    let yesterday = s.epoch_of("d", T0 - day).unwrap();
+    assert!(s.is_open("d", today, T0));
+    assert!(
+        s.is_open("d", tomorrow, T0),
+        "a record slightly ahead counts later"
+    );
+    assert!(!s.is_open("d", yesterday, T0), "a closed period is history");
+    assert!(!s.is_open("unknown", today, T0));
+    // A reset supersedes today's first epoch; the reset's epoch is open.
+    let reg = s.prepare_reset("d", 0, T0 + 5).unwrap();
+    s.apply_reset("d", reg);
+    let after = s.epoch_of("d", T0 + 6).unwrap();
+    assert!(s.is_open("d", after, T0 + 6));
+    assert!(!s.is_open("d", today, T0 + 6));
+    assert!(
+        s.is_open("d", tomorrow, T0 + 6),
+        "the reset is of today only"
+    );
+    // A period edit supersedes the day's epochs for good: a concurrent edit that kept the
+    // old period loses even with a newer version, so no epoch goes back (I5).
+    let old_gen = s.limit_record("d").unwrap().clone();
+    put(&mut s, "d", input(&[], Metric::Requests, 100, "1w"), T0 + 7);
+    let week = s.epoch_of("d", T0 + 8).unwrap();
+    assert!(!s.is_open("d", after, T0 + 8));
+    let mut keep = old_gen;
+    keep.version.hlc = s.hlc_now(T0 + 9);
+    assert!(!s.apply_limit(keep, T0 + 9));
+    assert!(!s.is_open("d", after, T0 + 10));
+    assert_eq!(s.epoch_of("d", T0 + 10), Some(week));
+    // Deleted limits have no open epochs.
+    let t = s.prepare_limit_delete("d", T0 + 11).unwrap();
+    s.apply_limit(t, T0 + 11);
+    assert!(!s.is_open("d", after, T0 + 12));
+}
+
+#[test]
+fn a_counting_change_wins_over_a_concurrent_edit_and_epochs_never_go_back() {
+    // a and b share a 1d limit; partitioned, b changes the period (a reset) and back,
+    // while a edits only max, later. After exchanging records both hold b's last edit.
+    let mut a = State::new("a");
+    put(&mut a, "l", input(&[], Metric::Requests, 100, "1d"), T0);
+    let mut b = State::new("b");
+    b.apply_limit(a.limit_record("l").unwrap().clone(), T0);
+    let before = a.epoch_of("l", T0 + 1).unwrap();
+    put(
+        &mut b,
+        "l",
+        input(&[], Metric::Requests, 100, "1M"),
+        T0 + 10,
+    );
+    put(
+        &mut b,
+        "l",
+        input(&[], Metric::Requests, 300, "1d"),
+        T0 + 20,
+    );
+    let b_epoch = b.epoch_of("l", T0 + 21).unwrap();
+    assert!(b_epoch > before, "b's period edits reset the day");
+    put(
+        &mut a,
+        "l",
+        input(&[], Metric::Requests, 200, "1d"),
+        T0 + 30,
+    );
+    let (ra, rb) = (
+        a.limit_record("l").unwrap().clone(),
+        b.limit_record("l").unwrap().clone(),
+    );
+    assert!(rb.supersedes(&ra) && !ra.supersedes(&rb));
+    assert!(a.apply_limit(rb.clone(), T0 + 40));
+    assert!(!b.apply_limit(ra, T0 + 40));
+    assert_eq!(a.limit_record("l"), Some(&rb));
+    assert_eq!(a.epoch_of("l", T0 + 41), Some(b_epoch));
+    assert_eq!(a.limit("l").unwrap().input.max, 300);
+    // A manual reset made under the old generation after b's edits also survives: the
+    // epoch takes the later of the generation and the reset. (Aligned periods: a rolling
+    // period re-anchors when its counting changes, which is a new period anyway.)
+    let aligned = |period| LimitInput {
+        calendar_aligned: true,
+        ..input(&[], Metric::Requests, 100, period)
+    };
+    let mut c = State::new("c");
+    put(&mut c, "l", aligned("1d"), T0);
+    let mut d = State::new("d");
+    d.apply_limit(c.limit_record("l").unwrap().clone(), T0);
+    put(&mut d, "l", aligned("1M"), T0 + 10);
+    put(&mut d, "l", aligned("1d"), T0 + 20);
+    let reg = c.prepare_reset("l", 7, T0 + 30).unwrap();
+    c.apply_reset("l", reg.clone());
+    let c_epoch = c.epoch_of("l", T0 + 31).unwrap();
+    c.apply_limit(d.limit_record("l").unwrap().clone(), T0 + 40);
+    d.apply_reset("l", reg);
+    assert_eq!(
+        c.epoch_of("l", T0 + 41),
+        Some(c_epoch),
+        "the later reset stays"
+    );
+    assert_eq!(d.epoch_of("l", T0 + 41), Some(c_epoch));
+    assert_eq!(d.limit_view("l", T0 + 41).unwrap().baseline, 7);
+}
+
+#[test]
 fn concurrent_resets_settle_on_one_register() {
     let mut a = State::new("a");
     let mut b = State::new("b");
@@ -472,7 +580,8 @@ proptest! {
         let recs: Vec<LimitRecord> = writes.iter().map(|&(hlc, node, max, delete)| LimitRecord {
             id: "x".into(),
             version: Version { hlc: Hlc(hlc), node: format!("n{node}") },
-            spec: (!delete).then(|| LimitSpec { input: input(&[], Metric::Requests, max, "1d"), anchor_ms: T0, spec_gen: Hlc(hlc) }),
+            // Edits that keep the counting inherit an older generation.
+            spec: (!delete).then(|| LimitSpec { input: input(&[], Metric::Requests, max, "1d"), anchor_ms: T0, spec_gen: Hlc(hlc.saturating_sub(max % 3)) }),
         }).collect();
         let mut a = State::new("a");
         for r in &recs { a.apply_limit(r.clone(), T0); }
@@ -483,7 +592,7 @@ proptest! {
         let wb: Vec<_> = b.limit_records().cloned().collect();
         prop_assert_eq!(&wa, &wb);
         prop_assert_eq!(a.limit("x"), b.limit("x"));
-        let best = recs.iter().max_by(|x, y| x.version.cmp(&y.version)).unwrap();
+        let best = recs.iter().max_by(|x, y| (x.generation(), &x.version).cmp(&(y.generation(), &y.version))).unwrap();
         prop_assert_eq!(&wa[0], best);
     }
 }
