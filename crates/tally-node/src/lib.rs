@@ -152,6 +152,11 @@ pub struct LimitDetails {
     pub report: LimitReport,
     /// Usage per origin node in the current epoch.
     pub nodes: Vec<(String, u64)>,
+    /// The current epoch: `used = baseline + Σ nodes` counts in it (the simulator checks
+    /// epochs and slots per epoch, I3/I5).
+    pub epoch: tally_core::Epoch,
+    /// Usage the epoch started with (a set-usage reset), not owned by any node.
+    pub baseline: u64,
 }
 
 /// An entity.
@@ -417,6 +422,8 @@ impl Node {
             input: v.spec.input.clone(),
             report: report(&state, &v.status),
             nodes: v.nodes.iter().map(|(n, u)| (n.to_string(), *u)).collect(),
+            epoch: v.status.epoch,
+            baseline: v.baseline,
         })
     }
 

@@ -1,0 +1,276 @@
+//! The tally simulation (DESIGN.md §6): real nodes on turmoil hosts, one scenario per test,
+//! each under many seeds. Every run logs its seed first and, on a violation, fails with the
+//! seed, the plan, the timeline and the command that reruns it.
+//!
+//! Invariants checked (DESIGN.md §3): I1 and I2 against the clients' ledger after every
+//! heal, I3 and I5 by sampling every node every few simulated milliseconds, I4 as the
+//! convergence condition (bounded in gossip rounds), I8 with malformed requests through
+//! the real router. Overshoot (I6) and convergence rounds are measured and printed.
+//!
+//! - `cargo test -p sim` — the fixed CI seeds (`sim::CI_SEEDS` per scenario);
+//! - `TALLY_SIM_SEED=<seed> cargo test -p sim --test sim <scenario>` — one seed;
+//! - `TALLY_SIM_SEEDS=<n>` — a soak of `n` seeds per scenario;
+//! - `TALLY_SIM_BIG=1 cargo test --release -p sim --test sim big_fleet` — the 25-node,
+//!   10 000-limit convergence goal; `-- --nocapture` shows the measurements.
+
+mod big;
+mod driver;
+mod fleet;
+mod host;
+mod ledger;
+mod net;
+mod scenario;
+
+use std::io::Write as _;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Mutex, Once};
+use std::time::Instant;
+
+use sim::Rng;
+
+use crate::fleet::{Fleet, Knobs, Report};
+use crate::scenario::Plan;
+
+static PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+static HOOK: Once = Once::new();
+
+/// Panics of the nodes' writer threads are not seen by turmoil: record them so the run
+/// that is stepping fails with its seed.
+fn install_panic_hook() {
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let thread = std::thread::current();
+            if thread.name() == Some("tally-writer") {
+                if let Ok(mut p) = PANICS.lock() {
+                    p.push(format!("in tally-writer: {info}"));
+                }
+            }
+            previous(info);
+        }));
+    });
+}
+
+pub fn take_panic() -> Option<String> {
+    PANICS.lock().ok()?.pop()
+}
+
+fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Percentiles of a small sample, for the summary line.
+fn spread(mut v: Vec<u64>) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    v.sort_unstable();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    format!(
+        "min {} / median {} / p90 {} / max {}",
+        v[0],
+        at(0.5),
+        at(0.9),
+        v[v.len() - 1]
+    )
+}
+
+/// Runs one seed of a scenario; a violation panics with everything needed to rerun it.
+fn run_seed(scenario: &str, test: &str, seed: u64, plan: Plan) -> Report {
+    let rerun = format!("TALLY_SIM_SEED={seed} cargo test -p sim --test sim {test}");
+    let mut events = Vec::new();
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let mut fleet = Fleet::new(seed, plan.clone(), Knobs::default())?;
+        let r = fleet.run();
+        events = std::mem::take(&mut fleet.events);
+        r.map(|()| fleet.report.clone())
+    }));
+    let failure = match result {
+        Ok(Ok(report)) => return report,
+        Ok(Err(v)) => v,
+        Err(p) => p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into()),
+    };
+    panic!(
+        "\nsim {scenario}: seed {seed} FAILED\n{failure}\n\nplan: {plan:#?}\n\ntimeline:\n{}\n\nrerun with:\n  {rerun}\n",
+        events.join("\n")
+    );
+}
+
+/// Runs a scenario under the seeds the environment asks for and prints what it measured.
+fn run_scenario(scenario: &str, test: &str, generate: fn(&mut Rng) -> Plan) {
+    install_panic_hook();
+    init_tracing();
+    let seeds = sim::seeds(scenario).unwrap_or_else(|e| panic!("{e}"));
+    let started = Instant::now();
+    let mut reports = Vec::new();
+    for &seed in &seeds {
+        println!("sim {scenario}: seed {seed}");
+        let plan = generate(&mut Rng::new(seed));
+        let t = Instant::now();
+        let r = run_seed(scenario, test, seed, plan);
+        println!(
+            "sim {scenario}: seed {seed} ok in {:.1} s wall, {} ms simulated, convergence {:?}, overshoot {}/{}",
+            t.elapsed().as_secs_f64(),
+            r.sim_ms,
+            r.convergence,
+            r.overshoot,
+            r.budget_max
+        );
+        reports.push(r);
+    }
+    summarize(scenario, &seeds, started, &reports);
+}
+
+fn summarize(scenario: &str, seeds: &[u64], started: Instant, reports: &[Report]) {
+    let rounds: Vec<u64> = reports
+        .iter()
+        .flat_map(|r| r.convergence.iter().map(|c| c.0))
+        .collect();
+    let conv_ms: Vec<u64> = reports
+        .iter()
+        .flat_map(|r| r.convergence.iter().map(|c| c.1))
+        .collect();
+    let over: Vec<u64> = reports.iter().map(|r| r.overshoot).collect();
+    let over_pct: Vec<u64> = reports
+        .iter()
+        .filter(|r| r.budget_max > 0)
+        .map(|r| r.overshoot * 100 / r.budget_max)
+        .collect();
+    let sum = |f: fn(&Report) -> u64| reports.iter().map(f).sum::<u64>();
+    let text = format!(
+        "sim {scenario}: {} seeds in {:.1} s wall\n  convergence after heal: rounds {}; simulated ms {}\n  overshoot of `budget` (tokens beyond max let through by checks): {}; % of max {}\n  records acknowledged {}, unknown outcome {}, denied by checks {}, re-sent to another node {}; {} safety samples; {} crashes mid group commit\n",
+        seeds.len(),
+        started.elapsed().as_secs_f64(),
+        spread(rounds),
+        spread(conv_ms),
+        spread(over),
+        spread(over_pct),
+        sum(|r| r.acked as u64),
+        sum(|r| r.unknown as u64),
+        sum(|r| r.denied),
+        sum(|r| r.cross_node_retries),
+        sum(|r| r.samples),
+        sum(|r| r.mid_commit_crashes),
+    );
+    println!("{text}");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("sim-report.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(text.as_bytes());
+    }
+}
+
+#[test]
+fn split_brain() {
+    run_scenario("split_brain", "split_brain", scenario::split_brain);
+}
+
+#[test]
+fn flaky_links() {
+    run_scenario("flaky_links", "flaky_links", scenario::flaky_links);
+}
+
+#[test]
+fn crash_commit() {
+    run_scenario("crash_commit", "crash_commit", scenario::crash_commit);
+}
+
+#[test]
+fn replace_node() {
+    run_scenario("replace_node", "replace_node", scenario::replace_node);
+}
+
+#[test]
+fn clock_skew() {
+    run_scenario("clock_skew", "clock_skew", scenario::clock_skew);
+}
+
+#[test]
+fn clock_skew_future_at() {
+    run_scenario(
+        "clock_skew_future_at",
+        "clock_skew_future_at",
+        scenario::clock_skew_future_at,
+    );
+}
+
+#[test]
+fn reset_race() {
+    run_scenario("reset_race", "reset_race", scenario::reset_race);
+}
+
+#[test]
+fn config_race() {
+    run_scenario("config_race", "config_race", scenario::config_race);
+}
+
+#[test]
+fn config_race_period() {
+    run_scenario(
+        "config_race_period",
+        "config_race_period",
+        scenario::config_race_period,
+    );
+}
+
+#[test]
+fn client_retries() {
+    run_scenario("client_retries", "client_retries", scenario::client_retries);
+}
+
+/// Seeds that once failed, pinned so they run on every CI run (scenario, seed).
+const REGRESSIONS: &[(&str, u64)] = &[
+    // The sweep unpublished own slots of every epoch that was not current and nothing
+    // re-published them: an epoch that opened again after a concurrent period edit lost
+    // (config_race_period), and a record whose `at` fell in the next period
+    // (clock_skew_future_at), were never counted by the other nodes (I1, I4).
+    ("config_race_period", 4236088466256068178),
+    ("clock_skew_future_at", 14045485886648683237),
+];
+
+#[test]
+fn regressions() {
+    install_panic_hook();
+    for &(scenario, seed) in REGRESSIONS {
+        let generate = match scenario {
+            "split_brain" => scenario::split_brain,
+            "flaky_links" => scenario::flaky_links,
+            "crash_commit" => scenario::crash_commit,
+            "replace_node" => scenario::replace_node,
+            "clock_skew" => scenario::clock_skew,
+            "clock_skew_future_at" => scenario::clock_skew_future_at,
+            "reset_race" => scenario::reset_race,
+            "config_race" => scenario::config_race,
+            "config_race_period" => scenario::config_race_period,
+            "client_retries" => scenario::client_retries,
+            other => panic!("unknown scenario {other}"),
+        };
+        println!("sim regression {scenario}: seed {seed}");
+        run_seed(scenario, scenario, seed, generate(&mut Rng::new(seed)));
+    }
+}
+
+#[test]
+fn big_fleet_convergence() {
+    if std::env::var("TALLY_SIM_BIG").as_deref() != Ok("1") {
+        println!(
+            "big_fleet_convergence is gated: set TALLY_SIM_BIG=1 to run the 25-node, 10 000-limit convergence goal (use --release)"
+        );
+        return;
+    }
+    install_panic_hook();
+    init_tracing();
+    big::run();
+}
