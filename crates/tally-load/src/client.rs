@@ -15,6 +15,9 @@ use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::run::Protocol;
+use crate::workload::BodyGen;
+
 /// Where to connect and what to put in `Host`/`Authorization`; resolved once, up front.
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -127,6 +130,34 @@ impl RequestTemplate {
         *request.uri_mut() = self.uri.clone();
         *request.headers_mut() = self.headers.clone();
         request
+    }
+}
+
+/// The HTTP/1.1 [`Protocol`]: one fixed method, path and headers, bodies from a [`BodyGen`].
+#[derive(Debug)]
+pub struct Http {
+    target: Target,
+    template: RequestTemplate,
+}
+
+impl Http {
+    pub fn new(target: Target, template: RequestTemplate) -> Self {
+        Self { target, template }
+    }
+}
+
+impl Protocol for Http {
+    type Conn = Conn;
+    type Gen = BodyGen;
+
+    async fn connect(&self) -> anyhow::Result<Conn> {
+        self.target.connect().await
+    }
+
+    async fn call(&self, conn: &mut Conn, bodies: &mut BodyGen) -> anyhow::Result<u16> {
+        let request = self.template.build(bodies.next_body());
+        let (status, _body) = conn.send(request).await?;
+        Ok(status.as_u16())
     }
 }
 

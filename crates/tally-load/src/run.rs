@@ -1,6 +1,10 @@
 //! The closed loop: `connections` tasks, each with one keep-alive connection, each sending a
 //! request, awaiting the whole response, recording its latency, and repeating.
 //!
+//! The loop is the same whatever is on the other end; a [`Protocol`] says how to open a
+//! connection and make one request on it (HTTP/1.1, Redis RESP, or an in-process call of
+//! tally's embedded `Node` API, where a "connection" is just a task).
+//!
 //! Closed-loop means the offered load adapts to the server: a slow response delays the
 //! next request on that connection, so the numbers are "latency at the throughput this many
 //! concurrent clients achieve", not latency under a fixed arrival rate (which would also
@@ -11,14 +15,33 @@
 //! window; at `end` whatever is in flight is abandoned, so `requests / duration` is exact.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep_until, timeout_at};
 
-use crate::client::{Conn, RequestTemplate, Target};
 use crate::histogram::Histogram;
-use crate::workload::BodyGen;
+
+/// How to talk to the system under test. One `Conn` per closed-loop task; `Gen` is that
+/// task's request generator (bodies, ids), owned by the task.
+pub trait Protocol: Send + Sync + 'static {
+    type Conn: Send + 'static;
+    type Gen: Send + 'static;
+
+    /// Opens one connection.
+    fn connect(&self) -> impl Future<Output = anyhow::Result<Self::Conn>> + Send;
+
+    /// Makes one request on `conn` and waits for its complete answer. `Ok(status)` is an
+    /// answer (HTTP status; other protocols map success to 200 and failures to the HTTP
+    /// status closest in meaning); `Err` is a transport failure, after which the
+    /// connection is dropped and reopened.
+    fn call(
+        &self,
+        conn: &mut Self::Conn,
+        generator: &mut Self::Gen,
+    ) -> impl Future<Output = anyhow::Result<u16>> + Send;
+}
 
 /// How long a connection waits before reconnecting after a failed connect, so a dead
 /// server costs a trickle of errors rather than a busy loop.
@@ -45,6 +68,9 @@ pub struct RunStats {
     pub error_statuses: BTreeMap<u16, u64>,
     /// Failed connects, broken connections and timeouts.
     pub transport_errors: u64,
+    /// CPU time (user + system, all threads) this process spent during the window, when
+    /// the OS tells (Linux): the client's cost, or everything in the embedded mode.
+    pub process_cpu_secs: Option<f64>,
 }
 
 impl RunStats {
@@ -75,11 +101,10 @@ impl Window {
     }
 }
 
-/// Runs the closed loop; `bodies(i)` makes connection `i`'s body generator.
-pub async fn run(
-    target: Arc<Target>,
-    template: Arc<RequestTemplate>,
-    bodies: impl Fn(usize) -> BodyGen,
+/// Runs the closed loop; `generators(i)` makes connection `i`'s request generator.
+pub async fn run<P: Protocol>(
+    protocol: Arc<P>,
+    generators: impl Fn(usize) -> P::Gen,
     config: RunConfig,
 ) -> RunStats {
     assert!(config.connections > 0);
@@ -88,12 +113,15 @@ pub async fn run(
         start,
         end: start + config.duration,
     };
+    let cpu_at_start = tokio::spawn(async move {
+        sleep_until(start).await;
+        process_cpu_secs()
+    });
     let tasks: Vec<_> = (0..config.connections)
         .map(|connection| {
             tokio::spawn(connection_loop(
-                Arc::clone(&target),
-                Arc::clone(&template),
-                bodies(connection),
+                Arc::clone(&protocol),
+                generators(connection),
                 window,
                 config.request_timeout,
             ))
@@ -104,18 +132,37 @@ pub async fn run(
         let stats = task.await.expect("connection task panicked");
         total.merge(&stats);
     }
+    let cpu_at_end = process_cpu_secs();
+    if let (Ok(Some(started)), Some(ended)) = (cpu_at_start.await, cpu_at_end) {
+        total.process_cpu_secs = Some(ended - started);
+    }
     total
 }
 
-async fn connection_loop(
-    target: Arc<Target>,
-    template: Arc<RequestTemplate>,
-    mut bodies: BodyGen,
+/// User + system CPU time of this process so far, from `/proc/self/stat` (Linux; `None`
+/// elsewhere). Its unit is USER_HZ, which Linux fixes at 100 for user space.
+fn process_cpu_secs() -> Option<f64> {
+    const USER_HZ: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name (which may hold spaces) start at field 3;
+    // utime and stime are fields 14 and 15.
+    let mut fields = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some((user + system) as f64 / USER_HZ)
+}
+
+async fn connection_loop<P: Protocol>(
+    protocol: Arc<P>,
+    mut generator: P::Gen,
     window: Window,
     request_timeout: Duration,
 ) -> RunStats {
     let mut stats = RunStats::default();
-    let mut conn: Option<Conn> = None;
+    let mut conn: Option<P::Conn> = None;
     let count_error = |stats: &mut RunStats| {
         if window.contains(Instant::now()) {
             stats.requests += 1;
@@ -125,7 +172,7 @@ async fn connection_loop(
     while Instant::now() < window.end {
         let conn_ref = match conn.as_mut() {
             Some(conn) => conn,
-            None => match timeout_at(window.end, target.connect()).await {
+            None => match timeout_at(window.end, protocol.connect()).await {
                 Err(_end) => break,
                 Ok(Ok(connected)) => conn.insert(connected),
                 Ok(Err(_)) => {
@@ -135,13 +182,12 @@ async fn connection_loop(
                 }
             },
         };
-        let request = template.build(bodies.next_body());
         let sent_at = Instant::now();
         let deadline = (sent_at + request_timeout).min(window.end);
         // Bound first: the in-flight future borrows `conn`, which the arms may reset.
-        let outcome = timeout_at(deadline, conn_ref.send(request)).await;
+        let outcome = timeout_at(deadline, protocol.call(conn_ref, &mut generator)).await;
         match outcome {
-            Ok(Ok((status, _body))) => {
+            Ok(Ok(status)) => {
                 let done_at = Instant::now();
                 if window.contains(done_at) {
                     let nanos = done_at.duration_since(sent_at).as_nanos();
@@ -149,8 +195,8 @@ async fn connection_loop(
                         .latency
                         .record(u64::try_from(nanos).unwrap_or(u64::MAX));
                     stats.requests += 1;
-                    if !status.is_success() {
-                        *stats.error_statuses.entry(status.as_u16()).or_default() += 1;
+                    if !(200..300).contains(&status) {
+                        *stats.error_statuses.entry(status).or_default() += 1;
                     }
                 }
             }
@@ -183,6 +229,8 @@ pub(crate) mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::client::{Http, RequestTemplate, Target};
+    use crate::workload::BodyGen;
 
     /// A loopback HTTP/1.1 server on port 0 that answers every request with
     /// `respond(method, path, body)`; returns its address. It lives until the test runtime
@@ -229,11 +277,10 @@ pub(crate) mod tests {
     }
 
     async fn run_against(addr: SocketAddr, connections: usize, path: &str) -> RunStats {
-        let target = Arc::new(Target::parse(&format!("http://{addr}"), Some("tok")).unwrap());
-        let template = Arc::new(RequestTemplate::new(&target, Method::POST, path, true).unwrap());
+        let target = Target::parse(&format!("http://{addr}"), Some("tok")).unwrap();
+        let template = RequestTemplate::new(&target, Method::POST, path, true).unwrap();
         run(
-            target,
-            template,
+            Arc::new(Http::new(target, template)),
             |connection| BodyGen::check(connection, 2),
             config(connections),
         )
@@ -288,6 +335,19 @@ pub(crate) mod tests {
         assert!(stats.transport_errors > 0);
         assert_eq!(stats.errors(), stats.requests);
         assert_eq!(stats.latency.count(), 0);
+    }
+
+    #[test]
+    fn process_cpu_time_is_read_on_linux() {
+        if cfg!(target_os = "linux") {
+            let before = process_cpu_secs().unwrap();
+            let spin = std::time::Instant::now();
+            let mut x = 0u64;
+            while spin.elapsed() < Duration::from_millis(50) {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+            assert!(process_cpu_secs().unwrap() >= before);
+        }
     }
 
     #[test]

@@ -16,11 +16,17 @@ pub const PROVIDER: &str = "openai";
 pub const MODEL: &str = "gpt-4o";
 /// Cost and tokens of every generated check/usage: tiny, so limits never run out.
 const REQUEST_COST_USD: &str = "0.0001";
+/// [`REQUEST_COST_USD`] in micro-USD, for the clients that send integers.
+pub const REQUEST_COST_MICROS: u64 = 100;
 const REQUEST_TOKENS: &str = "10";
+/// [`REQUEST_TOKENS`] as a number.
+pub const REQUEST_TOKENS_COUNT: u64 = 10;
 /// `max` of every setup limit: 1e8 USD, far above anything a run can spend, so every check
 /// is allowed (a denial could take a different, cheaper path in the server).
 const LIMIT_MAX_USD: &str = "100000000.0";
-const LIMIT_PERIOD: &str = "1M";
+/// [`LIMIT_MAX_USD`] in micro-USD (1e14, exact in a double, so Lua compares it exactly).
+pub const LIMIT_MAX_MICROS: u64 = 100_000_000_000_000;
+pub const LIMIT_PERIOD: &str = "1M";
 
 /// The largest `--keys`: keys are meant to be few (hot limits), and the plan must fit.
 pub const KEYS_MAX: usize = 1_000_000;
@@ -158,6 +164,20 @@ impl LimitPlan {
 
     /// The `n`-th limit as `(id, PUT body)`.
     pub fn limit(&self, n: usize) -> (String, String) {
+        let LimitParts {
+            id,
+            dimension,
+            value,
+        } = self.parts(n);
+        let body = format!(
+            r#"{{"scope":{{"{dimension}":"{value}"}},"metric":"cost","max":{LIMIT_MAX_USD},"period":"{LIMIT_PERIOD}"}}"#
+        );
+        (id, body)
+    }
+
+    /// The `n`-th limit's id and its one-dimension scope; every limit is a `cost` limit
+    /// with `max` [`LIMIT_MAX_MICROS`] and period [`LIMIT_PERIOD`].
+    pub fn parts(&self, n: usize) -> LimitParts {
         assert!(n < self.total, "limit {n} of {}", self.total);
         let keys = self.keys;
         let (id, dimension, value) = if n < keys {
@@ -188,11 +208,43 @@ impl LimitPlan {
                 format!("vk-other-{other}"),
             )
         };
-        let body = format!(
-            r#"{{"scope":{{"{dimension}":"{value}"}},"metric":"cost","max":{LIMIT_MAX_USD},"period":"{LIMIT_PERIOD}"}}"#
-        );
-        (id, body)
+        LimitParts {
+            id,
+            dimension,
+            value,
+        }
     }
+}
+
+/// One planned limit, for clients that do not speak tally's JSON (Redis, embedded).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitParts {
+    pub id: String,
+    pub dimension: &'static str,
+    pub value: String,
+}
+
+/// The ids of the five limits that apply to attribute key `key` (the same five a tally
+/// server finds by itself), in a fixed order.
+pub fn applicable_limit_ids(key: usize) -> [String; 5] {
+    [
+        format!("load-vk-{key}"),
+        format!("load-team-{key}"),
+        format!("load-cust-{key}"),
+        format!("load-provider-{PROVIDER}"),
+        format!("load-model-{MODEL}"),
+    ]
+}
+
+/// The five attributes of key `key`, as the embedded API takes them.
+pub fn attributes(key: usize) -> [(&'static str, String); 5] {
+    [
+        ("virtual_key", format!("vk-{key}")),
+        ("team", format!("team-{key}")),
+        ("customer", format!("cust-{key}")),
+        ("provider", PROVIDER.to_owned()),
+        ("model", MODEL.to_owned()),
+    ]
 }
 
 #[cfg(test)]
@@ -281,6 +333,20 @@ mod tests {
                         .map(|(id, _)| id.as_str())
                         .collect();
                     assert_eq!(applicable.len(), 5, "{body}: {applicable:?}");
+                    // The clients that name limits themselves (Redis) name the same five,
+                    // and the embedded attributes are the body's.
+                    let key: usize = body["attributes"]["virtual_key"].as_str().unwrap()[3..]
+                        .parse()
+                        .unwrap();
+                    let named: BTreeSet<String> = applicable_limit_ids(key).into();
+                    let found: BTreeSet<String> =
+                        applicable.iter().map(|id| (*id).to_owned()).collect();
+                    assert_eq!(named, found);
+                    let pairs: serde_json::Map<String, Value> = attributes(key)
+                        .into_iter()
+                        .map(|(name, value)| (name.to_owned(), Value::String(value)))
+                        .collect();
+                    assert_eq!(Value::Object(pairs), body["attributes"]);
                     matched.extend(applicable);
                 }
             }

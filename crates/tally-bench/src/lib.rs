@@ -1,0 +1,111 @@
+//! Benchmark helpers for tally. The crate's binary `tally-floor` is the floor of
+//! `scripts/bench_vs_redis.sh`: the least an HTTP check can cost on this stack (axum on
+//! tokio, serde_json, mimalloc), against which tally's `POST /v1/check` is compared.
+//!
+//! The library half is the floor's router, so tests can serve it on port 0.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+
+/// Largest body read, as tally (1 MiB).
+pub const BODY_BYTES_MAX: usize = 1 << 20;
+
+/// The body of tally's `POST /v1/check` (API.md), parsed as strictly as tally parses it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckBody {
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    pub cost: Option<f64>,
+    pub tokens: Option<u64>,
+}
+
+/// What the floor counts.
+#[derive(Debug, Default)]
+pub struct Floor {
+    checks: AtomicU64,
+}
+
+impl Floor {
+    pub fn checks(&self) -> u64 {
+        self.checks.load(Ordering::Relaxed)
+    }
+}
+
+/// `POST /v1/check`: parse the body, bump one atomic counter, answer a small JSON.
+/// `GET /healthz`: 200.
+pub fn router(floor: Arc<Floor>) -> Router {
+    Router::new()
+        .route("/v1/check", post(check))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(floor)
+}
+
+async fn check(State(floor): State<Arc<Floor>>, body: Bytes) -> Response {
+    let parsed: CheckBody = match serde_json::from_slice(&body) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            let reply = serde_json::json!({"error": {"code": "invalid_argument",
+                                                      "message": error.to_string()}});
+            return (StatusCode::BAD_REQUEST, axum::Json(reply)).into_response();
+        }
+    };
+    // Use what was parsed, as a check would, so none of it is optimised away.
+    let estimate = parsed.cost.unwrap_or(0.0) + parsed.tokens.unwrap_or(0) as f64;
+    let seen = floor.checks.fetch_add(1, Ordering::Relaxed) + 1;
+    let reply = format!(
+        r#"{{"allowed":{},"checks":{seen},"attributes":{}}}"#,
+        estimate >= 0.0,
+        parsed.attributes.len()
+    );
+    ([(header::CONTENT_TYPE, "application/json")], reply).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn post(addr: std::net::SocketAddr, body: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "POST /v1/check HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await.unwrap();
+        reply
+    }
+
+    #[tokio::test]
+    async fn counts_checks_and_refuses_bad_bodies() {
+        let floor = Arc::new(Floor::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = router(Arc::clone(&floor));
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        let body =
+            r#"{"attributes":{"virtual_key":"vk-0","model":"gpt-4o"},"cost":0.0001,"tokens":10}"#;
+        let reply = post(addr, body).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(
+            reply.ends_with(r#"{"allowed":true,"checks":1,"attributes":2}"#),
+            "{reply}"
+        );
+        let reply = post(addr, r#"{"attributes":{},"nope":1}"#).await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+        assert_eq!(floor.checks(), 1);
+    }
+}
