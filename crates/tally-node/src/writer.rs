@@ -6,7 +6,7 @@
 //! before it), so each change sees the ones before it. If a commit fails, nothing of that
 //! batch reaches memory and every caller gets `Unavailable`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -55,8 +55,10 @@ pub(crate) enum Op {
 
 /// How often the writer advances windows and expires dedup ids when idle.
 const MAINTENANCE_EVERY: Duration = Duration::from_millis(100);
-const DEDUP_EXPIRE_EVERY: Duration = Duration::from_secs(10);
-const DEDUP_EXPIRE_MAX: usize = 10_000;
+/// Expiry runs every second and forgets at most this many ids per pass (whole log rows,
+/// a few ms of the writer's time), so it keeps up with 100 000 records/s.
+const DEDUP_EXPIRE_EVERY: Duration = Duration::from_secs(1);
+const DEDUP_EXPIRE_MAX: usize = 100_000;
 
 fn unavailable(e: &StoreError) -> NodeError {
     NodeError::Unavailable(format!("could not store the write durably: {e}"))
@@ -64,10 +66,9 @@ fn unavailable(e: &StoreError) -> NodeError {
 
 /// A group of record ops being committed together.
 struct Group<'a> {
-    batch: Batch,
+    batch: Batch<'a>,
     /// New values of this node's slots, by (limit, epoch).
     pending: HashMap<(LimitIdx, Epoch), u64>,
-    ids: HashSet<String>,
     replies: Vec<(RecordsReply, Vec<bool>)>,
     records: usize,
     shared: &'a Shared,
@@ -81,7 +82,8 @@ impl Group<'_> {
         let mut incs: Vec<Increment> = Vec::with_capacity(8);
         let mut applied = Vec::with_capacity(records.len());
         for r in records {
-            if self.ids.contains(&r.id) || self.batch.dedup_contains(&r.id, now)? {
+            // The batch also knows the ids it holds, so a repeat inside one group is caught.
+            if self.batch.dedup_contains(&r.id, now)? {
                 applied.push(false);
                 continue;
             }
@@ -106,7 +108,6 @@ impl Group<'_> {
                 self.pending.insert(key, current.saturating_add(inc.delta));
             }
             self.batch.dedup_insert(&r.id, expiry)?;
-            self.ids.insert(r.id.clone());
             applied.push(true);
         }
         self.records += records.len();
@@ -166,8 +167,11 @@ impl Group<'_> {
     }
 }
 
-pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
-    let mut last_expire = Instant::now();
+pub(crate) fn run(shared: Arc<Shared>, mut store: Store, rx: Receiver<Op>) {
+    let mut last = Maintained {
+        tick: Instant::now(),
+        expire: Instant::now(),
+    };
     let mut carry: Option<Op> = None;
     loop {
         let first = match carry.take() {
@@ -175,7 +179,7 @@ pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
             None => match rx.recv_timeout(MAINTENANCE_EVERY) {
                 Ok(op) => op,
                 Err(RecvTimeoutError::Timeout) => {
-                    maintain(&shared, &store, &mut last_expire);
+                    maintain(&shared, &mut store, &mut last);
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -190,11 +194,11 @@ pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
                 return;
             }
             Op::Config { change, reply, .. } => {
-                let _ = reply.send(apply_config(&shared, &store, change));
+                let _ = reply.send(apply_config(&shared, &mut store, change));
             }
             Op::Remote { items } => {
                 let n = items.len();
-                apply_remote(&shared, &store, items);
+                apply_remote(&shared, &mut store, items);
                 shared
                     .remote_pending
                     .fetch_sub(n, std::sync::atomic::Ordering::SeqCst);
@@ -204,7 +208,6 @@ pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
                     Ok(batch) => Group {
                         batch,
                         pending: HashMap::new(),
-                        ids: HashSet::new(),
                         replies: Vec::new(),
                         records: 0,
                         shared: &shared,
@@ -244,20 +247,28 @@ pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
                 group.commit();
             }
         }
-        if last_expire.elapsed() >= MAINTENANCE_EVERY {
-            maintain(&shared, &store, &mut last_expire);
+        if last.tick.elapsed() >= MAINTENANCE_EVERY {
+            maintain(&shared, &mut store, &mut last);
         }
     }
 }
 
-/// Advances windows; every few seconds expires dedup ids and old tombstones.
-fn maintain(shared: &Shared, store: &Store, last_expire: &mut Instant) {
+/// When maintenance last ran.
+struct Maintained {
+    tick: Instant,
+    expire: Instant,
+}
+
+/// Advances windows; every second expires dedup ids and old tombstones (a commit only
+/// when there is something to forget).
+fn maintain(shared: &Shared, store: &mut Store, last: &mut Maintained) {
+    last.tick = Instant::now();
     let now = shared.clock.now_ms();
     shared.state.write().tick(now);
-    if last_expire.elapsed() < DEDUP_EXPIRE_EVERY {
+    if last.expire.elapsed() < DEDUP_EXPIRE_EVERY {
         return;
     }
-    *last_expire = Instant::now();
+    last.expire = Instant::now();
     let result = (|| {
         let (limits, entities) = shared.state.write().gc_tombstones(now);
         let mut b = store.batch()?;
@@ -268,7 +279,9 @@ fn maintain(shared: &Shared, store: &Store, last_expire: &mut Instant) {
         for (d, v) in &entities {
             b.remove_entity(d, v)?;
         }
-        b.commit()?;
+        if n > 0 || !limits.is_empty() || !entities.is_empty() {
+            b.commit()?;
+        }
         Ok::<_, StoreError>(n)
     })();
     match result {
@@ -339,7 +352,7 @@ impl ConfigRecord {
     }
 }
 
-fn apply_config(shared: &Shared, store: &Store, change: ConfigChange) -> Result<(), NodeError> {
+fn apply_config(shared: &Shared, store: &mut Store, change: ConfigChange) -> Result<(), NodeError> {
     let now = shared.clock.now_ms();
     let record = {
         let mut state = shared.state.write();
@@ -390,7 +403,7 @@ fn publish(shared: &Shared, p: Publication) {
 /// Merges values from other nodes: keeps only what is news (a higher slot, a newer
 /// record), makes it durable, then applies it to memory. Own slots echoed back are
 /// ignored: this node's slots come only from its own disk.
-fn apply_remote(shared: &Shared, store: &Store, items: Vec<Incoming>) {
+fn apply_remote(shared: &Shared, store: &mut Store, items: Vec<Incoming>) {
     let now = shared.clock.now_ms();
     let (slots, records) = {
         let state = shared.state.read();

@@ -3,21 +3,23 @@
 //! Tables: `meta` (node id, schema version), `own_slots` and `peer_slots` (G-counter slots
 //! of this node and of every other origin it has heard of, so a restart cannot under-count;
 //! closed epochs stay here as history), `limits`, `entities` and `resets` (config registers,
-//! encoded by `tally_core::codec`), and `dedup` / `dedup_expiry` (idempotency ids until
-//! their window ends).
+//! encoded by `tally_core::codec`), and `dedup_log` (idempotency ids until their window
+//! ends, appended per commit and indexed in memory: see [`dedup`]).
 //!
 //! This crate only knows redb. It does not decide anything: the node's writer opens one
 //! [`Batch`] per group commit, writes what tally-core decided, and commits durably (one
 //! fsync for the whole batch). Only this crate touches redb.
 
+mod dedup;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tally_core::codec::{self, DecodeError};
 use tally_core::{EntityRecord, Epoch, LimitRecord, ResetRegister};
+
+use crate::dedup::{DedupIndex, FpSet, IDS_PER_ROW_MAX};
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// (limit id, period, reset) → this node's slot.
@@ -27,12 +29,15 @@ const PEER_SLOTS: TableDefinition<(&str, &str, i64, u64), u64> = TableDefinition
 const LIMITS: TableDefinition<&str, &[u8]> = TableDefinition::new("limits");
 const ENTITIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("entities");
 const RESETS: TableDefinition<&str, &[u8]> = TableDefinition::new("resets");
-/// Record id → when its dedup window ends (Unix ms).
-const DEDUP: TableDefinition<&str, i64> = TableDefinition::new("dedup");
-/// (expiry ms, record id) → (): the same ids ordered by expiry, for cheap expiry.
-const DEDUP_EXPIRY: TableDefinition<(i64, &str), ()> = TableDefinition::new("dedup_expiry");
+/// Row sequence number → `(window end in Unix ms, record ids)` (codec-encoded): the ids
+/// of one group commit, in commit order.
+const DEDUP_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("dedup_log");
+/// Schema 1 kept ids in a B-tree keyed by id (one random leaf written per record);
+/// read once to migrate.
+const V1_DEDUP: TableDefinition<&str, i64> = TableDefinition::new("dedup");
+const V1_DEDUP_EXPIRY: TableDefinition<(i64, &str), ()> = TableDefinition::new("dedup_expiry");
 
-const SCHEMA_VERSION: &str = "1";
+const SCHEMA_VERSION: &str = "2";
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "tally.redb";
 
@@ -99,6 +104,18 @@ pub struct Recovered {
 pub struct Store {
     db: Database,
     path: PathBuf,
+    dedup: DedupIndex,
+    /// Key of the next dedup log row.
+    next_row: u64,
+}
+
+type DedupRow = (i64, Vec<String>);
+
+fn decode_row(bytes: &[u8]) -> Result<DedupRow, StoreError> {
+    codec::decode(bytes).map_err(|source| StoreError::Corrupt {
+        table: "dedup_log",
+        source,
+    })
 }
 
 impl Store {
@@ -118,9 +135,30 @@ impl Store {
                 .and_then(|d| d.sync_all())
                 .map_err(dir_err)?;
         }
-        let store = Store { db, path };
+        let mut store = Store {
+            db,
+            path,
+            dedup: DedupIndex::new(),
+            next_row: 0,
+        };
         store.init_tables()?;
+        store.load_dedup()?;
         Ok(store)
+    }
+
+    /// Rebuilds the in-memory dedup index from the log.
+    fn load_dedup(&mut self) -> Result<(), StoreError> {
+        let txn = self.db.begin_read()?;
+        for row in txn.open_table(DEDUP_LOG)?.iter()? {
+            let (k, v) = row?;
+            let seq = k.value();
+            let (_, ids) = decode_row(v.value())?;
+            for id in &ids {
+                self.dedup.insert(self.dedup.fingerprint(id), seq);
+            }
+            self.next_row = seq + 1;
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -133,9 +171,19 @@ impl Store {
         {
             let mut meta = txn.open_table(META)?;
             let found = meta.get("schema_version")?.map(|v| v.value().to_string());
-            match found {
-                Some(v) if v != SCHEMA_VERSION => return Err(StoreError::Schema { found: v }),
-                Some(_) => {}
+            match found.as_deref() {
+                Some(SCHEMA_VERSION) => {}
+                Some("1") => {
+                    drop(meta);
+                    migrate_v1_dedup(&txn)?;
+                    meta = txn.open_table(META)?;
+                    meta.insert("schema_version", SCHEMA_VERSION)?;
+                }
+                Some(v) => {
+                    return Err(StoreError::Schema {
+                        found: v.to_string(),
+                    });
+                }
                 None => {
                     meta.insert("schema_version", SCHEMA_VERSION)?;
                 }
@@ -145,8 +193,7 @@ impl Store {
             txn.open_table(LIMITS)?;
             txn.open_table(ENTITIES)?;
             txn.open_table(RESETS)?;
-            txn.open_table(DEDUP)?;
-            txn.open_table(DEDUP_EXPIRY)?;
+            txn.open_table(DEDUP_LOG)?;
         }
         txn.commit()?;
         Ok(())
@@ -229,72 +276,129 @@ impl Store {
                 v.value(),
             ));
         }
-        out.dedup_ids = txn.open_table(DEDUP)?.len()? as usize;
+        out.dedup_ids = self.dedup.len();
         Ok(out)
     }
 
     /// Starts one group-commit batch.
-    pub fn batch(&self) -> Result<Batch, StoreError> {
+    pub fn batch(&mut self) -> Result<Batch<'_>, StoreError> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
-        Ok(Batch { txn })
+        Ok(Batch {
+            txn,
+            store: self,
+            new_ids: Vec::new(),
+            new_fps: Vec::new(),
+            new_fp_set: FpSet::default(),
+            new_expiry_ms: i64::MIN,
+            expired: Vec::new(),
+        })
     }
+}
+
+/// Moves schema 1's per-id dedup table into log rows (one migration transaction).
+fn migrate_v1_dedup(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut rows: Vec<DedupRow> = Vec::new();
+    {
+        let old = txn.open_table(V1_DEDUP)?;
+        let mut row: DedupRow = (i64::MIN, Vec::new());
+        for entry in old.iter()? {
+            let (id, expiry) = entry?;
+            row.0 = row.0.max(expiry.value());
+            row.1.push(id.value().to_string());
+            if row.1.len() == IDS_PER_ROW_MAX {
+                rows.push(std::mem::replace(&mut row, (i64::MIN, Vec::new())));
+            }
+        }
+        if !row.1.is_empty() {
+            rows.push(row);
+        }
+    }
+    let mut log = txn.open_table(DEDUP_LOG)?;
+    for (seq, row) in rows.iter().enumerate() {
+        log.insert(seq as u64, codec::encode(row).as_slice())?;
+    }
+    drop(log);
+    txn.delete_table(V1_DEDUP)?;
+    txn.delete_table(V1_DEDUP_EXPIRY)?;
+    Ok(())
 }
 
 /// One durable write transaction: everything written through it becomes durable together
-/// at [`Batch::commit`], with one fsync.
-pub struct Batch {
+/// at [`Batch::commit`], with one fsync. The in-memory dedup index changes only once the
+/// commit succeeded, so a failed commit leaves memory and disk in agreement.
+pub struct Batch<'s> {
     txn: redb::WriteTransaction,
+    store: &'s mut Store,
+    /// Ids applied in this batch, with their fingerprints, and the latest window end.
+    new_ids: Vec<String>,
+    new_fps: Vec<u64>,
+    new_fp_set: FpSet,
+    new_expiry_ms: i64,
+    /// (fingerprint, row) pairs of rows this batch deletes.
+    expired: Vec<(u64, u64)>,
 }
 
-impl Batch {
-    /// Whether `id` is inside its dedup window (I2).
+impl Batch<'_> {
+    /// Whether `id` is inside its dedup window (I2), this batch's own ids included.
     pub fn dedup_contains(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
-        let t = self.txn.open_table(DEDUP)?;
-        Ok(t.get(id)?.is_some_and(|exp| exp.value() > now_ms))
+        let fp = self.store.dedup.fingerprint(id);
+        if self.new_fp_set.contains(&fp) && self.new_ids.iter().any(|i| i == id) {
+            return Ok(self.new_expiry_ms > now_ms);
+        }
+        let mut rows = self.store.dedup.candidates(fp).peekable();
+        if rows.peek().is_none() {
+            return Ok(false);
+        }
+        let log = self.txn.open_table(DEDUP_LOG)?;
+        for seq in rows {
+            let Some(row) = log.get(seq)? else { continue };
+            let (expiry, ids) = decode_row(row.value())?;
+            if expiry > now_ms && ids.iter().any(|i| i == id) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
+    /// Remembers `id` until `expiry_ms` (written at commit, one log row per
+    /// [`IDS_PER_ROW_MAX`] ids; a row keeps the latest window end of its ids).
     pub fn dedup_insert(&mut self, id: &str, expiry_ms: i64) -> Result<(), StoreError> {
-        let old = self
-            .txn
-            .open_table(DEDUP)?
-            .insert(id, expiry_ms)?
-            .map(|v| v.value());
-        let mut by_expiry = self.txn.open_table(DEDUP_EXPIRY)?;
-        if let Some(old) = old {
-            // A re-used id past its window: drop its old expiry entry.
-            by_expiry.remove((old, id))?;
-        }
-        by_expiry.insert((expiry_ms, id), ())?;
+        let fp = self.store.dedup.fingerprint(id);
+        self.new_fps.push(fp);
+        self.new_fp_set.insert(fp);
+        self.new_ids.push(id.to_string());
+        self.new_expiry_ms = self.new_expiry_ms.max(expiry_ms);
         Ok(())
     }
 
-    /// Forgets ids whose window ended at or before `now_ms`, at most `max` of them.
+    /// Forgets ids whose window ended at or before `now_ms`: whole log rows, oldest first,
+    /// until at least `max` ids are gone. Returns how many ids were forgotten.
     pub fn dedup_expire(&mut self, now_ms: i64, max: usize) -> Result<usize, StoreError> {
-        let mut expired: Vec<(i64, String)> = Vec::new();
+        let mut rows = Vec::new();
+        let mut n = 0;
         {
-            let t = self.txn.open_table(DEDUP_EXPIRY)?;
-            for row in t.range(..(now_ms + 1, ""))? {
-                let (k, _) = row?;
-                let (exp, id) = k.value();
-                if exp > now_ms {
+            let log = self.txn.open_table(DEDUP_LOG)?;
+            for row in log.iter()? {
+                let (k, v) = row?;
+                let (expiry, ids) = decode_row(v.value())?;
+                // Rows are in commit order; a row whose window has not ended stops the
+                // sweep (a clock that went back only delays later rows' expiry).
+                if expiry > now_ms || n >= max {
                     break;
                 }
-                expired.push((exp, id.to_string()));
-                if expired.len() >= max {
-                    break;
-                }
+                let seq = k.value();
+                n += ids.len();
+                self.expired
+                    .extend(ids.iter().map(|id| (self.store.dedup.fingerprint(id), seq)));
+                rows.push(seq);
             }
         }
-        let mut by_expiry = self.txn.open_table(DEDUP_EXPIRY)?;
-        let mut by_id = self.txn.open_table(DEDUP)?;
-        for (exp, id) in &expired {
-            by_expiry.remove((*exp, id.as_str()))?;
-            if by_id.get(id.as_str())?.is_some_and(|e| e.value() == *exp) {
-                by_id.remove(id.as_str())?;
-            }
+        let mut log = self.txn.open_table(DEDUP_LOG)?;
+        for seq in rows {
+            log.remove(seq)?;
         }
-        Ok(expired.len())
+        Ok(n)
     }
 
     /// This node's durable slot of (limit, epoch).
@@ -372,9 +476,31 @@ impl Batch {
         Ok(())
     }
 
-    /// Makes the whole batch durable (one fsync).
+    /// Makes the whole batch durable (one fsync), then updates the dedup index.
     pub fn commit(self) -> Result<(), StoreError> {
+        let first_row = self.store.next_row;
+        let mut next_row = first_row;
+        if !self.new_ids.is_empty() {
+            let mut log = self.txn.open_table(DEDUP_LOG)?;
+            for chunk in self.new_ids.chunks(IDS_PER_ROW_MAX) {
+                log.insert(
+                    next_row,
+                    codec::encode(&(self.new_expiry_ms, chunk)).as_slice(),
+                )?;
+                next_row += 1;
+            }
+        }
         self.txn.commit()?;
+        let store = self.store;
+        for (fp, seq) in self.expired {
+            store.dedup.remove(fp, seq);
+        }
+        for (i, fp) in self.new_fps.into_iter().enumerate() {
+            store
+                .dedup
+                .insert(fp, first_row + (i / IDS_PER_ROW_MAX) as u64);
+        }
+        store.next_row = next_row;
         Ok(())
     }
 }
@@ -423,7 +549,7 @@ mod tests {
             baseline: 4,
         };
         {
-            let s = Store::open(dir.path()).unwrap();
+            let mut s = Store::open(dir.path()).unwrap();
             assert_eq!(s.node_id(None, || "gen".into()).unwrap(), "gen");
             let mut b = s.batch().unwrap();
             b.put_limit(&limit).unwrap();
@@ -437,7 +563,7 @@ mod tests {
             assert!(!b.dedup_contains("r1", 1_000).unwrap(), "window ended");
             b.commit().unwrap();
         }
-        let s = Store::open(dir.path()).unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
         assert_eq!(s.node_id(Some("gen"), || unreachable!()).unwrap(), "gen");
         assert!(matches!(
             s.node_id(Some("other"), || unreachable!()),
@@ -461,9 +587,91 @@ mod tests {
     }
 
     #[test]
+    fn dedup_ids_are_exact_across_rows_restarts_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = IDS_PER_ROW_MAX * 2 + 7;
+        {
+            let mut s = Store::open(dir.path()).unwrap();
+            let mut b = s.batch().unwrap();
+            for i in 0..n {
+                b.dedup_insert(&format!("a-{i}"), 1_000).unwrap();
+            }
+            assert!(
+                b.dedup_contains("a-3", 0).unwrap(),
+                "the batch sees its own ids"
+            );
+            b.commit().unwrap();
+            let mut b = s.batch().unwrap();
+            b.dedup_insert("b-0", 2_000).unwrap();
+            b.commit().unwrap();
+            // A failed (dropped) batch changes neither disk nor the index.
+            let mut b = s.batch().unwrap();
+            b.dedup_insert("c-0", 2_000).unwrap();
+            assert_eq!(b.dedup_expire(1_500, usize::MAX).unwrap(), n);
+            drop(b);
+            let b = s.batch().unwrap();
+            assert!(!b.dedup_contains("c-0", 0).unwrap());
+            assert!(b.dedup_contains("a-0", 999).unwrap());
+        }
+        let mut s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.recover().unwrap().dedup_ids, n + 1);
+        let mut b = s.batch().unwrap();
+        for i in [0, IDS_PER_ROW_MAX, n - 1] {
+            assert!(b.dedup_contains(&format!("a-{i}"), 999).unwrap());
+        }
+        assert!(!b.dedup_contains(&format!("a-{n}"), 999).unwrap());
+        assert!(!b.dedup_contains("a-0", 1_000).unwrap(), "window ended");
+        assert!(b.dedup_contains("b-0", 1_999).unwrap());
+        // Expiry goes row by row, oldest first, and stops at a row still in its window.
+        assert_eq!(b.dedup_expire(1_000, 1).unwrap(), IDS_PER_ROW_MAX);
+        assert_eq!(
+            b.dedup_expire(1_000, usize::MAX).unwrap(),
+            n - IDS_PER_ROW_MAX
+        );
+        // An id re-used after its window is remembered again.
+        b.dedup_insert("a-0", 3_000).unwrap();
+        b.commit().unwrap();
+        assert_eq!(s.recover().unwrap().dedup_ids, 2);
+        let b = s.batch().unwrap();
+        assert!(b.dedup_contains("a-0", 2_500).unwrap());
+        assert!(!b.dedup_contains("a-1", 500).unwrap());
+    }
+
+    #[test]
+    fn schema_1_dedup_ids_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut meta = txn.open_table(META).unwrap();
+                meta.insert("schema_version", "1").unwrap();
+                let mut by_id = txn.open_table(V1_DEDUP).unwrap();
+                let mut by_exp = txn.open_table(V1_DEDUP_EXPIRY).unwrap();
+                for i in 0..600 {
+                    let id = format!("old-{i}");
+                    by_id.insert(id.as_str(), 5_000 + i).unwrap();
+                    by_exp.insert((5_000 + i, id.as_str()), ()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let mut s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.recover().unwrap().dedup_ids, 600);
+        let b = s.batch().unwrap();
+        assert!(b.dedup_contains("old-599", 5_598).unwrap());
+        assert!(!b.dedup_contains("old-600", 0).unwrap());
+        drop(b);
+        let txn = s.db.begin_read().unwrap();
+        assert!(txn.open_table(V1_DEDUP).is_err(), "old tables are gone");
+        let meta = txn.open_table(META).unwrap();
+        assert_eq!(meta.get("schema_version").unwrap().unwrap().value(), "2");
+    }
+
+    #[test]
     fn uncommitted_batch_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
         let mut b = s.batch().unwrap();
         b.put_own_slot("l", epoch(1), 3).unwrap();
         drop(b);
@@ -474,7 +682,7 @@ mod tests {
     #[should_panic(expected = "would go down")]
     fn own_slots_never_decrease() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
         let mut b = s.batch().unwrap();
         b.put_own_slot("l", epoch(1), 3).unwrap();
         b.put_own_slot("l", epoch(1), 2).unwrap();
