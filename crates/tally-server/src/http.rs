@@ -2,6 +2,7 @@
 //! shape. Handlers validate everything before touching the node, so bad input changes
 //! nothing (I8); the node does the rest.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -11,12 +12,14 @@ use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tally_core::units::{self, ATTRIBUTES_MAX, Micros};
 use tally_core::{Amounts, LimitInput, Metric, Period, Scope};
 use tally_node::{LimitDetails, LimitReport, Node, NodeError, UsageRecord};
+
+use crate::json::Json;
 
 /// Largest request body accepted (API.md: 1 MiB).
 pub const BODY_BYTES_MAX: usize = 1 << 20;
@@ -107,19 +110,31 @@ pub struct Body<T>(T);
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
-        let bytes = axum::body::to_bytes(req.into_body(), BODY_BYTES_MAX)
-            .await
-            .map_err(|_| ApiError {
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-                code: "payload_too_large",
-                message: format!("request body is larger than {BODY_BYTES_MAX} bytes"),
-            })?;
+    async fn from_request(req: Request, s: &S) -> Result<Self, ApiError> {
+        let RawBody(bytes) = RawBody::from_request(req, s).await?;
         parse_json(&bytes).map(Body)
     }
 }
 
-fn parse_json<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+/// A body of at most 1 MiB, unparsed, for handlers that parse into borrowed values.
+pub struct RawBody(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
+        axum::body::to_bytes(req.into_body(), BODY_BYTES_MAX)
+            .await
+            .map(RawBody)
+            .map_err(|_| ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                code: "payload_too_large",
+                message: format!("request body is larger than {BODY_BYTES_MAX} bytes"),
+            })
+    }
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -202,64 +217,35 @@ fn amount(metric: Metric, v: u64) -> Value {
     }
 }
 
-/// An amount as JSON: USD for cost, an integer otherwise.
-#[derive(Serialize)]
-#[serde(untagged)]
-enum Amount {
-    Usd(f64),
-    Count(u64),
-}
-
-fn amount_of(metric: Metric, v: u64) -> Amount {
-    match metric {
-        Metric::Cost => Amount::Usd(Micros(v).to_usd()),
-        _ => Amount::Count(v),
+/// The `limits` array of check and usage replies (API.md), written directly.
+fn write_reports(j: &mut Json, reports: &[LimitReport]) {
+    j.raw("[");
+    for (i, r) in reports.iter().enumerate() {
+        if i > 0 {
+            j.raw(",");
+        }
+        j.raw("{\"id\":").str(&r.id);
+        j.raw(",\"metric\":").str(r.metric.as_str());
+        j.raw(",\"used\":").amount(r.metric, r.used);
+        j.raw(",\"max\":").amount(r.metric, r.max);
+        j.raw(",\"remaining\":").amount(r.metric, r.remaining);
+        j.raw(",\"resets_at\":");
+        match r.resets_at_ms {
+            Some(ms) => j.time(ms),
+            None => j.raw("null"),
+        };
+        j.raw("}");
     }
+    j.raw("]");
 }
 
-/// One applicable limit in a check or usage reply (API.md).
-#[derive(Serialize)]
-struct ReportJson<'a> {
-    id: &'a str,
-    metric: &'static str,
-    used: Amount,
-    max: Amount,
-    remaining: Amount,
-    resets_at: Option<String>,
+/// Room for a reply listing `n` limits, so the buffer is allocated once.
+fn reply_capacity(n: usize) -> usize {
+    64 + n * 160
 }
 
-fn report_json(r: &LimitReport) -> ReportJson<'_> {
-    ReportJson {
-        id: &r.id,
-        metric: r.metric.as_str(),
-        used: amount_of(r.metric, r.used),
-        max: amount_of(r.metric, r.max),
-        remaining: amount_of(r.metric, r.remaining),
-        resets_at: r
-            .resets_at_ms
-            .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
-            .map(|t| t.to_string()),
-    }
-}
-
-#[derive(Serialize)]
-struct CheckJson<'a> {
-    allowed: bool,
-    stale: bool,
-    denied_by: Vec<&'a str>,
-    limits: Vec<ReportJson<'a>>,
-}
-
-#[derive(Serialize)]
-struct UsageJson<'a> {
-    applied: bool,
-    limits: Vec<ReportJson<'a>>,
-}
-
-fn reply<T: Serialize>(v: &T) -> ApiResult {
-    let body = serde_json::to_vec(v)
-        .map_err(|e| ApiError::invalid(format!("cannot encode reply: {e}")))?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+fn json_reply(j: Json) -> ApiResult {
+    Ok(([(header::CONTENT_TYPE, "application/json")], j.into_bytes()).into_response())
 }
 
 fn view_json(d: &LimitDetails) -> Value {
@@ -291,10 +277,19 @@ fn check_id(id: &str, what: &'static str) -> Result<(), ApiError> {
 }
 
 fn check_attributes(attrs: &BTreeMap<String, String>) -> Result<(), ApiError> {
-    if attrs.len() > ATTRIBUTES_MAX {
+    check_attribute_pairs(
+        attrs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        attrs.len(),
+    )
+}
+
+fn check_attribute_pairs<'a>(
+    attrs: impl Iterator<Item = (&'a str, &'a str)>,
+    len: usize,
+) -> Result<(), ApiError> {
+    if len > ATTRIBUTES_MAX {
         return Err(ApiError::invalid(format!(
-            "attributes has {} entries; at most {ATTRIBUTES_MAX} are allowed",
-            attrs.len()
+            "attributes has {len} entries; at most {ATTRIBUTES_MAX} are allowed"
         )));
     }
     for (k, v) in attrs {
@@ -337,13 +332,6 @@ fn cost(c: Option<f64>) -> Result<Micros, ApiError> {
 
 fn count(c: Option<u64>, what: &'static str, default: u64) -> Result<u64, ApiError> {
     units::check_count(c.unwrap_or(default), what).map_err(|e| ApiError::invalid(e.to_string()))
-}
-
-fn pairs(attrs: &BTreeMap<String, String>) -> Vec<(&str, &str)> {
-    attrs
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect()
 }
 
 // ----- limits ------------------------------------------------------------------------
@@ -540,33 +528,75 @@ async fn delete_entity(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CheckBody {
-    #[serde(default)]
-    attributes: BTreeMap<String, String>,
+struct CheckBody<'a> {
+    #[serde(default, borrow)]
+    attributes: Attributes<'a>,
     cost: Option<f64>,
     tokens: Option<u64>,
 }
 
-async fn check(State(s): App, headers: HeaderMap, Body(b): Body<CheckBody>) -> ApiResult {
+/// Request attributes borrowed from the body where they need no unescaping (a check
+/// allocates nothing for them). A repeated name keeps its last value, as a map would.
+#[derive(Default)]
+struct Attributes<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
+
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Attributes<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of attribute names to string values")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut m: M,
+            ) -> Result<Self::Value, M::Error> {
+                let mut out: Vec<(Cow<'a, str>, Cow<'a, str>)> = Vec::with_capacity(8);
+                while let Some((Text(k), Text(v))) = m.next_entry::<Text<'a>, Text<'a>>()? {
+                    match out.iter_mut().find(|(ok, _)| *ok == k) {
+                        Some(slot) => slot.1 = v,
+                        None => out.push((k, v)),
+                    }
+                }
+                Ok(Attributes(out))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+async fn check(State(s): App, headers: HeaderMap, RawBody(body): RawBody) -> ApiResult {
     authorize(&s, &headers, Role::Client)?;
-    check_attributes(&b.attributes)?;
+    let b: CheckBody = parse_json(&body)?;
+    check_attribute_pairs(
+        b.attributes.0.iter().map(|(k, v)| (&**k, &**v)),
+        b.attributes.0.len(),
+    )?;
     let estimate = Amounts {
         cost: cost(b.cost)?,
         tokens: count(b.tokens, "tokens", 0)?,
         requests: 1,
     };
-    let r = s.node.check(&pairs(&b.attributes), estimate);
-    reply(&CheckJson {
-        allowed: r.allowed,
-        stale: r.stale,
-        denied_by: r
-            .limits
-            .iter()
-            .filter(|l| l.denied)
-            .map(|l| l.id.as_str())
-            .collect(),
-        limits: r.limits.iter().map(report_json).collect(),
-    })
+    let attrs: Vec<(&str, &str)> = b.attributes.0.iter().map(|(k, v)| (&**k, &**v)).collect();
+    let r = s.node.check(&attrs, estimate);
+    let mut j = Json::with_capacity(reply_capacity(r.limits.len()));
+    j.raw("{\"allowed\":").bool(r.allowed);
+    j.raw(",\"stale\":").bool(r.stale);
+    j.raw(",\"denied_by\":[");
+    for (i, l) in r.limits.iter().filter(|l| l.denied).enumerate() {
+        if i > 0 {
+            j.raw(",");
+        }
+        j.str(&l.id);
+    }
+    j.raw("],\"limits\":");
+    write_reports(&mut j, &r.limits);
+    j.raw("}");
+    json_reply(j)
 }
 
 #[derive(Deserialize)]
@@ -614,10 +644,12 @@ async fn usage(State(s): App, headers: HeaderMap, Body(b): Body<UsageBody>) -> A
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     let statuses = s.node.statuses(&pairs);
-    reply(&UsageJson {
-        applied: applied[0],
-        limits: statuses.iter().map(report_json).collect(),
-    })
+    let mut j = Json::with_capacity(reply_capacity(statuses.len()));
+    j.raw("{\"applied\":").bool(applied[0]);
+    j.raw(",\"limits\":");
+    write_reports(&mut j, &statuses);
+    j.raw("}");
+    json_reply(j)
 }
 
 #[derive(Deserialize)]

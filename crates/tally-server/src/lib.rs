@@ -9,5 +9,6 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod json;
 pub mod metrics;
 pub mod serve;
