@@ -1,5 +1,11 @@
 //! The HTTP/1.1 client half: one keep-alive connection per [`Conn`], requests stamped from a
-//! prebuilt [`RequestTemplate`] so the hot loop does no parsing.
+//! prebuilt [`RequestTemplate`] so the hot loop does no header work.
+//!
+//! A hand-written client, as minimal as the RESP client of the Redis rows (one write per
+//! request, one buffer per connection, `Content-Length` bodies only), so that every row
+//! of a comparison pays the same small client cost and the numbers measure the servers.
+//! Anything it does not understand (chunked bodies, interim responses) is an error, not a
+//! guess.
 //!
 //! Owns only transport; what is sent (bodies, paths) is `workload`'s business and what is
 //! measured is `run`'s.
@@ -7,16 +13,18 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 
 use anyhow::{Context, bail};
-use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::client::conn::http1::SendRequest;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderMap, HeaderValue};
-use hyper::{Method, Request, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
+use hyper::header::HeaderValue;
+use hyper::{Method, StatusCode, Uri};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::run::Protocol;
 use crate::workload::BodyGen;
+
+/// Largest response head or body accepted, so a broken server cannot make us allocate
+/// without bound.
+const RESPONSE_BYTES_MAX: usize = 16 << 20;
 
 /// Where to connect and what to put in `Host`/`Authorization`; resolved once, up front.
 #[derive(Clone, Debug)]
@@ -64,42 +72,101 @@ impl Target {
             .await
             .with_context(|| format!("connecting to {}", self.addr))?;
         stream.set_nodelay(true)?;
-        let (sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        // The connection task ends when `sender` is dropped or the peer closes.
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(Conn { sender })
+        Ok(Conn {
+            stream,
+            buf: Vec::with_capacity(8192),
+        })
     }
 }
 
 /// One HTTP/1.1 connection; requests on it are strictly sequential (no pipelining).
 pub struct Conn {
-    sender: SendRequest<Full<Bytes>>,
+    stream: TcpStream,
+    buf: Vec<u8>,
 }
 
 impl Conn {
-    /// Sends `request` and reads the whole response body.
-    pub async fn send(
-        &mut self,
-        request: Request<Full<Bytes>>,
-    ) -> Result<(StatusCode, Bytes), hyper::Error> {
-        self.sender.ready().await?;
-        let response = self.sender.send_request(request).await?;
-        let status = response.status();
-        let body = response.into_body().collect().await?.to_bytes();
-        Ok((status, body))
+    /// Sends one request (built by [`RequestTemplate::build`]) and reads the whole
+    /// response: its status and body.
+    pub async fn send(&mut self, request: Vec<u8>) -> anyhow::Result<(StatusCode, Bytes)> {
+        self.stream.write_all(&request).await?;
+        self.buf.clear();
+        let (status, head_len, body_len) = loop {
+            if let Some(head) = parse_head(&self.buf)? {
+                break head;
+            }
+            self.fill().await?;
+        };
+        let total = head_len + body_len;
+        while self.buf.len() < total {
+            self.fill().await?;
+        }
+        if self.buf.len() > total {
+            bail!("the server sent bytes after the response (no pipelining here)");
+        }
+        Ok((status, Bytes::copy_from_slice(&self.buf[head_len..total])))
+    }
+
+    async fn fill(&mut self) -> anyhow::Result<()> {
+        if self.buf.len() >= RESPONSE_BYTES_MAX {
+            bail!("response larger than {RESPONSE_BYTES_MAX} bytes");
+        }
+        self.buf.reserve(8192);
+        if self.stream.read_buf(&mut self.buf).await? == 0 {
+            bail!("the server closed the connection");
+        }
+        Ok(())
     }
 }
 
-/// Method, path and headers of a request, built once; [`RequestTemplate::build`] only
-/// clones them and attaches a body.
+/// Parses a response head at the start of `buf`: `Ok(None)` until it is complete, then
+/// (status, head length, body length).
+fn parse_head(buf: &[u8]) -> anyhow::Result<Option<(StatusCode, usize, usize)>> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        if buf.len() > RESPONSE_BYTES_MAX {
+            bail!("response head larger than {RESPONSE_BYTES_MAX} bytes");
+        }
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&buf[..end]).context("response head is not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let code = status_line
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| status_line.strip_prefix("HTTP/1.0 "))
+        .and_then(|rest| rest.get(..3))
+        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let status = StatusCode::from_bytes(code.as_bytes())
+        .with_context(|| format!("bad status line {status_line:?}"))?;
+    if status.is_informational() {
+        bail!("interim {status} responses are not supported");
+    }
+    let mut body_len = None;
+    for line in lines {
+        let (name, value) = line
+            .split_once(':')
+            .with_context(|| format!("bad header line {line:?}"))?;
+        if name.eq_ignore_ascii_case("content-length") {
+            let n: usize = value
+                .trim()
+                .parse()
+                .with_context(|| format!("bad content-length {value:?}"))?;
+            if n > RESPONSE_BYTES_MAX {
+                bail!("response body of {n} bytes");
+            }
+            body_len = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            bail!("transfer-encoding {value:?} is not supported (Content-Length only)");
+        }
+    }
+    Ok(Some((status, end + 4, body_len.unwrap_or(0))))
+}
+
+/// Method, path and headers of a request, rendered once; [`RequestTemplate::build`] only
+/// appends the body's length and the body.
 #[derive(Clone, Debug)]
 pub struct RequestTemplate {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    head: Vec<u8>,
 }
 
 impl RequestTemplate {
@@ -109,26 +176,27 @@ impl RequestTemplate {
         if uri.scheme().is_some() || !path.starts_with('/') {
             bail!("path {path:?} must start with '/'");
         }
-        let mut headers = HeaderMap::new();
-        headers.insert(HOST, target.host.clone());
+        let mut head = format!("{method} {uri} HTTP/1.1\r\nhost: ").into_bytes();
+        head.extend_from_slice(target.host.as_bytes());
         if let Some(authorization) = &target.authorization {
-            headers.insert(AUTHORIZATION, authorization.clone());
+            head.extend_from_slice(b"\r\nauthorization: ");
+            head.extend_from_slice(authorization.as_bytes());
         }
         if json {
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            head.extend_from_slice(b"\r\ncontent-type: application/json");
         }
-        Ok(Self {
-            method,
-            uri,
-            headers,
-        })
+        head.extend_from_slice(b"\r\ncontent-length: ");
+        Ok(Self { head })
     }
 
-    pub fn build(&self, body: Bytes) -> Request<Full<Bytes>> {
-        let mut request = Request::new(Full::new(body));
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.headers_mut() = self.headers.clone();
+    /// The whole request, ready to write.
+    pub fn build(&self, body: Bytes) -> Vec<u8> {
+        let len = itoa::Buffer::new().format(body.len()).to_owned();
+        let mut request = Vec::with_capacity(self.head.len() + len.len() + 4 + body.len());
+        request.extend_from_slice(&self.head);
+        request.extend_from_slice(len.as_bytes());
+        request.extend_from_slice(b"\r\n\r\n");
+        request.extend_from_slice(&body);
         request
     }
 }
@@ -197,19 +265,39 @@ mod tests {
         let target = Target::parse("http://127.0.0.1:7070", Some("t")).unwrap();
         let template = RequestTemplate::new(&target, Method::POST, "/v1/check", true).unwrap();
         let request = template.build(Bytes::from_static(b"{}"));
-        assert_eq!(request.method(), Method::POST);
-        assert_eq!(request.uri(), "/v1/check");
-        assert_eq!(request.headers()[HOST], "127.0.0.1:7070");
-        assert_eq!(request.headers()[AUTHORIZATION], "Bearer t");
-        assert_eq!(request.headers()[CONTENT_TYPE], "application/json");
-
+        assert_eq!(
+            String::from_utf8(request).unwrap(),
+            "POST /v1/check HTTP/1.1\r\nhost: 127.0.0.1:7070\r\nauthorization: Bearer t\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+        );
         let template = RequestTemplate::new(&target, Method::GET, "/healthz", false).unwrap();
-        assert!(
-            !template
-                .build(Bytes::new())
-                .headers()
-                .contains_key(CONTENT_TYPE)
+        assert_eq!(
+            String::from_utf8(template.build(Bytes::new())).unwrap(),
+            "GET /healthz HTTP/1.1\r\nhost: 127.0.0.1:7070\r\nauthorization: Bearer t\r\ncontent-length: 0\r\n\r\n"
         );
         assert!(RequestTemplate::new(&target, Method::GET, "healthz", false).is_err());
+    }
+
+    #[test]
+    fn response_heads_are_parsed_strictly() {
+        let ok =
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nContent-Length: 5\r\n\r\nhello";
+        assert_eq!(
+            parse_head(ok).unwrap(),
+            Some((StatusCode::OK, ok.len() - 5, 5))
+        );
+        assert_eq!(parse_head(&ok[..20]).unwrap(), None, "incomplete");
+        let empty = b"HTTP/1.1 404 Not Found\r\n\r\n";
+        assert_eq!(
+            parse_head(empty).unwrap(),
+            Some((StatusCode::NOT_FOUND, empty.len(), 0))
+        );
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+            b"SPDY 200\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
+        ] {
+            assert!(parse_head(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
     }
 }
