@@ -316,10 +316,44 @@ impl Node {
     /// applied, `false` if its id was already applied on this node (I2). All records are
     /// validated before any is queued (all or nothing).
     pub async fn record(&self, records: Vec<UsageRecord>) -> Result<Vec<bool>, NodeError> {
+        self.record_returning(records).await.0
+    }
+
+    /// [`Node::record`] that also hands the records back (for a caller that still needs
+    /// them, e.g. to report the limits they touched, without copying them first).
+    pub async fn record_returning(
+        &self,
+        records: Vec<UsageRecord>,
+    ) -> (Result<Vec<bool>, NodeError>, Vec<UsageRecord>) {
+        if let Err(e) = self.validate_records(&records) {
+            return (Err(e), records);
+        }
+        let n = records.len().max(1);
+        let (reply, rx) = oneshot::channel();
+        let queued = self
+            .submit(n, |permit| Op::Records {
+                records,
+                reply,
+                _permit: permit,
+            })
+            .await;
+        if let Err(e) = queued {
+            // The records were dropped with the op that could not be queued.
+            return (Err(e), Vec::new());
+        }
+        rx.await.unwrap_or_else(|_| {
+            (
+                Err(NodeError::Unavailable("the node is shutting down".into())),
+                Vec::new(),
+            )
+        })
+    }
+
+    fn validate_records(&self, records: &[UsageRecord]) -> Result<(), NodeError> {
         let now = self.now_ms();
         let window = self.shared.config.dedup_window_ms;
         let skew = self.shared.config.future_skew_ms;
-        for r in &records {
+        for r in records {
             tally_core::units::validate_id(&r.id, "record id")
                 .map_err(|e| NodeError::InvalidArgument(e.to_string()))?;
             if let Some(at) = r.at_ms {
@@ -339,18 +373,10 @@ impl Node {
                 }
             }
         }
-        let n = records.len().max(1);
-        let (reply, rx) = oneshot::channel();
-        self.submit(n, |permit| Op::Records {
-            records,
-            reply,
-            _permit: permit,
-        })
-        .await?;
-        rx.await
-            .map_err(|_| NodeError::Unavailable("the node is shutting down".into()))?
+        Ok(())
     }
 
+    /// Queues an op for the writer once `n` records' worth of queue space is free.
     async fn submit(
         &self,
         n: usize,

@@ -30,8 +30,9 @@ pub(crate) enum ConfigChange {
     DeleteEntity(String, String),
 }
 
-/// Where a records op's answer goes: per record, applied or already seen.
-pub(crate) type RecordsReply = oneshot::Sender<Result<Vec<bool>, NodeError>>;
+/// Where a records op's answer goes: per record, applied or already seen; and the records
+/// themselves, handed back so the caller can reuse them and frees them on its own thread.
+pub(crate) type RecordsReply = oneshot::Sender<(Result<Vec<bool>, NodeError>, Vec<UsageRecord>)>;
 
 pub(crate) enum Op {
     Records {
@@ -68,8 +69,8 @@ fn unavailable(e: &StoreError) -> NodeError {
 struct Group<'a> {
     batch: Batch<'a>,
     /// New values of this node's slots, by (limit, epoch).
-    pending: HashMap<(LimitIdx, Epoch), u64>,
-    replies: Vec<(RecordsReply, Vec<bool>)>,
+    pending: HashMap<(LimitIdx, Epoch), u64, foldhash::fast::RandomState>,
+    replies: Vec<(RecordsReply, Vec<bool>, Vec<UsageRecord>)>,
     records: usize,
     shared: &'a Shared,
 }
@@ -149,18 +150,18 @@ impl Group<'_> {
                     &m.commit_seconds_micros_total,
                     started.elapsed().as_micros() as u64,
                 );
-                for (reply, applied) in self.replies {
+                for (reply, applied, records) in self.replies {
                     let n = applied.iter().filter(|a| **a).count() as u64;
                     Metrics::add(&m.records_applied_total, n);
                     Metrics::add(&m.records_duplicate_total, applied.len() as u64 - n);
-                    let _ = reply.send(Ok(applied));
+                    let _ = reply.send((Ok(applied), records));
                 }
             }
             Err(e) => {
                 Metrics::add(&m.commit_errors_total, 1);
                 tracing::error!(error = %e, records = self.records, "group commit failed; nothing of it was acknowledged");
-                for (reply, _) in self.replies {
-                    let _ = reply.send(Err(unavailable(&e)));
+                for (reply, _, records) in self.replies {
+                    let _ = reply.send((Err(unavailable(&e)), records));
                 }
             }
         }
@@ -207,13 +208,13 @@ pub(crate) fn run(shared: Arc<Shared>, mut store: Store, rx: Receiver<Op>) {
                 let mut group = match store.batch() {
                     Ok(batch) => Group {
                         batch,
-                        pending: HashMap::new(),
+                        pending: HashMap::default(),
                         replies: Vec::new(),
                         records: 0,
                         shared: &shared,
                     },
                     Err(e) => {
-                        let _ = reply.send(Err(unavailable(&e)));
+                        let _ = reply.send((Err(unavailable(&e)), records));
                         continue;
                     }
                 };
@@ -221,9 +222,9 @@ pub(crate) fn run(shared: Arc<Shared>, mut store: Store, rx: Receiver<Op>) {
                 let mut failed: Option<StoreError> = None;
                 while let Some((records, reply)) = next.take() {
                     match group.add(&records) {
-                        Ok(applied) => group.replies.push((reply, applied)),
+                        Ok(applied) => group.replies.push((reply, applied, records)),
                         Err(e) => {
-                            let _ = reply.send(Err(unavailable(&e)));
+                            let _ = reply.send((Err(unavailable(&e)), records));
                             failed = Some(e);
                             break;
                         }
@@ -239,8 +240,8 @@ pub(crate) fn run(shared: Arc<Shared>, mut store: Store, rx: Receiver<Op>) {
                     }
                 }
                 if let Some(e) = failed {
-                    for (reply, _) in group.replies {
-                        let _ = reply.send(Err(unavailable(&e)));
+                    for (reply, _, records) in group.replies {
+                        let _ = reply.send((Err(unavailable(&e)), records));
                     }
                     continue;
                 }

@@ -543,6 +543,12 @@ struct Attributes<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
 #[derive(Deserialize)]
 struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
+impl Attributes<'_> {
+    fn validate(&self) -> Result<(), ApiError> {
+        check_attribute_pairs(self.0.iter().map(|(k, v)| (&**k, &**v)), self.0.len())
+    }
+}
+
 impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Visit<'a>(std::marker::PhantomData<&'a ()>);
@@ -572,10 +578,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
 async fn check(State(s): App, headers: HeaderMap, RawBody(body): RawBody) -> ApiResult {
     authorize(&s, &headers, Role::Client)?;
     let b: CheckBody = parse_json(&body)?;
-    check_attribute_pairs(
-        b.attributes.0.iter().map(|(k, v)| (&**k, &**v)),
-        b.attributes.0.len(),
-    )?;
+    b.attributes.validate()?;
     let estimate = Amounts {
         cost: cost(b.cost)?,
         tokens: count(b.tokens, "tokens", 0)?,
@@ -601,19 +604,19 @@ async fn check(State(s): App, headers: HeaderMap, RawBody(body): RawBody) -> Api
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UsageBody {
+struct UsageBody<'a> {
     id: String,
-    #[serde(default)]
-    attributes: BTreeMap<String, String>,
+    #[serde(default, borrow)]
+    attributes: Attributes<'a>,
     cost: Option<f64>,
     tokens: Option<u64>,
     requests: Option<u64>,
     at: Option<String>,
 }
 
-fn usage_record(b: UsageBody) -> Result<UsageRecord, ApiError> {
+fn usage_record(b: UsageBody<'_>) -> Result<UsageRecord, ApiError> {
     check_id(&b.id, "record id")?;
-    check_attributes(&b.attributes)?;
+    b.attributes.validate()?;
     let at_ms = match &b.at {
         Some(at) => Some(
             at.parse::<jiff::Timestamp>()
@@ -629,17 +632,23 @@ fn usage_record(b: UsageBody) -> Result<UsageRecord, ApiError> {
             requests: count(b.requests, "requests", 1)?,
         },
         id: b.id,
-        attributes: b.attributes.into_iter().collect(),
+        attributes: b
+            .attributes
+            .0
+            .into_iter()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect(),
         at_ms,
     })
 }
 
-async fn usage(State(s): App, headers: HeaderMap, Body(b): Body<UsageBody>) -> ApiResult {
+async fn usage(State(s): App, headers: HeaderMap, RawBody(body): RawBody) -> ApiResult {
     authorize(&s, &headers, Role::Client)?;
-    let rec = usage_record(b)?;
-    let attrs = rec.attributes.clone();
-    let applied = s.node.record(vec![rec]).await?;
-    let pairs: Vec<(&str, &str)> = attrs
+    let rec = usage_record(parse_json(&body)?)?;
+    let (applied, records) = s.node.record_returning(vec![rec]).await;
+    let applied = applied?;
+    let pairs: Vec<(&str, &str)> = records[0]
+        .attributes
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
@@ -654,12 +663,14 @@ async fn usage(State(s): App, headers: HeaderMap, Body(b): Body<UsageBody>) -> A
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BatchBody {
-    records: Vec<UsageBody>,
+struct BatchBody<'a> {
+    #[serde(borrow)]
+    records: Vec<UsageBody<'a>>,
 }
 
-async fn usage_batch(State(s): App, headers: HeaderMap, Body(b): Body<BatchBody>) -> ApiResult {
+async fn usage_batch(State(s): App, headers: HeaderMap, RawBody(body): RawBody) -> ApiResult {
     authorize(&s, &headers, Role::Client)?;
+    let b: BatchBody = parse_json(&body)?;
     if b.records.len() > BATCH_RECORDS_MAX {
         return Err(ApiError::invalid(format!(
             "a batch has at most {BATCH_RECORDS_MAX} records, this one has {}",
