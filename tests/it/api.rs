@@ -1737,6 +1737,11 @@ fn auth_roles() {
             del("/v1/limits/eng", unauth()).no_token(),
             get("/v1/cluster", unauth()).no_token(),
             get("/v1/entities/virtual_key/vk-1", unauth()).no_token(),
+            // The token is checked before the body is looked at.
+            post_raw("/v1/check", "{not json", unauth()).no_token(),
+            post_raw("/v1/usage", "[]", unauth()).no_token(),
+            put_raw("/v1/limits/eng", "{", unauth()).no_token(),
+            post_raw("/v1/usage", "{", invalid()).token("cli"),
             // Client: may not write config or reset.
             put("/v1/limits/eng", with(&eng, "max", json!(1.0)), denied()).token("cli"),
             put("/v1/limits/new", eng.clone(), denied()).token("cli"),

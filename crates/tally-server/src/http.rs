@@ -104,19 +104,9 @@ fn ok(v: Value) -> ApiResult {
     Ok(axum::Json(v).into_response())
 }
 
-/// A JSON body: at most 1 MiB (413 beyond), parsed strictly (400 on any mismatch).
-pub struct Body<T>(T);
-
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, s: &S) -> Result<Self, ApiError> {
-        let RawBody(bytes) = RawBody::from_request(req, s).await?;
-        parse_json(&bytes).map(Body)
-    }
-}
-
-/// A body of at most 1 MiB, unparsed, for handlers that parse into borrowed values.
+/// A request body of at most 1 MiB (413 beyond). Handlers parse it with [`parse_json`]
+/// after checking the token, so an unauthenticated request is refused before its body is
+/// looked at, and check and usage bodies can borrow from it.
 pub struct RawBody(Bytes);
 
 impl<S: Send + Sync> FromRequest<S> for RawBody {
@@ -134,6 +124,7 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
     }
 }
 
+/// Parses a JSON body strictly (400 on any mismatch); an empty body is `{}`.
 fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
@@ -358,9 +349,10 @@ async fn put_limit(
     State(s): App,
     headers: HeaderMap,
     Params(id): Params<String>,
-    Body(b): Body<LimitBody>,
+    RawBody(body): RawBody,
 ) -> ApiResult {
     authorize(&s, &headers, Role::Admin)?;
+    let b: LimitBody = parse_json(&body)?;
     check_id(&id, "limit id")?;
     let metric = Metric::parse(&b.metric).ok_or_else(|| {
         ApiError::invalid(format!(
@@ -459,9 +451,10 @@ async fn reset_limit(
     State(s): App,
     headers: HeaderMap,
     Params(id): Params<String>,
-    Body(b): Body<ResetBody>,
+    RawBody(body): RawBody,
 ) -> ApiResult {
     authorize(&s, &headers, Role::Admin)?;
+    let b: ResetBody = parse_json(&body)?;
     let d = s
         .node
         .limit(&id)
@@ -492,9 +485,10 @@ async fn put_entity(
     State(s): App,
     headers: HeaderMap,
     Params((dim, value)): Params<(String, String)>,
-    Body(b): Body<EntityBody>,
+    RawBody(body): RawBody,
 ) -> ApiResult {
     authorize(&s, &headers, Role::Admin)?;
+    let b: EntityBody = parse_json(&body)?;
     check_entity(&dim, &value)?;
     check_attributes(&b.parents)?;
     let e = s.node.put_entity(&dim, &value, b.parents).await?;
