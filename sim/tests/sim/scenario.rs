@@ -201,6 +201,19 @@ fn finish(rng: &mut Rng, n: usize, mut ops: Vec<Op>) -> Vec<Op> {
 
 const START: &str = "2025-03-14T12:00:00Z";
 
+/// A plan of `n` nodes with synchronised clocks from [`START`], the base limits and
+/// `ops`, finished by the heal and bad-input steps.
+fn plan(rng: &mut Rng, n: usize, budget: u64, ops: Vec<Op>) -> Plan {
+    Plan {
+        nodes: n,
+        spares: 0,
+        start: START,
+        skews_ms: vec![0; n],
+        limits: base_limits(budget),
+        ops: finish(rng, n, ops),
+    }
+}
+
 /// The fleet cut in two with gated traffic on both sides, then healed.
 pub fn split_brain(rng: &mut Rng) -> Plan {
     let n = rng.range(3, 5) as usize;
@@ -213,14 +226,7 @@ pub fn split_brain(rng: &mut Rng) -> Plan {
     ops.push(Op::Traffic(traffic(rng, "a", a, 60, true)));
     ops.push(Op::Traffic(traffic(rng, "b", b, 60, true)));
     ops.push(Op::Wait(rng.range(1500, 3000)));
-    Plan {
-        nodes: n,
-        spares: 0,
-        start: START,
-        skews_ms: vec![0; n],
-        limits: base_limits(2_500),
-        ops: finish(rng, n, ops),
-    }
+    plan(rng, n, 2_500, ops)
 }
 
 /// Asymmetric and flapping links, message loss, delay and reordering, held messages.
@@ -253,14 +259,7 @@ pub fn flaky_links(rng: &mut Rng) -> Plan {
         });
     }
     ops.push(Op::Wait(rng.range(200, 600)));
-    Plan {
-        nodes: n,
-        spares: 0,
-        start: START,
-        skews_ms: vec![0; n],
-        limits: base_limits(3_000),
-        ops: finish(rng, n, ops),
-    }
+    plan(rng, n, 3_000, ops)
 }
 
 /// A crash in the middle of a group commit, a restart, and clients retrying the same ids
@@ -286,14 +285,7 @@ pub fn crash_commit(rng: &mut Rng) -> Plan {
         ops.push(Op::Wait(rng.range(200, 1000)));
         ops.push(Op::Restart(other));
     }
-    Plan {
-        nodes: n,
-        spares: 0,
-        start: START,
-        skews_ms: vec![0; n],
-        limits: base_limits(1_000_000),
-        ops: finish(rng, n, ops),
-    }
+    plan(rng, n, 1_000_000, ops)
 }
 
 /// A node lost for good (with its disk) after its usage spread, and a new node joining:
@@ -580,12 +572,5 @@ pub fn client_retries(rng: &mut Rng) -> Plan {
         Op::Wait(rng.range(300, 900)),
         Op::Release(a, b),
     ];
-    Plan {
-        nodes: n,
-        spares: 0,
-        start: START,
-        skews_ms: vec![0; n],
-        limits: base_limits(1_000_000),
-        ops: finish(rng, n, ops),
-    }
+    plan(rng, n, 1_000_000, ops)
 }
