@@ -12,7 +12,8 @@
 #      node must count exactly the distinct acknowledged records (none lost, none twice);
 #   3. replace node 3 by a new node (tally-4, empty volume, new id and address): it must
 #      learn the full total, node 3's usage included (from the surviving nodes);
-#   and Docker's health check (`tally status`) reports the nodes healthy.
+#   and Docker's health check (GET /healthz via `tally status --health-only`) reports
+#   the nodes healthy.
 #
 # Needs: docker with `docker compose` or docker-compose, curl, python3 (and jq if
 # present), the Rust toolchain. Uses its own compose project, free loopback ports, a free

@@ -292,6 +292,10 @@ pub struct UsageArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
+    /// Only ask GET /healthz (no token needed): exit 0 when the process serves, 1 when it
+    /// does not. For container health checks.
+    #[arg(long)]
+    pub health_only: bool,
     #[command(flatten)]
     pub client: ClientOpts,
 }

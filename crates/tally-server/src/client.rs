@@ -92,8 +92,16 @@ impl Reply {
 
 /// Runs a client command (anything but `serve`).
 pub fn run(command: Command) -> anyhow::Result<()> {
-    if let Command::Status(StatusArgs { client }) = &command {
-        return status(client);
+    if let Command::Status(StatusArgs {
+        client,
+        health_only,
+    }) = &command
+    {
+        return if *health_only {
+            health(client)
+        } else {
+            status(client)
+        };
     }
     let (opts, request, view) = plan(&command)?;
     let http = Http::new(opts)?;
@@ -402,6 +410,29 @@ impl Http {
 
 /// `tally status`: /healthz, /readyz and /v1/cluster. Not ready is shown, not an error;
 /// an unreachable node or a failed cluster request is.
+/// `tally status --health-only`: GET /healthz alone.
+fn health(opts: &ClientOpts) -> anyhow::Result<()> {
+    let http = Http::new(opts)?;
+    let health = http.send(&Request::get("/healthz".to_owned()))?;
+    if opts.json {
+        println!(
+            "{}",
+            pretty(
+                &json!({"url": http.base, "healthz": {"status": health.status, "body": health.body}})
+            )
+        );
+    } else {
+        println!(
+            "healthy  {}",
+            if health.is_success() { "yes" } else { "no" }
+        );
+    }
+    if !health.is_success() {
+        return Err(health.error());
+    }
+    Ok(())
+}
+
 fn status(opts: &ClientOpts) -> anyhow::Result<()> {
     let http = Http::new(opts)?;
     let health = http.send(&Request::get("/healthz".to_owned()))?;
