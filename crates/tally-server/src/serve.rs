@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::serve::ListenerExt as _;
 use tally_node::{ClusterConfig, ClusterKey, Node, NodeConfig};
 use tokio::net::TcpListener;
 
@@ -83,6 +84,13 @@ pub async fn serve(
         out.flush()?;
     }
     tracing::info!(%addr, node = node.node_id(), data_dir = %cfg.data_dir.display(), "serving");
+    // Replies are written whole; Nagle would only hold a reply back while an earlier one
+    // is unacknowledged.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use axum::serve::ListenerExt as _;
+
 /// The allocator tally ships with, so the floor differs from tally only in what a check does.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -28,6 +30,10 @@ fn main() -> std::process::ExitCode {
         let listener = tokio::net::TcpListener::bind(&listen).await?;
         println!("tally-floor listening on http://{}", listener.local_addr()?);
         let floor = Arc::new(tally_bench::Floor::default());
+        // Like `tally serve`: no Nagle delay on replies.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, tally_bench::router(floor)).await
     });
     match result {
