@@ -641,8 +641,11 @@ async fn usage(State(s): App, headers: HeaderMap, RawBody(body): RawBody) -> Api
     let rec = usage_record(parse_json(&body)?)?;
     let (applied, records) = s.node.record_returning(vec![rec]).await;
     let applied = applied?;
-    let pairs: Vec<(&str, &str)> = records[0]
-        .attributes
+    // The writer hands the record back with its answer.
+    let pairs: Vec<(&str, &str)> = records
+        .first()
+        .map(|r| &r.attributes[..])
+        .unwrap_or_default()
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
