@@ -137,7 +137,7 @@ fn client_commands_print_tables_and_json() {
     assert_eq!(cj["denied_by"], json!(["vk-tokens"]));
 
     // usage: applied once, then a repeat is not applied again.
-    let u = run(&[
+    let usage = [
         "usage",
         "--id",
         "req-7f3a",
@@ -147,21 +147,10 @@ fn client_commands_print_tables_and_json() {
         "0.0123",
         "--tokens",
         "1800",
-        "--json",
-    ])
-    .json();
+    ];
+    let u = run(&[&usage[..], &["--json"]].concat()).json();
     assert_eq!(u["applied"], true);
-    let again = run(&[
-        "usage",
-        "--id",
-        "req-7f3a",
-        "--attr",
-        "virtual_key=vk-1",
-        "--cost",
-        "0.0123",
-        "--tokens",
-        "1800",
-    ]);
+    let again = run(&usage);
     assert!(again.stdout.contains("not applied"), "{}", again.stdout);
 
     // limits list / get show the usage.
