@@ -359,7 +359,7 @@ while :; do
     batch tally-2 "part-tally-2-$round" 20
     for k in 1 2; do
         id="part-tally-3-$round-$k"
-        docker exec "${CID[tally-3]}" tally usage --id "$id" --attr app=e2e --json \
+        docker exec -e TALLY_TOKEN="$TALLY_CLIENT_TOKEN" "${CID[tally-3]}" tally usage --id "$id" --attr app=e2e --json \
             >"$TMP/exec.out" 2>&1 || fail "usage $id on partitioned tally-3: $(cat "$TMP/exec.out")"
         EXP[tally-3]=$((${EXP[tally-3]:-0} + 1))
     done
@@ -376,7 +376,7 @@ while :; do
     fi
     sleep 0.5
 done
-docker exec "${CID[tally-3]}" tally limits get "$LIMIT" --json >"$TMP/view.part3" 2>&1 ||
+docker exec -e TALLY_TOKEN="$TALLY_CLIENT_TOKEN" "${CID[tally-3]}" tally limits get "$LIMIT" --json >"$TMP/view.part3" 2>&1 ||
     fail "reading tally-3 during the partition: $(cat "$TMP/view.part3")"
 log "during the partition tally-3 sees $(json sig "$TMP/view.part3"), the fleet $(expected_sig) after $round rounds"
 docker network connect --ip "${IP[tally-3]}" "$NET" "${CID[tally-3]}" || fail "network connect failed"
