@@ -233,11 +233,15 @@ fn client_retries() {
 /// Seeds that once failed, pinned so they run on every CI run (scenario, seed).
 const REGRESSIONS: &[(&str, u64)] = &[
     // The sweep unpublished own slots of every epoch that was not current and nothing
-    // re-published them: an epoch that opened again after a concurrent period edit lost
-    // (config_race_period), and a record whose `at` fell in the next period
-    // (clock_skew_future_at), were never counted by the other nodes (I1, I4).
+    // re-published them: the slots of an old-period epoch that became current again when
+    // a concurrent period edit lost (config_race_period), and of a record whose `at` fell
+    // in the next period (clock_skew_future_at), were never counted elsewhere (I1, I4).
     ("config_race_period", 4236088466256068178),
     ("clock_skew_future_at", 14045485886648683237),
+    // Plain LWW let an edit that kept the old period win over a concurrent period change
+    // (a reset): the current epoch went back to the old generation (I5). Limit records
+    // are now ordered by generation first.
+    ("config_race_period", 508686422237443830),
 ];
 
 #[test]
