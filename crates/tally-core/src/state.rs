@@ -586,9 +586,8 @@ impl State {
     /// Whether (limit, epoch) still counts, now or later: the limit is live and the epoch
     /// is the one the limit assigns to its own period, in the current period or a later
     /// one (a record whose `at` is slightly ahead lands in the next period). Epochs of
-    /// earlier periods are closed; epochs superseded by a reset or a spec change are not
-    /// open while superseded, but may open again when config converges (a concurrent edit
-    /// that keeps the old period wins), so callers must not assume "not open" is final.
+    /// earlier periods are closed, and so are epochs superseded by a reset or a spec change
+    /// (both only move forward, so a superseded epoch never opens again).
     pub fn is_open(&self, limit_id: &str, epoch: Epoch, now_ms: i64) -> bool {
         let Some(idx) = self.limit_idx(limit_id) else {
             return false;

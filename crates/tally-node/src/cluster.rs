@@ -10,10 +10,10 @@
 //! - For origins that are not live, a node relays their slots of open epochs under
 //!   `r/{origin}/…`, so a node that joins after another was removed still counts it (I1).
 //! - Keys of epochs that are not open (`State::is_open`: closed periods, superseded
-//!   epochs) are deleted from gossip; they stay on disk as history. An epoch can open
-//!   again (a concurrent period edit loses to one that keeps the old period), so the sweep
-//!   re-publishes every own slot of an open epoch that gossip lacks: what is published
-//!   is reconciled with memory, not only updated at commits.
+//!   epochs) are deleted from gossip; they stay on disk as history. The sweep also
+//!   re-publishes every own slot of an open epoch that gossip lacks (a record stamped in
+//!   the next period is open before it is current): what is published is reconciled with
+//!   memory, not only updated at commits.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -312,7 +312,7 @@ async fn sweep(shared: &Shared, c: &ClusterHandle, members: &[Member]) {
     if !missing.is_empty() {
         tracing::debug!(
             slots = missing.len(),
-            "re-publishing own slots of epochs that are open again"
+            "re-publishing own slots of open epochs that gossip lacked"
         );
     }
     c.gossip.publish(relays).await;

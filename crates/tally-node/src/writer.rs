@@ -130,24 +130,24 @@ impl Group<'_> {
         let m = &self.shared.metrics;
         match result {
             Ok(()) => {
-                let clustered = self.shared.cluster.get().is_some();
-                let published: Vec<(String, Epoch, u64)> = {
+                let published: Option<Vec<(String, Epoch, u64)>> = {
                     let mut state = self.shared.state.write();
                     let me = state.me();
                     for (&(limit, epoch), &value) in &self.pending {
                         state.merge_slot_idx(limit, epoch, me, value);
                     }
                     // Only a node in a fleet has anyone to tell.
-                    self.pending
-                        .iter()
-                        .filter(|_| clustered)
-                        .map(|(&(limit, epoch), &value)| {
-                            (state.limit_id(limit).to_string(), epoch, value)
-                        })
-                        .collect()
+                    self.shared.cluster.get().map(|_| {
+                        self.pending
+                            .iter()
+                            .map(|(&(limit, epoch), &value)| {
+                                (state.limit_id(limit).to_string(), epoch, value)
+                            })
+                            .collect()
+                    })
                 };
-                if clustered {
-                    publish(self.shared, Publication::Slots(published));
+                if let Some(slots) = published {
+                    publish(self.shared, Publication::Slots(slots));
                 }
                 Metrics::add(&m.commits_total, 1);
                 Metrics::add(&m.commit_records_total, self.records as u64);

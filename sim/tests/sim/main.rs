@@ -81,8 +81,8 @@ fn spread(mut v: Vec<u64>) -> String {
 }
 
 /// Runs one seed of a scenario; a violation panics with everything needed to rerun it.
-fn run_seed(scenario: &str, test: &str, seed: u64, plan: Plan) -> Report {
-    let rerun = format!("TALLY_SIM_SEED={seed} cargo test -p sim --test sim {test}");
+fn run_seed(scenario: &str, seed: u64, plan: Plan) -> Report {
+    let rerun = format!("TALLY_SIM_SEED={seed} cargo test -p sim --test sim {scenario}");
     let mut events = Vec::new();
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let mut fleet = Fleet::new(seed, plan.clone(), Knobs::default())?;
@@ -106,7 +106,7 @@ fn run_seed(scenario: &str, test: &str, seed: u64, plan: Plan) -> Report {
 }
 
 /// Runs a scenario under the seeds the environment asks for and prints what it measured.
-fn run_scenario(scenario: &str, test: &str, generate: fn(&mut Rng) -> Plan) {
+fn run_scenario(scenario: &str, generate: fn(&mut Rng) -> Plan) {
     install_panic_hook();
     init_tracing();
     let seeds = sim::seeds(scenario).unwrap_or_else(|e| panic!("{e}"));
@@ -116,7 +116,7 @@ fn run_scenario(scenario: &str, test: &str, generate: fn(&mut Rng) -> Plan) {
         println!("sim {scenario}: seed {seed}");
         let plan = generate(&mut Rng::new(seed));
         let t = Instant::now();
-        let r = run_seed(scenario, test, seed, plan);
+        let r = run_seed(scenario, seed, plan);
         println!(
             "sim {scenario}: seed {seed} ok in {:.1} s wall, {} ms simulated, convergence {:?}, overshoot {}/{}",
             t.elapsed().as_secs_f64(),
@@ -174,60 +174,52 @@ fn summarize(scenario: &str, seeds: &[u64], started: Instant, reports: &[Report]
 
 #[test]
 fn split_brain() {
-    run_scenario("split_brain", "split_brain", scenario::split_brain);
+    run_scenario("split_brain", scenario::split_brain);
 }
 
 #[test]
 fn flaky_links() {
-    run_scenario("flaky_links", "flaky_links", scenario::flaky_links);
+    run_scenario("flaky_links", scenario::flaky_links);
 }
 
 #[test]
 fn crash_commit() {
-    run_scenario("crash_commit", "crash_commit", scenario::crash_commit);
+    run_scenario("crash_commit", scenario::crash_commit);
 }
 
 #[test]
 fn replace_node() {
-    run_scenario("replace_node", "replace_node", scenario::replace_node);
+    run_scenario("replace_node", scenario::replace_node);
 }
 
 #[test]
 fn clock_skew() {
-    run_scenario("clock_skew", "clock_skew", scenario::clock_skew);
+    run_scenario("clock_skew", scenario::clock_skew);
 }
 
 #[test]
 fn clock_skew_future_at() {
-    run_scenario(
-        "clock_skew_future_at",
-        "clock_skew_future_at",
-        scenario::clock_skew_future_at,
-    );
+    run_scenario("clock_skew_future_at", scenario::clock_skew_future_at);
 }
 
 #[test]
 fn reset_race() {
-    run_scenario("reset_race", "reset_race", scenario::reset_race);
+    run_scenario("reset_race", scenario::reset_race);
 }
 
 #[test]
 fn config_race() {
-    run_scenario("config_race", "config_race", scenario::config_race);
+    run_scenario("config_race", scenario::config_race);
 }
 
 #[test]
 fn config_race_period() {
-    run_scenario(
-        "config_race_period",
-        "config_race_period",
-        scenario::config_race_period,
-    );
+    run_scenario("config_race_period", scenario::config_race_period);
 }
 
 #[test]
 fn client_retries() {
-    run_scenario("client_retries", "client_retries", scenario::client_retries);
+    run_scenario("client_retries", scenario::client_retries);
 }
 
 /// Seeds that once failed, pinned so they run on every CI run (scenario, seed).
@@ -262,7 +254,7 @@ fn regressions() {
             other => panic!("unknown scenario {other}"),
         };
         println!("sim regression {scenario}: seed {seed}");
-        run_seed(scenario, scenario, seed, generate(&mut Rng::new(seed)));
+        run_seed(scenario, seed, generate(&mut Rng::new(seed)));
     }
 }
 

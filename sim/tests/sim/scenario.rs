@@ -486,9 +486,8 @@ pub fn config_race(rng: &mut Rng) -> Plan {
 }
 
 /// Concurrent edits on both sides of a partition where one side also changes the period
-/// (a reset) and an edit that keeps the old period wins: the old epoch becomes current
-/// again, and its own slots must be gossiped again (once they were not: a pinned
-/// regression in main.rs).
+/// (a reset) while the other edits only `max`: the period change must win everywhere and
+/// no node's epoch may go back (it once did: pinned regressions in main.rs).
 pub fn config_race_period(rng: &mut Rng) -> Plan {
     config_edits(rng, true)
 }
