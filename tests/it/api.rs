@@ -1029,6 +1029,33 @@ fn check_decisions() {
 // ---------------------------------------------------------------------------------------
 // Usage.
 
+/// I2 at the edge of the window: a record is accepted while its `at` is inside the window
+/// and `at` may be up to 5 minutes ahead, so its id must be remembered until `at + window`.
+/// It used to be forgotten at (apply time + window): with a 5 s window and `at` 4 minutes
+/// ahead, the same record sent again 8 s later was applied twice (used 14, not 7).
+#[test]
+fn dedup_window_covers_a_future_at() {
+    let node = Node::start(NodeOpts::default().args(["--dedup-window-secs", "5"]));
+    let c = node.client();
+    ok(c.put(
+        "/v1/limits/edge",
+        limit(json!({"team": "eng"}), "tokens", 1000.0, "never"),
+    ));
+    let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(240);
+    let rec = json!({"id": "edge-1", "attributes": {"team": "eng"}, "tokens": 7,
+                     "at": at.to_string()});
+    assert_eq!(ok(c.post("/v1/usage", rec.clone()))["applied"], json!(true));
+    // Past the 5 s window counted from the apply time, and past the writer's once-a-second
+    // expiry of ids.
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    assert_eq!(
+        ok(c.post("/v1/usage", rec))["applied"],
+        json!(false),
+        "the id was forgotten while the record could still be accepted"
+    );
+    assert_eq!(count(&ok(c.get("/v1/limits/edge"))["used"]), 7);
+}
+
 /// Usage idempotency (I2): a repeated id is answered `applied: false` and changes nothing,
 /// whatever the repeat carries; one record updates every metric it names.
 #[test]

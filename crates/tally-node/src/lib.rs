@@ -350,30 +350,7 @@ impl Node {
     }
 
     fn validate_records(&self, records: &[UsageRecord]) -> Result<(), NodeError> {
-        let now = self.now_ms();
-        let window = self.shared.config.dedup_window_ms;
-        let skew = self.shared.config.future_skew_ms;
-        for r in records {
-            tally_core::units::validate_id(&r.id, "record id")
-                .map_err(|e| NodeError::InvalidArgument(e.to_string()))?;
-            if let Some(at) = r.at_ms {
-                if at > now + skew {
-                    return Err(NodeError::InvalidArgument(format!(
-                        "record {}: at is more than {} s in the future; check the client's clock",
-                        r.id,
-                        skew / 1000
-                    )));
-                }
-                if at <= now - window {
-                    return Err(NodeError::InvalidArgument(format!(
-                        "record {}: at is older than the {} s deduplication window and could be counted twice; record usage promptly",
-                        r.id,
-                        window / 1000
-                    )));
-                }
-            }
-        }
-        Ok(())
+        validate_records(records, self.now_ms(), &self.shared.config)
     }
 
     /// Queues an op for the writer once `n` records' worth of queue space is free.
@@ -535,6 +512,39 @@ impl Node {
         }
         self.queue.close();
     }
+}
+
+/// Checks record ids and `at` against `now_ms`: at most `future_skew_ms` ahead, and inside
+/// the dedup window (an older record could not be deduplicated, so accepting it would risk
+/// a double count). The writer checks again with its own clock when it applies the records,
+/// since time passes in the queue.
+pub(crate) fn validate_records(
+    records: &[UsageRecord],
+    now: i64,
+    config: &NodeConfig,
+) -> Result<(), NodeError> {
+    let (window, skew) = (config.dedup_window_ms, config.future_skew_ms);
+    for r in records {
+        tally_core::units::validate_id(&r.id, "record id")
+            .map_err(|e| NodeError::InvalidArgument(e.to_string()))?;
+        if let Some(at) = r.at_ms {
+            if at > now + skew {
+                return Err(NodeError::InvalidArgument(format!(
+                    "record {}: at is more than {} s in the future; check the client's clock",
+                    r.id,
+                    skew / 1000
+                )));
+            }
+            if at <= now - window {
+                return Err(NodeError::InvalidArgument(format!(
+                    "record {}: at is older than the {} s deduplication window and could be counted twice; record usage promptly",
+                    r.id,
+                    window / 1000
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn generate_node_id() -> String {

@@ -78,7 +78,7 @@ struct Group<'a> {
 impl Group<'_> {
     fn add(&mut self, records: &[UsageRecord]) -> Result<Vec<bool>, StoreError> {
         let now = self.shared.clock.now_ms();
-        let expiry = now + self.shared.config.dedup_window_ms;
+        let window = self.shared.config.dedup_window_ms;
         let state = self.shared.state.read();
         let mut incs: Vec<Increment> = Vec::with_capacity(8);
         let mut applied = Vec::with_capacity(records.len());
@@ -108,7 +108,11 @@ impl Group<'_> {
                 };
                 self.pending.insert(key, current.saturating_add(inc.delta));
             }
-            self.batch.dedup_insert(&r.id, expiry)?;
+            // A record is accepted while its `at` is inside the window (`at > now -
+            // window`), and `at` may be ahead of now: the id must be remembered for as long
+            // as a retry of the same record could still be accepted (I2).
+            let at = r.at_ms.unwrap_or(now);
+            self.batch.dedup_insert(&r.id, at.max(now) + window)?;
             applied.push(true);
         }
         self.records += records.len();
@@ -226,12 +230,20 @@ pub(crate) fn run(shared: Arc<Shared>, mut store: Store, rx: Receiver<Op>) {
                 let mut next = Some((records, reply));
                 let mut failed: Option<StoreError> = None;
                 while let Some((records, reply)) = next.take() {
-                    match group.add(&records) {
-                        Ok(applied) => group.replies.push((reply, applied, records)),
-                        Err(e) => {
-                            let _ = reply.send((Err(unavailable(&e)), records));
-                            failed = Some(e);
-                            break;
+                    // Validated when queued, and again now: an id is forgotten once its
+                    // window ends, so a record whose `at` left the window while it waited
+                    // could otherwise be applied a second time (I2).
+                    let now = shared.clock.now_ms();
+                    if let Err(invalid) = crate::validate_records(&records, now, &shared.config) {
+                        let _ = reply.send((Err(invalid), records));
+                    } else {
+                        match group.add(&records) {
+                            Ok(applied) => group.replies.push((reply, applied, records)),
+                            Err(e) => {
+                                let _ = reply.send((Err(unavailable(&e)), records));
+                                failed = Some(e);
+                                break;
+                            }
                         }
                     }
                     if group.records >= shared.config.batch_records_max {
