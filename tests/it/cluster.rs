@@ -810,7 +810,7 @@ fn wrong_cluster_key_changes_nothing() {
 // 5. Readiness (DESIGN.md §4): 503 and `stale: true` until a node has the fleet's data.
 
 /// Polls `node` every 20 ms until `/readyz` says 200, checking at every poll that a check
-/// says `stale` exactly when `/readyz` is not 200, and at the first 200 that the node
+/// made just before a 503 said `stale`, and at the first 200 that the node
 /// already counts `want` for `limit` (it must not say ready before it has the data).
 /// Returns how many polls said 503.
 #[track_caller]
@@ -819,8 +819,10 @@ fn ready_only_with(node: &Node, limit: &str, want: i128, timeout: Duration) -> u
     let start = Instant::now();
     let mut unready = 0;
     loop {
-        let (status, _) = c.try_request("GET", "/readyz", None).expect("GET /readyz");
+        // The check first: a node that said stale may be ready a moment later, never the
+        // other way round while it syncs.
         let decision = ok(c.post("/v1/check", json!({"attributes": {"team": "rd"}})));
+        let (status, _) = c.try_request("GET", "/readyz", None).expect("GET /readyz");
         if status == 200 {
             let used = try_usage(&c, limit).map(|u| u.used);
             assert_eq!(

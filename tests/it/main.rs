@@ -8,10 +8,12 @@
 //! - `periods`: rolling and calendar-aligned periods, epochs of recorded events (I5).
 //! - `crash`: SIGKILL / SIGTERM under concurrent load (I1, I2, I3).
 //! - `cluster`: fleets gossiping on loopback: replication, a crash under load, a node
-//!   removed for good, a wrong cluster key (I1, I3, I4).
+//!   removed for good, a wrong cluster key, readiness (I1, I3, I4).
+//! - `hostile`: thousands of slow connections, trickled headers and bodies (I8, bounds).
 
 mod api;
 mod cli;
 mod cluster;
 mod crash;
+mod hostile;
 mod periods;

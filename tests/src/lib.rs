@@ -246,6 +246,12 @@ impl Node {
         }
     }
 
+    /// The node's captured stdout/stderr lines so far (the newest few thousand), each
+    /// prefixed with its stream.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.logs.lock().expect("log lock").clone()
+    }
+
     /// Prints the node's captured stdout/stderr to the test's stderr.
     pub fn dump_logs(&self) {
         let logs = self.logs.lock().expect("log lock");

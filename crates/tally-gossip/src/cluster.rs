@@ -6,6 +6,13 @@
 //! into a channel; MAC checks and decoding happen in a task outside the lock. Values whose
 //! MAC fails, or that do not decode, are dropped and counted (no one without the cluster
 //! key can raise usage or change a limit).
+//!
+//! Every queue is bounded. The listener cannot wait (it runs under chitchat's lock), so
+//! when the raw queue is full it drops the value and counts it; chitchat has already taken
+//! the value into its state and will not deliver it again, so a resync task then re-reads
+//! every peer's state from chitchat and feeds it through the same path (what is already
+//! merged is cheap to skip downstream). Hellos, which tell the node that everything before
+//! them was merged (readiness), are held back while values are missing and fed last.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -79,7 +86,16 @@ pub struct GossipStats {
     pub values_rejected: AtomicU64,
     pub values_accepted: AtomicU64,
     pub transport_errors: AtomicU64,
+    /// Values dropped because the node could not take them in time (re-read later).
+    pub values_dropped: AtomicU64,
+    /// Times every peer's state was re-read from chitchat after drops.
+    pub resyncs: AtomicU64,
 }
+
+/// Raw values from the listener waiting for their MAC check.
+const RAW_QUEUE_MAX: usize = 16_384;
+/// How often the resync task looks whether values were dropped.
+const RESYNC_EVERY: Duration = Duration::from_secs(1);
 
 /// One member of the fleet as this node sees it (merged over generations by node id).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,7 +215,7 @@ impl Gossip {
     pub async fn start(
         cfg: GossipConfig,
         initial: Vec<(GossipKey, String)>,
-        incoming: mpsc::UnboundedSender<Incoming>,
+        incoming: mpsc::Sender<Incoming>,
     ) -> anyhow::Result<Gossip> {
         let stats = Arc::new(GossipStats::default());
         let chitchat_id = ChitchatId::new(cfg.node_id.clone(), cfg.generation, cfg.advertise);
@@ -233,19 +249,27 @@ impl Gossip {
             stats: stats.clone(),
         };
         let handle = chitchat::spawn_chitchat(config, sealed, &transport).await?;
-        let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<Raw>();
+        let (raw_tx, mut raw_rx) = mpsc::channel::<Raw>(RAW_QUEUE_MAX);
+        let missing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let me = cfg.node_id.clone();
         let listener = handle
             .with_chitchat(|c| {
                 let raw_tx = raw_tx.clone();
-                let me = me.clone();
+                let (me, stats, missing) = (me.clone(), stats.clone(), missing.clone());
                 c.subscribe_event("", move |ev| {
-                    if *ev.node.node_id != *me {
-                        let _ = raw_tx.send(Raw {
-                            publisher: ev.node.node_id.to_string(),
-                            key: ev.key.to_string(),
-                            value: ev.value.to_string(),
-                        });
+                    if *ev.node.node_id == *me
+                        || (ev.key == crate::keys::HELLO_KEY && missing.load(Ordering::SeqCst))
+                    {
+                        return;
+                    }
+                    let raw = Raw {
+                        publisher: ev.node.node_id.to_string(),
+                        key: ev.key.to_string(),
+                        value: ev.value.to_string(),
+                    };
+                    if raw_tx.try_send(raw).is_err() {
+                        stats.values_dropped.fetch_add(1, Ordering::Relaxed);
+                        missing.store(true, Ordering::SeqCst);
                     }
                 })
             })
@@ -261,7 +285,7 @@ impl Gossip {
                             if let Ok(mut m) = last_seen.0.lock() {
                                 m.insert(raw.publisher.clone(), Instant::now());
                             }
-                            if incoming.send(item).is_err() {
+                            if incoming.send(item).await.is_err() {
                                 return;
                             }
                         }
@@ -273,6 +297,13 @@ impl Gossip {
                 }
             });
         }
+        tokio::spawn(resync(
+            handle.chitchat(),
+            cfg.node_id.clone(),
+            raw_tx,
+            missing,
+            stats.clone(),
+        ));
         Ok(Gossip {
             handle,
             key: cfg.key,
@@ -404,6 +435,59 @@ impl Gossip {
     }
 }
 
+/// Re-reads every peer's state from chitchat after the listener dropped values, and feeds
+/// it through the MAC check again: hellos last, and only if nothing was dropped meanwhile.
+async fn resync(
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    me: String,
+    raw_tx: mpsc::Sender<Raw>,
+    missing: Arc<std::sync::atomic::AtomicBool>,
+    stats: Arc<GossipStats>,
+) {
+    loop {
+        tokio::time::sleep(RESYNC_EVERY).await;
+        if !missing.load(Ordering::SeqCst) {
+            continue;
+        }
+        // Drops from here on will need another pass.
+        missing.store(false, Ordering::SeqCst);
+        let all: Vec<Raw> = {
+            let c = chitchat.lock().await;
+            c.node_states()
+                .iter()
+                .filter(|(id, _)| *id.node_id != *me)
+                .flat_map(|(id, state)| {
+                    state.key_values().map(move |(k, v)| Raw {
+                        publisher: id.node_id.to_string(),
+                        key: k.to_string(),
+                        value: v.to_string(),
+                    })
+                })
+                .collect()
+        };
+        let (hellos, values): (Vec<Raw>, Vec<Raw>) = all
+            .into_iter()
+            .partition(|r| r.key == crate::keys::HELLO_KEY);
+        tracing::warn!(
+            values = values.len(),
+            "gossip values were dropped while this node was behind; re-reading every peer's state"
+        );
+        stats.resyncs.fetch_add(1, Ordering::Relaxed);
+        for raw in values {
+            if raw_tx.send(raw).await.is_err() {
+                return;
+            }
+        }
+        if !missing.load(Ordering::SeqCst) {
+            for raw in hellos {
+                if raw_tx.send(raw).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// MAC check, key parse and payload decode; `None` for anything that fails.
 fn verify(key: &ClusterKey, raw: &Raw) -> Option<Incoming> {
     let payload = open(key, &raw.publisher, &raw.key, &raw.value).ok()?;
@@ -437,5 +521,111 @@ fn verify(key: &ClusterKey, raw: &Raw) -> Option<Incoming> {
             origin: raw.publisher.clone(),
             wall_ms: decode_hello(payload)?,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::values::encode_slot;
+    use chitchat::transport::ChannelTransport;
+
+    fn config(id: &str, port: u16, seed: u16, transport: Arc<dyn Transport>) -> GossipConfig {
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        GossipConfig {
+            node_id: id.into(),
+            generation: 1,
+            listen: addr,
+            advertise: addr,
+            seeds: vec![format!("127.0.0.1:{seed}")],
+            cluster_id: "t".into(),
+            key: ClusterKey::new(b"test-cluster-key-0123456789").unwrap(),
+            interval: Duration::from_millis(20),
+            dead_node_grace: Duration::from_secs(60),
+            tombstone_grace: Duration::from_secs(60),
+            transport,
+        }
+    }
+
+    /// Values of other nodes in `g`'s chitchat state.
+    fn held_by(g: &Gossip) -> usize {
+        let c = g.handle.chitchat();
+        let Ok(c) = c.try_lock() else { return 0 };
+        c.node_states()
+            .iter()
+            .filter(|(id, _)| *id.node_id != *g.node_id)
+            .map(|(_, s)| s.key_values().count())
+            .sum()
+    }
+
+    /// A node that cannot keep up drops values at the listener (bounded queue), counts
+    /// them, and gets every one of them anyway: the resync re-reads chitchat's state.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropped_values_are_read_again() {
+        const N: u64 = RAW_QUEUE_MAX as u64 + 4_000;
+        let transport: Arc<dyn Transport> = Arc::new(ChannelTransport::with_mtu(65_507));
+        let epoch = Epoch {
+            period: 0,
+            reset: 1,
+        };
+        let values: Vec<(GossipKey, String)> = (0..N)
+            .map(|i| {
+                let limit = format!("l{i}");
+                (GossipKey::Slot { limit, epoch }, encode_slot(i + 1))
+            })
+            .collect();
+        let (a_tx, _a_rx) = mpsc::channel(16);
+        let a = Gossip::start(config("a", 1, 1, transport.clone()), values, a_tx)
+            .await
+            .unwrap();
+        let (b_tx, mut b_rx) = mpsc::channel(16);
+        let b = Gossip::start(config("b", 2, 1, transport), Vec::new(), b_tx)
+            .await
+            .unwrap();
+        // b takes nothing until its chitchat holds all of a's values, more than its queues
+        // can hold: the listener must have dropped some.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while held_by(&b) < N as usize {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a's state never reached b"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut got: HashMap<String, u64> = HashMap::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while (got.len() as u64) < N {
+            let item = tokio::time::timeout_at(deadline, b_rx.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    let held = held_by(&b);
+                    panic!(
+                        "only {} of {N} values arrived (chitchat holds {held}); dropped {}, resyncs {}",
+                        got.len(),
+                        b.stats().values_dropped.load(Ordering::Relaxed),
+                        b.stats().resyncs.load(Ordering::Relaxed)
+                    )
+                })
+                .expect("gossip running");
+            if let Incoming::Slot {
+                origin,
+                limit,
+                value,
+                ..
+            } = item
+            {
+                assert_eq!(origin, "a");
+                got.insert(limit, value);
+            }
+        }
+        for i in 0..N {
+            assert_eq!(got.get(&format!("l{i}")), Some(&(i + 1)));
+        }
+        let dropped = b.stats().values_dropped.load(Ordering::Relaxed);
+        let resyncs = b.stats().resyncs.load(Ordering::Relaxed);
+        assert!(dropped > 0, "the test must overflow the listener's queue");
+        assert!(resyncs > 0, "dropped values are re-read");
+        a.shutdown().await;
+        b.shutdown().await;
     }
 }

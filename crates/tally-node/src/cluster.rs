@@ -60,10 +60,82 @@ pub(crate) enum Publication {
     Reset(String, ResetRegister),
 }
 
+/// What the writer committed and gossip has not published yet, coalesced by gossip key:
+/// the newest value of a key replaces an older one still waiting, so the outbox holds at
+/// most one entry per key this node publishes (bounded by the state, not by time), and a
+/// slow publisher never stalls the writer.
+#[derive(Default)]
+pub(crate) struct Outbox {
+    pending: parking_lot::Mutex<OutboxItems>,
+    ready: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct OutboxItems {
+    /// Own slots: the writer commits them in increasing order, so the newest is the max.
+    slots: HashMap<(String, Epoch), u64>,
+    config: HashMap<GossipKey, Publication>,
+}
+
+impl Outbox {
+    pub(crate) fn push(&self, p: Publication) {
+        {
+            let mut q = self.pending.lock();
+            match p {
+                Publication::Slots(slots) => {
+                    for (limit, epoch, v) in slots {
+                        let e = q.slots.entry((limit, epoch)).or_default();
+                        *e = (*e).max(v);
+                    }
+                }
+                Publication::Limit(r) => {
+                    q.config
+                        .insert(GossipKey::Limit(r.id.clone()), Publication::Limit(r));
+                }
+                Publication::Entity(r) => {
+                    let key = GossipKey::Entity {
+                        dimension: r.dimension.clone(),
+                        value: r.value.clone(),
+                    };
+                    q.config.insert(key, Publication::Entity(r));
+                }
+                Publication::Reset(id, r) => {
+                    q.config
+                        .insert(GossipKey::Reset(id.clone()), Publication::Reset(id, r));
+                }
+            }
+        }
+        self.ready.notify_one();
+    }
+
+    /// Waits until something is pending, then takes all of it.
+    async fn take(&self) -> Vec<(GossipKey, String)> {
+        loop {
+            let items = std::mem::take(&mut *self.pending.lock());
+            if !items.slots.is_empty() || !items.config.is_empty() {
+                let slots = items
+                    .slots
+                    .into_iter()
+                    .map(|((limit, epoch), v)| (GossipKey::Slot { limit, epoch }, encode_slot(v)));
+                return slots
+                    .chain(items.config.into_values().flat_map(publication_items))
+                    .collect();
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+/// Most batches of values from peers queued for the writer at once; with
+/// [`REMOTE_BATCH_MAX`] values each, this bounds what gossip can queue there.
+const REMOTE_BATCHES_IN_FLIGHT: usize = 4;
+/// Verified values from peers waiting to be batched for the writer.
+const INCOMING_QUEUE_MAX: usize = 16_384;
+
 /// State of this node's membership in a fleet.
 pub(crate) struct ClusterHandle {
     pub(crate) gossip: Gossip,
-    pub(crate) publish: mpsc::UnboundedSender<Publication>,
+    pub(crate) outbox: Outbox,
     /// Caught up with the fleet (what [`Readiness`] last decided).
     pub(crate) caught_up: AtomicBool,
     /// Hellos merged so far, by publisher; written by the writer after it merged
@@ -289,7 +361,7 @@ pub(crate) async fn start(
     writer: std::sync::mpsc::Sender<Op>,
     config: ClusterConfig,
 ) -> anyhow::Result<()> {
-    let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Incoming>();
+    let (in_tx, mut in_rx) = mpsc::channel::<Incoming>(INCOMING_QUEUE_MAX);
     let generation = shared.clock.now_ms().max(0) as u64;
     let gossip = Gossip::start(
         GossipConfig {
@@ -309,7 +381,6 @@ pub(crate) async fn start(
         in_tx,
     )
     .await?;
-    let (pub_tx, mut pub_rx) = mpsc::unbounded_channel::<Publication>();
     // With no seeds other than itself, a node may be the first of its fleet.
     let solo_allowed = config.seeds.iter().all(|s| {
         s.parse::<SocketAddr>()
@@ -325,7 +396,7 @@ pub(crate) async fn start(
         .cluster
         .set(ClusterHandle {
             gossip,
-            publish: pub_tx,
+            outbox: Outbox::default(),
             caught_up: AtomicBool::new(false),
             hellos: parking_lot::Mutex::new(HashMap::new()),
         })
@@ -334,7 +405,11 @@ pub(crate) async fn start(
         anyhow::bail!("the cluster is already started");
     }
 
-    // Incoming: batch what is available and hand it to the writer.
+    // Incoming: batch what is available and hand it to the writer, at most
+    // REMOTE_BATCHES_IN_FLIGHT batches at a time; while the writer is behind, the bounded
+    // channels back up to gossip, which drops and counts what does not fit and re-reads
+    // it from chitchat's state later (tally-gossip, `Gossip::start`).
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(REMOTE_BATCHES_IN_FLIGHT));
     tokio::spawn(async move {
         while let Some(first) = in_rx.recv().await {
             let mut items = vec![first];
@@ -344,7 +419,16 @@ pub(crate) async fn start(
                     Err(_) => break,
                 }
             }
-            if writer.send(Op::Remote { items }).is_err() {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            if writer
+                .send(Op::Remote {
+                    items,
+                    _permit: permit,
+                })
+                .is_err()
+            {
                 return;
             }
         }
@@ -353,14 +437,10 @@ pub(crate) async fn start(
     // Outgoing: publish what the writer committed.
     let s = shared.clone();
     tokio::spawn(async move {
-        while let Some(first) = pub_rx.recv().await {
-            let mut items = publication_items(first);
-            while let Ok(p) = pub_rx.try_recv() {
-                items.extend(publication_items(p));
-            }
-            if let Some(c) = s.cluster.get() {
-                c.gossip.publish(items).await;
-            }
+        let Some(c) = s.cluster.get() else { return };
+        loop {
+            let items = c.outbox.take().await;
+            c.gossip.publish(items).await;
         }
     });
 

@@ -48,6 +48,7 @@ pub(crate) enum Op {
     /// Values other nodes published, already verified.
     Remote {
         items: Vec<Incoming>,
+        _permit: OwnedSemaphorePermit,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -206,7 +207,7 @@ pub(crate) fn run(shared: Arc<Shared>, mut store: Store, rx: Receiver<Op>) {
             Op::Config { change, reply, .. } => {
                 let _ = reply.send(apply_config(&shared, &mut store, change));
             }
-            Op::Remote { items } => apply_remote(&shared, &mut store, items),
+            Op::Remote { items, .. } => apply_remote(&shared, &mut store, items),
             Op::Records { records, reply, .. } => {
                 let mut group = match store.batch() {
                     Ok(batch) => Group {
@@ -408,7 +409,7 @@ fn apply_config(shared: &Shared, store: &mut Store, change: ConfigChange) -> Res
 /// Hands durable changes to gossip, when the node is clustered.
 fn publish(shared: &Shared, p: Publication) {
     if let Some(c) = shared.cluster.get() {
-        let _ = c.publish.send(p);
+        c.outbox.push(p);
     }
 }
 

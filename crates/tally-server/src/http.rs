@@ -104,23 +104,101 @@ fn ok(v: Value) -> ApiResult {
     Ok(axum::Json(v).into_response())
 }
 
-/// A request body of at most 1 MiB (413 beyond). Handlers parse it with [`parse_json`]
-/// after checking the token, so an unauthenticated request is refused before its body is
-/// looked at, and check and usage bodies can borrow from it.
-pub struct RawBody(Bytes);
+/// How long a client may take to send a request body.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Request body bytes all connections together may hold in memory while they are read
+/// and handled: 2 000 slow clients each trickling a 1 MiB body cannot take 2 GB.
+pub const BODY_BYTES_IN_FLIGHT_MAX: usize = 64 << 20;
+static BODY_BUDGET: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(BODY_BYTES_IN_FLIGHT_MAX);
+
+/// A request body of at most 1 MiB (413 beyond), received within [`BODY_READ_TIMEOUT`]
+/// (408 beyond), and counted against [`BODY_BYTES_IN_FLIGHT_MAX`] until the handler is done
+/// with it (503 if the budget stays exhausted past the timeout). Handlers parse it with
+/// [`parse_json`] after checking the token, so an unauthenticated request is refused before
+/// its body is looked at, and check and usage bodies can borrow from it.
+pub struct RawBody {
+    bytes: Bytes,
+    /// Released when the handler drops the body.
+    _budget: tokio::sync::SemaphorePermit<'static>,
+}
+
+impl std::ops::Deref for RawBody {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
 
 impl<S: Send + Sync> FromRequest<S> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
-        axum::body::to_bytes(req.into_body(), BODY_BYTES_MAX)
-            .await
-            .map(RawBody)
-            .map_err(|_| ApiError {
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-                code: "payload_too_large",
-                message: format!("request body is larger than {BODY_BYTES_MAX} bytes"),
-            })
+        use http_body_util::BodyExt as _;
+        let too_large = || ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: "payload_too_large",
+            message: format!("request body is larger than {BODY_BYTES_MAX} bytes"),
+        };
+        let timed_out = || ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: "request_timeout",
+            message: format!(
+                "the request body did not arrive within {} s; send it whole, at once",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+        };
+        let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
+        let mut body = req.into_body();
+        let mut held = BODY_BUDGET
+            .try_acquire_many(0)
+            .expect("zero permits are always there");
+        let mut first: Option<Bytes> = None;
+        let mut rest: Vec<u8> = Vec::new();
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => return Err(timed_out()),
+                Ok(None) => break,
+                Ok(Some(Err(_))) => {
+                    return Err(ApiError::invalid(
+                        "the request body could not be read (connection error)",
+                    ));
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            let len = first.as_ref().map_or(0, Bytes::len) + rest.len() + data.len();
+            if len > BODY_BYTES_MAX {
+                return Err(too_large());
+            }
+            let permits = u32::try_from(data.len()).expect("a frame is under 1 MiB here");
+            let permit = tokio::time::timeout_at(deadline, BODY_BUDGET.acquire_many(permits))
+                .await
+                .map_err(|_| ApiError {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    code: "unavailable",
+                    message: "the node is reading too many request bodies at once; retry later"
+                        .into(),
+                })?
+                .expect("the body budget is never closed");
+            held.merge(permit);
+            // One frame is the common case: keep it without copying.
+            match first.take() {
+                None if rest.is_empty() => first = Some(data),
+                Some(f) => {
+                    rest.extend_from_slice(&f);
+                    rest.extend_from_slice(&data);
+                }
+                None => rest.extend_from_slice(&data),
+            }
+        }
+        let bytes = first.unwrap_or_else(|| Bytes::from(rest));
+        Ok(RawBody {
+            bytes,
+            _budget: held,
+        })
     }
 }
 
@@ -399,7 +477,7 @@ async fn put_limit(
     State(s): App,
     headers: HeaderMap,
     Params(id): Params<String>,
-    RawBody(body): RawBody,
+    body: RawBody,
 ) -> ApiResult {
     authorize(&s, &headers, Role::Admin)?;
     let b: LimitBody = parse_json(&body)?;
@@ -501,7 +579,7 @@ async fn reset_limit(
     State(s): App,
     headers: HeaderMap,
     Params(id): Params<String>,
-    RawBody(body): RawBody,
+    body: RawBody,
 ) -> ApiResult {
     authorize(&s, &headers, Role::Admin)?;
     let b: ResetBody = parse_json(&body)?;
@@ -535,7 +613,7 @@ async fn put_entity(
     State(s): App,
     headers: HeaderMap,
     Params((dim, value)): Params<(String, String)>,
-    RawBody(body): RawBody,
+    body: RawBody,
 ) -> ApiResult {
     authorize(&s, &headers, Role::Admin)?;
     let b: EntityBody = parse_json(&body)?;
@@ -626,7 +704,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
     }
 }
 
-async fn check(State(s): App, headers: HeaderMap, RawBody(body): RawBody) -> ApiResult {
+async fn check(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
     authorize(&s, &headers, Role::Client)?;
     let b: CheckBody = parse_json(&body)?;
     b.attributes.validate()?;
@@ -693,7 +771,7 @@ fn usage_record(b: UsageBody<'_>) -> Result<UsageRecord, ApiError> {
     })
 }
 
-async fn usage(State(s): App, headers: HeaderMap, RawBody(body): RawBody) -> ApiResult {
+async fn usage(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
     authorize(&s, &headers, Role::Client)?;
     let rec = usage_record(parse_json(&body)?)?;
     let (applied, records) = s.node.record_returning(vec![rec]).await;
@@ -722,7 +800,7 @@ struct BatchBody<'a> {
     records: Vec<Obj<UsageBody<'a>>>,
 }
 
-async fn usage_batch(State(s): App, headers: HeaderMap, RawBody(body): RawBody) -> ApiResult {
+async fn usage_batch(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
     authorize(&s, &headers, Role::Client)?;
     let b: BatchBody = parse_json(&body)?;
     if b.records.len() > BATCH_RECORDS_MAX {

@@ -10,5 +10,6 @@ pub mod client;
 pub mod config;
 pub mod http;
 pub mod json;
+pub mod logging;
 pub mod metrics;
 pub mod serve;

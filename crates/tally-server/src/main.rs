@@ -2,8 +2,6 @@
 //! command. Exit codes: 0 success, 1 error (printed as `error: ...` on stderr), 2 usage
 //! error (clap's own).
 
-use std::io::IsTerminal as _;
-
 /// mimalloc: the request path allocates small, short-lived objects on several threads,
 /// where glibc's malloc spent ~17% of server time under load (see BENCHMARKS.md).
 #[global_allocator]
@@ -31,22 +29,11 @@ fn main() -> ExitCode {
 
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let cfg = ServeConfig::load(args)?;
-    init_tracing();
+    tally_server::logging::init();
     if cfg.log_format == LogFormat::Json {
         tracing::warn!("log_format=json is not built into this binary; logging text");
     }
     cfg.validate_security()?;
     tracing::debug!(config = ?cfg, "resolved configuration");
     tally_server::serve::run(cfg)
-}
-
-/// Text logs on stderr, filtered by RUST_LOG (default `info`).
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
 }

@@ -133,6 +133,27 @@ pub async fn render(node: &Node) -> String {
         metric(
             o,
             "counter",
+            "tally_gossip_values_dropped_total",
+            "Gossip values dropped because the node was behind (re-read from gossip state later).",
+            r(&st.values_dropped),
+        );
+        metric(
+            o,
+            "counter",
+            "tally_gossip_resyncs_total",
+            "Times every peer's gossip state was re-read after values were dropped.",
+            r(&st.resyncs),
+        );
+        metric(
+            o,
+            "counter",
+            "tally_gossip_datagrams_invalid_total",
+            "Datagrams on the gossip port that were not chitchat messages (dropped).",
+            crate::logging::gossip_datagrams_invalid(),
+        );
+        metric(
+            o,
+            "counter",
             "tally_gossip_values_accepted_total",
             "Gossip values accepted.",
             r(&st.values_accepted),

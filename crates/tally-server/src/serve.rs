@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::serve::ListenerExt as _;
 use tally_node::{ClusterConfig, ClusterKey, Node, NodeConfig};
 use tokio::net::TcpListener;
 
@@ -54,6 +53,7 @@ pub async fn serve(
         .context("opening the node panicked")?
         .with_context(|| format!("cannot open the data directory {}", cfg.data_dir.display()))?;
     if let Some(cluster) = cluster_config(&cfg)? {
+        tokio::spawn(crate::logging::summarise_invalid_datagrams());
         let gossip_listen = cluster.listen;
         node.start_cluster(cluster)
             .await
@@ -84,20 +84,102 @@ pub async fn serve(
         out.flush()?;
     }
     tracing::info!(%addr, node = node.node_id(), data_dir = %cfg.data_dir.display(), "serving");
-    // Replies are written whole; Nagle would only hold a reply back while an earlier one
-    // is unacknowledged.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
-        }
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
+    serve_http(listener, router(state), shutdown, HttpLimits::default())
         .await
         .context("the HTTP server failed")?;
     tracing::info!("draining: committing queued writes");
     node.shutdown().await;
     tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Bounds on what HTTP clients may hold (STYLE.md: put a limit on everything). A slow or
+/// hostile client must not grow memory without bound or keep connections forever.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Connections served at once; beyond, new ones wait in the kernel's accept queue.
+    pub connections_max: usize,
+    /// Time to receive a request's headers, and the longest a kept-alive connection may
+    /// sit idle between requests (hyper starts this clock when it waits for a request).
+    pub header_read_timeout: Duration,
+    /// Most bytes buffered per connection while reading headers.
+    pub header_bytes_max: usize,
+    /// How long SIGTERM waits for in-flight requests before closing their connections.
+    pub drain_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            // With at most 32 KiB of unfinished headers each (about 64 KiB of memory per
+            // connection, measured), 4 096 connections bound that memory near 256 MiB.
+            connections_max: 4_096,
+            header_read_timeout: Duration::from_secs(10),
+            header_bytes_max: 32 * 1024,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then lets in-flight requests
+/// finish (bounded by `drain_timeout`). HTTP/1.1 through hyper with a header-read (and
+/// idle) timeout, a header buffer cap and a connection cap; request bodies are bounded in
+/// size, time and total bytes in flight by `http::RawBody`.
+pub async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: HttpLimits,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.header_bytes_max);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections_max));
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
+        let (tcp, _) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: the listener itself is fine.
+                    tracing::warn!(error = %e, "cannot accept a connection; retrying in 50 ms (raise the open-files limit if this repeats)");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Replies are written whole; Nagle would only hold a reply back while an earlier
+        // one is unacknowledged.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on a connection");
+        }
+        let conn = http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(limits.drain_timeout) => {
+            tracing::warn!(timeout = ?limits.drain_timeout, "in-flight requests did not finish in time; closing their connections");
+        }
+    }
     Ok(())
 }
 
