@@ -99,6 +99,7 @@ struct DiskState {
     capacity_bytes: u64,
     sync_faults: SyncFaults,
     syncs_held: bool,
+    syncs_waiting: u32,
     /// Bumped by every power loss: handles of an earlier cycle are dead.
     power_cycle: u64,
     /// The backend that has the database open, if any (the file lock).
@@ -151,6 +152,7 @@ impl FaultyDisk {
                 capacity_bytes: u64::MAX,
                 sync_faults: SyncFaults::None,
                 syncs_held: false,
+                syncs_waiting: 0,
                 power_cycle: 0,
                 open_backend: None,
                 next_backend: 0,
@@ -250,6 +252,18 @@ impl FaultyDisk {
             c.capacity_bytes = s.capacity_bytes;
         }
         copy
+    }
+
+    /// Bytes that may still be allocated.
+    pub fn free_bytes(&self) -> u64 {
+        let s = self.lock();
+        s.capacity_bytes
+            .saturating_sub(s.current.blocks.len() as u64 * BLOCK_BYTES)
+    }
+
+    /// Syncs waiting in [`FaultyDisk::hold_syncs`] right now.
+    pub fn syncs_waiting(&self) -> u32 {
+        self.lock().syncs_waiting
     }
 
     pub fn stats(&self) -> DiskStats {
@@ -378,12 +392,14 @@ impl StorageBackend for FaultyBackend {
     fn sync_data(&self) -> io::Result<()> {
         let mut s = self.alive()?;
         while s.syncs_held {
+            s.syncs_waiting += 1;
             s = self
                 .disk
                 .0
                 .released
                 .wait(s)
                 .unwrap_or_else(|p| p.into_inner());
+            s.syncs_waiting -= 1;
         }
         if s.power_cycle != self.power_cycle {
             return Err(crate::sync_failed(powered_off()));

@@ -81,6 +81,12 @@ pub enum StoreError {
         "I/O error on the database ({0}); check the disk (kernel log), then restart tally so it recovers what is durable"
     )]
     Io(redb::Error),
+    /// The disk no longer holds what it acknowledged as synced (found by the node when it
+    /// compares memory with a store it opened again).
+    #[error(
+        "the disk lost data it had acknowledged as written ({0}); check the disk (kernel log), then restart tally so it recovers what is durable"
+    )]
+    Lost(String),
     #[error("database error: {0}; the data directory may be read-only or in use by another tally")]
     Db(redb::Error),
     #[error(
@@ -109,6 +115,74 @@ impl From<redb::Error> for StoreError {
             redb::Error::Io(_) | redb::Error::PreviousIo => StoreError::Io(e),
             _ => StoreError::Db(e),
         }
+    }
+}
+
+/// What a failed operation means for the store, and so for the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// Only this transaction failed; nothing of it is durable and the store is usable.
+    Transaction,
+    /// The store cannot write now (the disk is full, or the directory cannot be opened):
+    /// drop it and open it again later ([`Store::open_at`]); what was synced is safe.
+    Unavailable,
+    /// The disk may have lost or changed what it acknowledged (a failed sync, an I/O
+    /// error, corruption): nothing written from now on can be trusted. Stop writing.
+    Untrusted,
+}
+
+impl StoreError {
+    /// The disk has no room (yet): what a look for room ([`has_room`]) that found none means.
+    pub fn no_room() -> StoreError {
+        StoreError::NoSpace(redb::Error::Io(io::Error::new(
+            io::ErrorKind::StorageFull,
+            "no room on the disk yet",
+        )))
+    }
+
+    pub fn fault(&self) -> Fault {
+        match self {
+            StoreError::NoSpace(_) | StoreError::Dir { .. } => Fault::Unavailable,
+            StoreError::SyncFailed(_)
+            | StoreError::Io(_)
+            | StoreError::Corrupt { .. }
+            | StoreError::Lost(_)
+            | StoreError::Db(redb::Error::Corrupted(_))
+            | StoreError::Schema { .. }
+            | StoreError::NodeIdMismatch { .. } => Fault::Untrusted,
+            StoreError::Db(_) => Fault::Transaction,
+        }
+    }
+}
+
+/// Whether the disk under `location` has `bytes` free, found out cheaply, without
+/// opening the database (after a full disk, every open of a database that was not closed
+/// cleanly re-checks the whole file). In a directory: writes a probe file of that size
+/// and removes it (file systems allocate or reserve blocks at write time).
+pub fn has_room(location: &Location, bytes: u64) -> io::Result<bool> {
+    match location {
+        Location::Dir(dir) => {
+            let probe = dir.join("tally.space-probe");
+            let written = (|| {
+                let mut f = File::create(&probe)?;
+                let chunk = vec![0u8; 64 * 1024];
+                let mut left = bytes;
+                while left > 0 {
+                    let n = left.min(chunk.len() as u64) as usize;
+                    io::Write::write_all(&mut f, &chunk[..n])?;
+                    left -= n as u64;
+                }
+                Ok(())
+            })();
+            let _ = std::fs::remove_file(&probe);
+            match written {
+                Ok(()) => Ok(true),
+                Err(e) if is_no_space(&e) => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+        Location::Simulated(mount) => Ok(mount.disk().free_bytes() >= bytes),
     }
 }
 
@@ -521,6 +595,23 @@ impl Store {
         }
         out.dedup_ids = self.dedup.len();
         Ok(out)
+    }
+
+    /// A small durable commit: after the store was opened again, shows there is room to
+    /// write and makes everything it read durable before the node trusts it.
+    pub fn probe(&mut self) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let n: u64 = meta
+                .get("probes")?
+                .and_then(|v| v.value().parse().ok())
+                .unwrap_or(0);
+            meta.insert("probes", (n + 1).to_string().as_str())?;
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// Starts one group-commit batch.
