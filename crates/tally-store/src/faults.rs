@@ -97,6 +97,8 @@ struct DiskState {
     /// Changes made since the last successful sync, in order.
     unsynced: Vec<Change>,
     capacity_bytes: u64,
+    /// Full, and every write needs a new block (a copy-on-write file system).
+    full_cow: bool,
     sync_faults: SyncFaults,
     syncs_held: bool,
     syncs_waiting: u32,
@@ -150,6 +152,7 @@ impl FaultyDisk {
                 current: Image::default(),
                 unsynced: Vec::new(),
                 capacity_bytes: u64::MAX,
+                full_cow: false,
                 sync_faults: SyncFaults::None,
                 syncs_held: false,
                 syncs_waiting: 0,
@@ -219,15 +222,25 @@ impl FaultyDisk {
     }
 
     /// Bounds the space: allocating blocks beyond `bytes` fails with `StorageFull`.
-    /// Raising it again gives the space back.
+    /// Raising it again gives the space back (and ends [`FaultyDisk::fill_cow`]).
     pub fn set_capacity(&self, bytes: u64) {
-        self.lock().capacity_bytes = bytes;
+        let mut s = self.lock();
+        s.capacity_bytes = bytes;
+        s.full_cow = false;
+    }
+
+    /// Full on a copy-on-write file system (btrfs, ZFS): every write needs a new block,
+    /// so every write fails until [`FaultyDisk::set_capacity`] gives space back.
+    pub fn fill_cow(&self) {
+        self.fill();
+        self.lock().full_cow = true;
     }
 
     /// Leaves no free block: the next write that needs a new block fails.
     pub fn fill(&self) {
         let mut s = self.lock();
         s.capacity_bytes = s.current.blocks.len() as u64 * BLOCK_BYTES;
+        s.full_cow = false;
     }
 
     /// While held, a sync waits (a stalled disk); releasing lets it finish.
@@ -257,6 +270,9 @@ impl FaultyDisk {
     /// Bytes that may still be allocated.
     pub fn free_bytes(&self) -> u64 {
         let s = self.lock();
+        if s.full_cow {
+            return 0;
+        }
         s.capacity_bytes
             .saturating_sub(s.current.blocks.len() as u64 * BLOCK_BYTES)
     }
@@ -379,7 +395,7 @@ impl StorageBackend for FaultyBackend {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut s = self.alive()?;
-        if len > s.current.bytes.len() as u64 && len > s.capacity_bytes {
+        if len > s.current.bytes.len() as u64 && (len > s.capacity_bytes || s.full_cow) {
             s.writes_refused += 1;
             return Err(no_space());
         }
@@ -436,7 +452,8 @@ impl StorageBackend for FaultyBackend {
             .filter(|b| !s.current.blocks.contains(b))
             .count() as u64;
         let used = s.current.blocks.len() as u64;
-        if new_blocks > 0 && (used + new_blocks) * BLOCK_BYTES > s.capacity_bytes {
+        let full = s.full_cow || (used + new_blocks) * BLOCK_BYTES > s.capacity_bytes;
+        if full && (new_blocks > 0 || s.full_cow) {
             s.writes_refused += 1;
             return Err(no_space());
         }
@@ -546,6 +563,15 @@ mod tests {
         b.write(BLOCK_BYTES, &[3; 10]).unwrap();
         assert_eq!(disk.stats().writes_refused, 2);
         assert_eq!(disk.stats().used_bytes, 2 * BLOCK_BYTES);
+        // Copy-on-write: even a rewrite needs a new block.
+        disk.fill_cow();
+        assert_eq!(disk.free_bytes(), 0);
+        assert_eq!(
+            b.write(0, &[4; 10]).unwrap_err().kind(),
+            io::ErrorKind::StorageFull
+        );
+        disk.set_capacity(u64::MAX);
+        b.write(0, &[4; 10]).unwrap();
     }
 
     #[test]

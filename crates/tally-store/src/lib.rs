@@ -66,7 +66,7 @@ pub enum StoreError {
     /// every operation after an I/O error, so the store must be opened again
     /// ([`Store::open_at`]) once there is space.
     #[error(
-        "no space left for the database ({0}); free space on the disk holding the data directory: writes resume by themselves once there is room"
+        "the disk holding the data directory is full ({0}); free space on it: writes resume by themselves once there is room"
     )]
     NoSpace(redb::Error),
     /// A sync (fsync) failed: what was written since the last successful sync may not be on

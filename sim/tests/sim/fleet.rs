@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tally_core::{Epoch, LimitInput, Period, PeriodSpec};
+use tally_node::faults::{FaultyDisk, PowerLoss};
 use tally_node::{Clock as _, LimitDetails};
 
 use crate::driver::{self, Cmd, Driver};
@@ -113,7 +114,6 @@ pub struct Fleet {
     baselines: HashMap<String, Vec<u64>>,
     pub report: Report,
     pub events: Vec<String>,
-    _root: tempfile::TempDir,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -135,21 +135,6 @@ fn unit_of(i: &LimitInput) -> Unit {
     match i.metric {
         tally_core::Metric::Requests => Unit::Requests,
         _ => Unit::Tokens,
-    }
-}
-
-/// A temporary directory on tmpfs when there is one: fsync is then cheap, and the
-/// simulation measures the protocol, not the disk.
-fn temp_root() -> tempfile::TempDir {
-    let shm = std::path::Path::new("/dev/shm");
-    let b = {
-        let mut b = tempfile::Builder::new();
-        b.prefix("tally-sim-");
-        b
-    };
-    match shm.is_dir().then(|| b.tempdir_in(shm)) {
-        Some(Ok(d)) => d,
-        _ => b.tempdir().expect("temp dir"),
     }
 }
 
@@ -180,12 +165,11 @@ impl Fleet {
                 ))
             })
             .collect();
-        let root = temp_root();
         let configs: Vec<Arc<HostConfig>> = (0..total)
             .map(|i| {
                 Arc::new(HostConfig {
                     name: names[i].clone(),
-                    dir: root.path().join(&names[i]),
+                    disk: FaultyDisk::new(),
                     clock: clocks[i].clone(),
                     seeds: names[..plan.nodes]
                         .iter()
@@ -240,7 +224,6 @@ impl Fleet {
             baselines: HashMap::new(),
             report: Report::default(),
             events: Vec::new(),
-            _root: root,
             plan,
         };
         for i in 0..fleet.plan.nodes {
@@ -848,6 +831,71 @@ impl Fleet {
         Ok(())
     }
 
+    /// Cuts a host's power: its software stops and its disk keeps what `how` says.
+    fn power_off(&mut self, i: usize, how: PowerLoss) {
+        self.configs[i].disk.power_loss(how);
+        self.sim.crash(self.names[i].as_str());
+        self.states[i] = HostState::Down;
+    }
+
+    /// Holds the node's syncs, sends it a burst, and cuts the power once its writer waits
+    /// in the sync of a group commit (every page of it written, nothing synced).
+    fn power_loss_mid_commit(
+        &mut self,
+        node: usize,
+        records: u32,
+        torn: bool,
+        seed: u64,
+    ) -> Result<(), Violation> {
+        let disk = self.configs[node].disk.clone();
+        disk.hold_syncs(true);
+        self.driver
+            .cmds
+            .borrow_mut()
+            .push_back(Cmd::Traffic(Traffic {
+                tag: format!("cut{seed:x}"),
+                nodes: vec![node],
+                count: records,
+                tokens: (1, 100),
+                spacing_ms: 0,
+                gated: false,
+                retry: crate::scenario::Retry::UntilAcked,
+                at_back_ms: None,
+                seed,
+            }));
+        // The writer is a real thread: give it real time to reach the sync.
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while disk.syncs_waiting() == 0 && std::time::Instant::now() < until {
+            self.step()?;
+            std::thread::yield_now();
+        }
+        let in_sync = disk.syncs_waiting() > 0;
+        let unsynced = disk.stats().unsynced_changes;
+        let how = if torn {
+            let mut rng = sim::Rng::new(seed);
+            PowerLoss::Partial {
+                changes: rng.below(unsynced as u64 + 1) as usize,
+                torn_bytes: rng.below(4097) as usize,
+            }
+        } else {
+            PowerLoss::DropUnsynced
+        };
+        self.power_off(node, how);
+        if in_sync {
+            self.report.mid_commit_crashes += 1;
+        }
+        self.event(format!(
+            "power cut on {} {} with {unsynced} unsynced changes: {how:?}",
+            self.names[node],
+            if in_sync {
+                "inside a sync"
+            } else {
+                "(no sync reached)"
+            },
+        ));
+        Ok(())
+    }
+
     fn apply(&mut self, op: Op) -> Result<(), Violation> {
         match op {
             Op::Traffic(t) => self.driver.cmds.borrow_mut().push_back(Cmd::Traffic(t)),
@@ -878,10 +926,7 @@ impl Fleet {
                     self.run_for(every_ms)?;
                 }
             }
-            Op::Crash(i) => {
-                self.sim.crash(self.names[i].as_str());
-                self.states[i] = HostState::Down;
-            }
+            Op::Crash(i) => self.power_off(i, PowerLoss::DropUnsynced),
             Op::Restart(i) => {
                 self.sim.bounce(self.names[i].as_str());
                 self.states[i] = HostState::Up;
@@ -920,17 +965,51 @@ impl Fleet {
                         break;
                     }
                 }
-                self.sim.crash(self.names[node].as_str());
-                self.states[node] = HostState::Down;
+                self.power_off(node, PowerLoss::DropUnsynced);
                 self.event(format!(
                     "crashed {} with {depth} records queued",
                     self.names[node]
                 ));
             }
             Op::Remove(i) => {
-                self.sim.crash(self.names[i].as_str());
+                self.power_off(i, PowerLoss::DropUnsynced);
                 self.states[i] = HostState::Removed;
-                let _ = std::fs::remove_dir_all(&self.configs[i].dir);
+            }
+            Op::PowerLossMidCommit {
+                node,
+                records,
+                torn,
+                seed,
+            } => self.power_loss_mid_commit(node, records, torn, seed)?,
+            Op::FailSyncs { node, count } => self.configs[node].disk.fail_syncs(count),
+            Op::FillDisk {
+                node,
+                copy_on_write,
+            } => {
+                let disk = &self.configs[node].disk;
+                if copy_on_write {
+                    disk.fill_cow();
+                } else {
+                    disk.fill();
+                }
+            }
+            Op::FixDisk(i) => {
+                let disk = &self.configs[i].disk;
+                disk.fail_syncs(Some(0));
+                disk.set_capacity(u64::MAX);
+            }
+            Op::ExpectStorage {
+                node,
+                want,
+                within_ms,
+            } => {
+                let name = self.names[node].clone();
+                let reg = self.registry.clone();
+                self.run_until(
+                    &format!("{name}'s storage to be {want:?}"),
+                    within_ms,
+                    move |_| reg.with(&name, |n| n.storage_health()) == Some(want),
+                )?;
             }
             Op::Join(i) => {
                 self.start_host(i);

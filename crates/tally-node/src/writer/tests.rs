@@ -139,7 +139,7 @@ async fn a_full_disk_refuses_writes_and_they_resume_when_space_returns() {
         }
         assert!(acked < 100_000, "the disk never filled");
     };
-    assert!(m.contains("no space left"), "{m}");
+    assert!(m.contains("is full"), "{m}");
     assert_eq!(node.storage_health(), StorageHealth::Full);
     assert!(!node.ready(), "not ready while writes cannot be stored");
     assert_eq!(used(&node), acked);
