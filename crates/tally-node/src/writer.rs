@@ -291,7 +291,26 @@ struct Writer {
     last: Maintained,
 }
 
+/// Marks storage failed if the writer thread unwinds: an assertion (a violated invariant,
+/// TIGER_STYLE) stops writing for good and says so, rather than leaving a node that
+/// answers every write "shutting down" or, worse, writes on.
+struct StopOnPanic(Arc<Shared>);
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .storage
+                .store(StorageHealth::Failed as u8, Ordering::SeqCst);
+            tracing::error!(
+                "the writer stopped on a violated invariant (a bug): writes are refused and /readyz is 503; restart the node and report this log"
+            );
+        }
+    }
+}
+
 pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
+    let _stop = StopOnPanic(shared.clone());
     let mut w = Writer {
         location: shared.config.location(),
         shared,
