@@ -644,6 +644,13 @@ fn entities_and_parent_expansion() {
                 fails(409, "conflict"),
             ),
             get("/v1/entities/customer/c2", fails(404, "not_found")),
+            // The shortest cycle: an entity naming itself as its parent (409, not 400).
+            put(
+                "/v1/entities/team/self",
+                json!({"parents": {"team": "self"}}),
+                fails(409, "conflict"),
+            ),
+            get("/v1/entities/team/self", fails(404, "not_found")),
             // Re-pointing team/eng at vk-1 is a cycle too, and leaves the old parents.
             put(
                 "/v1/entities/team/eng",
@@ -1021,6 +1028,33 @@ fn check_decisions() {
 
 // ---------------------------------------------------------------------------------------
 // Usage.
+
+/// I2 at the edge of the window: a record is accepted while its `at` is inside the window
+/// and `at` may be up to 5 minutes ahead, so its id must be remembered until `at + window`.
+/// It used to be forgotten at (apply time + window): with a 5 s window and `at` 4 minutes
+/// ahead, the same record sent again 8 s later was applied twice (used 14, not 7).
+#[test]
+fn dedup_window_covers_a_future_at() {
+    let node = Node::start(NodeOpts::default().args(["--dedup-window-secs", "5"]));
+    let c = node.client();
+    ok(c.put(
+        "/v1/limits/edge",
+        limit(json!({"team": "eng"}), "tokens", 1000.0, "never"),
+    ));
+    let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(240);
+    let rec = json!({"id": "edge-1", "attributes": {"team": "eng"}, "tokens": 7,
+                     "at": at.to_string()});
+    assert_eq!(ok(c.post("/v1/usage", rec.clone()))["applied"], json!(true));
+    // Past the 5 s window counted from the apply time, and past the writer's once-a-second
+    // expiry of ids.
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    assert_eq!(
+        ok(c.post("/v1/usage", rec))["applied"],
+        json!(false),
+        "the id was forgotten while the record could still be accepted"
+    );
+    assert_eq!(count(&ok(c.get("/v1/limits/edge"))["used"]), 7);
+}
 
 /// Usage idempotency (I2): a repeated id is answered `applied: false` and changes nothing,
 /// whatever the repeat carries; one record updates every metric it names.
@@ -1543,6 +1577,60 @@ fn bad_input_changes_nothing() {
         ),
     ];
 
+    // Arrays in place of objects: serde would read them as the fields in order (I8).
+    steps.extend([
+        post_raw("/v1/check", r#"[{"team": "eng"}, 0.5, 5]"#, invalid()),
+        post_raw(
+            "/v1/check",
+            r#"{"attributes": [["team", "eng"]]}"#,
+            invalid(),
+        ),
+        put_raw(
+            l,
+            r#"[{"team": "eng"}, "cost", 5, "1d", false, "UTC"]"#,
+            invalid(),
+        ),
+        put_raw(
+            l,
+            r#"{"scope": [["team", "eng"]], "metric": "cost", "max": 5, "period": "1d"}"#,
+            invalid(),
+        ),
+        post_raw("/v1/limits/eng-cost/reset", "[40.0]", invalid()),
+        post_raw("/v1/limits/eng-cost/reset", "[]", invalid()),
+        put_raw(
+            "/v1/entities/virtual_key/vk-arr",
+            r#"[{"team": "eng"}]"#,
+            invalid(),
+        ),
+        get("/v1/entities/virtual_key/vk-arr", fails(404, "not_found")),
+        put_raw(
+            "/v1/entities/virtual_key/vk-arr",
+            r#"{"parents": [["team", "eng"]]}"#,
+            invalid(),
+        ),
+        get("/v1/entities/virtual_key/vk-arr", fails(404, "not_found")),
+        post_raw(
+            "/v1/usage",
+            r#"["arr-1", {"team": "eng"}, 0.5, 5, 1, null]"#,
+            invalid(),
+        ),
+        post_raw(
+            "/v1/usage/batch",
+            r#"[[{"id": "arr-2", "attributes": {"team": "eng"}, "cost": 0.5}]]"#,
+            invalid(),
+        ),
+        post_raw(
+            "/v1/usage/batch",
+            r#"{"records": [["arr-3", {"team": "eng"}, 0.5, 5, 1, null]]}"#,
+            invalid(),
+        ),
+        post_raw(
+            "/v1/usage/batch",
+            r#"{"records": [{"id": "arr-4", "attributes": {"team": "eng"}}, ["arr-5", {}, 0.5]]}"#,
+            invalid(),
+        ),
+    ]);
+
     // Usage: each rejected record has a fresh well-formed id where it can, so the probe at
     // the end can show the id was not marked as seen.
     let mut n = 0;
@@ -1611,6 +1699,7 @@ fn bad_input_changes_nothing() {
         post_raw(u, "", invalid()),
     ]);
     probe_ids.extend(["bad-raw-1".into(), "bad-raw-2".into(), "bad-raw-3".into()]);
+    probe_ids.extend((1..=5).map(|i| format!("arr-{i}")));
 
     // Bodies over 1 MiB.
     let big = format!(
@@ -1665,6 +1754,71 @@ fn bad_input_changes_nothing() {
         }
     }
     assert_eq!(limit_views(&c), before);
+}
+
+/// A body of ~1 MiB holding ~80 000 distinct names in one map is refused at the ninth
+/// name, for every map a client can send (attributes of check and usage, a limit's scope,
+/// an entity's parents), and changes nothing (I8). Reading every name before refusing
+/// once cost seconds of CPU per request (the map was searched linearly per name).
+#[test]
+fn huge_maps_are_refused_at_the_cap() {
+    let node = Node::single();
+    let c = node.client();
+    let names: String = (0..80_000)
+        .map(|i| format!(r#""a{i}":"x""#))
+        .collect::<Vec<_>>()
+        .join(",");
+    let map = format!("{{{names}}}");
+    assert!(
+        map.len() < 1 << 20,
+        "the body must stay under the 1 MiB cap"
+    );
+    let cases = [
+        (
+            "POST",
+            "/v1/check".to_string(),
+            format!(r#"{{"attributes":{map}}}"#),
+        ),
+        (
+            "POST",
+            "/v1/usage".to_string(),
+            format!(r#"{{"id":"huge-1","attributes":{map}}}"#),
+        ),
+        (
+            "PUT",
+            "/v1/limits/huge".to_string(),
+            format!(r#"{{"scope":{map},"metric":"requests","max":5,"period":"1d"}}"#),
+        ),
+        (
+            "PUT",
+            "/v1/entities/team/huge".to_string(),
+            format!(r#"{{"parents":{map}}}"#),
+        ),
+    ];
+    for (method, path, body) in &cases {
+        let reply = match *method {
+            "PUT" => c.put_raw(path, body.as_bytes()),
+            _ => c.post_raw(path, body.as_bytes()),
+        };
+        assert_eq!(reply.0, 400, "{method} {path}: {}", reply.1);
+        assert_eq!(reply.1["error"]["code"], "invalid_argument", "{}", reply.1);
+        let msg = reply.1["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("more than 8 entries"),
+            "{method} {path}: refused after reading the whole map: {msg}"
+        );
+    }
+    assert_eq!(c.get("/v1/limits/huge").0, 404);
+    assert_eq!(c.get("/v1/entities/team/huge").0, 404);
+    let recorded = ok(c.post(
+        "/v1/usage",
+        json!({"id": "huge-1", "attributes": {"team": "x"}}),
+    ));
+    assert_eq!(
+        recorded["applied"],
+        json!(true),
+        "the refused id was not marked as seen"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -338,10 +338,12 @@ impl State {
         crate::units::validate_dimension(dimension).map_err(ConfigError::from)?;
         crate::units::validate_attribute_value(value).map_err(ConfigError::from)?;
         validate_scope(&parents, "parents")?;
+        // A cycle first: an entity naming itself as its parent is the shortest cycle
+        // (409), not merely a parent of its own dimension (400).
+        self.find_cycle(dimension, value, &parents)?;
         if parents.contains_key(dimension) {
             return Err(ConfigError::SelfDimension(dimension.to_string()));
         }
-        self.find_cycle(dimension, value, &parents)?;
         Ok(EntityRecord {
             dimension: dimension.to_string(),
             value: value.to_string(),

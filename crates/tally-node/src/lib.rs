@@ -200,8 +200,6 @@ pub(crate) struct Shared {
     pub(crate) config: NodeConfig,
     pub(crate) node_id: String,
     pub(crate) cluster: std::sync::OnceLock<cluster::ClusterHandle>,
-    /// Remote values handed to the writer and not yet merged.
-    pub(crate) remote_pending: std::sync::atomic::AtomicUsize,
     /// A [`StorageHealth`], set by the writer.
     pub(crate) storage: std::sync::atomic::AtomicU8,
 }
@@ -276,7 +274,6 @@ impl Node {
             node_id,
             config,
             cluster: std::sync::OnceLock::new(),
-            remote_pending: std::sync::atomic::AtomicUsize::new(0),
             storage: std::sync::atomic::AtomicU8::new(StorageHealth::Ok as u8),
         });
         let queue = Arc::new(Semaphore::new(shared.config.queue_records_max));
@@ -379,30 +376,7 @@ impl Node {
     }
 
     fn validate_records(&self, records: &[UsageRecord]) -> Result<(), NodeError> {
-        let now = self.now_ms();
-        let window = self.shared.config.dedup_window_ms;
-        let skew = self.shared.config.future_skew_ms;
-        for r in records {
-            tally_core::units::validate_id(&r.id, "record id")
-                .map_err(|e| NodeError::InvalidArgument(e.to_string()))?;
-            if let Some(at) = r.at_ms {
-                if at > now + skew {
-                    return Err(NodeError::InvalidArgument(format!(
-                        "record {}: at is more than {} s in the future; check the client's clock",
-                        r.id,
-                        skew / 1000
-                    )));
-                }
-                if at <= now - window {
-                    return Err(NodeError::InvalidArgument(format!(
-                        "record {}: at is older than the {} s deduplication window and could be counted twice; record usage promptly",
-                        r.id,
-                        window / 1000
-                    )));
-                }
-            }
-        }
-        Ok(())
+        validate_records(records, self.now_ms(), &self.shared.config)
     }
 
     /// Queues an op for the writer once `n` records' worth of queue space is free.
@@ -538,19 +512,19 @@ impl Node {
         cluster::start(self.shared.clone(), self.tx.clone(), config).await
     }
 
-    /// Ready for traffic: caught up with the fleet (always, for a node without peers to
-    /// wait for) and able to store writes ([`Node::storage_ok`]).
-    pub fn ready(&self) -> bool {
-        self.caught_up() && self.storage_ok()
-    }
-
-    /// Caught up with the fleet (always, for a node without peers to wait for). Checks
-    /// answer `stale` until then.
-    fn caught_up(&self) -> bool {
+    /// Caught up with the fleet (always, for a node without gossip): checks say `stale`
+    /// when not.
+    pub fn caught_up(&self) -> bool {
         self.shared
             .cluster
             .get()
-            .is_none_or(|c| c.ready.load(std::sync::atomic::Ordering::Relaxed))
+            .is_none_or(|c| c.caught_up.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Ready to take traffic (`/readyz`): caught up with the fleet, and able to store
+    /// writes ([`Node::storage_ok`]).
+    pub fn ready(&self) -> bool {
+        self.caught_up() && self.storage_ok()
     }
 
     /// Whether writes can be stored now: not while the disk is full, nor after the disk
@@ -589,6 +563,39 @@ impl Node {
         }
         self.queue.close();
     }
+}
+
+/// Checks record ids and `at` against `now_ms`: at most `future_skew_ms` ahead, and inside
+/// the dedup window (an older record could not be deduplicated, so accepting it would risk
+/// a double count). The writer checks again with its own clock when it applies the records,
+/// since time passes in the queue.
+pub(crate) fn validate_records(
+    records: &[UsageRecord],
+    now: i64,
+    config: &NodeConfig,
+) -> Result<(), NodeError> {
+    let (window, skew) = (config.dedup_window_ms, config.future_skew_ms);
+    for r in records {
+        tally_core::units::validate_id(&r.id, "record id")
+            .map_err(|e| NodeError::InvalidArgument(e.to_string()))?;
+        if let Some(at) = r.at_ms {
+            if at > now + skew {
+                return Err(NodeError::InvalidArgument(format!(
+                    "record {}: at is more than {} s in the future; check the client's clock",
+                    r.id,
+                    skew / 1000
+                )));
+            }
+            if at <= now - window {
+                return Err(NodeError::InvalidArgument(format!(
+                    "record {}: at is older than the {} s deduplication window and could be counted twice; record usage promptly",
+                    r.id,
+                    window / 1000
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn generate_node_id() -> String {

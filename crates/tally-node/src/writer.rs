@@ -141,6 +141,9 @@ impl Deferred {
                     let v = self.slots.entry((origin, limit, epoch)).or_insert(0);
                     *v = (*v).max(value);
                 }
+                // A hello says everything its sender published before it is merged: not
+                // true of values that wait. New hellos come every sweep.
+                Incoming::Hello { .. } => {}
                 other => self.records.push(other),
             }
         }
@@ -178,7 +181,7 @@ struct Group<'a> {
 impl Group<'_> {
     fn add(&mut self, records: &[UsageRecord]) -> Result<Vec<bool>, StoreError> {
         let now = self.shared.clock.now_ms();
-        let expiry = now + self.shared.config.dedup_window_ms;
+        let window = self.shared.config.dedup_window_ms;
         let state = self.shared.state.read();
         let mut incs: Vec<Increment> = Vec::with_capacity(8);
         let mut applied = Vec::with_capacity(records.len());
@@ -208,7 +211,11 @@ impl Group<'_> {
                 };
                 self.pending.insert(key, current.saturating_add(inc.delta));
             }
-            self.batch.dedup_insert(&r.id, expiry)?;
+            // A record is accepted while its `at` is inside the window (`at > now -
+            // window`), and `at` may be ahead of now: the id must be remembered for as long
+            // as a retry of the same record could still be accepted (I2).
+            let at = r.at_ms.unwrap_or(now);
+            self.batch.dedup_insert(&r.id, at.max(now) + window)?;
             applied.push(true);
         }
         debug_assert_eq!(applied.len(), records.len());
@@ -345,11 +352,7 @@ pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
             Op::Config { change, reply, .. } => {
                 let _ = reply.send(w.config(change));
             }
-            Op::Remote { items } => {
-                let n = items.len();
-                w.remote(items);
-                w.shared.remote_pending.fetch_sub(n, Ordering::SeqCst);
-            }
+            Op::Remote { items } => w.remote(items),
             Op::Records { records, reply, .. } => w.records(records, reply, &rx, &mut carry),
         }
         if w.last.tick.elapsed() >= MAINTENANCE_EVERY {
@@ -511,12 +514,20 @@ impl Writer {
         let mut next = Some((records, reply));
         let mut failed: Option<StoreError> = None;
         while let Some((records, reply)) = next.take() {
-            match group.add(&records) {
-                Ok(applied) => group.replies.push((reply, applied, records)),
-                Err(e) => {
-                    group.replies.push((reply, Vec::new(), records));
-                    failed = Some(e);
-                    break;
+            // Validated when queued, and again now: an id is forgotten once its
+            // window ends, so a record whose `at` left the window while it waited
+            // could otherwise be applied a second time (I2).
+            let now = shared.clock.now_ms();
+            if let Err(invalid) = crate::validate_records(&records, now, &shared.config) {
+                let _ = reply.send((Err(invalid), records));
+            } else {
+                match group.add(&records) {
+                    Ok(applied) => group.replies.push((reply, applied, records)),
+                    Err(e) => {
+                        group.replies.push((reply, Vec::new(), records));
+                        failed = Some(e);
+                        break;
+                    }
                 }
             }
             if group.records >= shared.config.batch_records_max {
@@ -854,6 +865,7 @@ fn apply_remote(
     items: Vec<Incoming>,
 ) -> Result<(), (StoreError, Vec<Incoming>)> {
     let now = shared.clock.now_ms();
+    let mut hellos = Vec::new();
     let (slots, records) = {
         let state = shared.state.read();
         let me = state.node_id();
@@ -861,6 +873,10 @@ fn apply_remote(
         let mut records = Vec::new();
         for item in items {
             let record = match item {
+                Incoming::Hello { origin, wall_ms } => {
+                    hellos.push((origin, wall_ms));
+                    continue;
+                }
                 Incoming::Slot {
                     origin,
                     limit,
@@ -883,6 +899,7 @@ fn apply_remote(
         (slots, records)
     };
     if slots.is_empty() && records.is_empty() {
+        note_hellos(shared, hellos);
         return Ok(());
     }
     let result = (|| {
@@ -923,7 +940,22 @@ fn apply_remote(
     for p in republish {
         publish(shared, p);
     }
+    note_hellos(shared, hellos);
     Ok(())
+}
+
+/// Notes hellos once everything delivered before them is merged (readiness).
+fn note_hellos(shared: &Shared, hellos: Vec<(String, i64)>) {
+    if hellos.is_empty() {
+        return;
+    }
+    if let Some(c) = shared.cluster.get() {
+        let now = shared.clock.now_ms();
+        let mut seen = c.hellos.lock();
+        for (origin, wall_ms) in hellos {
+            seen.entry(origin).or_default().merge(wall_ms, now);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -124,14 +124,64 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
     }
 }
 
-/// Parses a JSON body strictly (400 on any mismatch); an empty body is `{}`.
+/// Parses a JSON object body strictly (400 on any mismatch); an empty body is `{}`.
 fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
         bytes
     };
-    serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+    serde_json::from_slice::<Obj<T>>(bytes)
+        .map(|o| o.0)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+}
+
+/// A JSON object read as `T`. serde's derived struct visitors also take a JSON array as
+/// the fields in declaration order, so `["id-1",{},0.5,5,1,null]` would be read as a usage
+/// record. Bodies are objects only (I8): `T` is read through `deserialize_map`, which
+/// refuses anything but an object before looking inside it.
+struct Obj<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, m: M) -> Result<T, M::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData)).map(Obj)
+    }
+}
+
+/// A scope-like map (`scope`, `parents`) of at most [`ATTRIBUTES_MAX`] entries, refused
+/// as soon as it grows past the cap: a body of 1 MiB can hold ~80 000 names, and reading
+/// them all before refusing costs far more than the request is worth.
+fn bounded_scope<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Scope, D::Error> {
+    struct Visit;
+    impl<'de> serde::de::Visitor<'de> for Visit {
+        type Value = Scope;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of dimension names to string values")
+        }
+        fn visit_map<M: serde::de::MapAccess<'de>>(self, mut m: M) -> Result<Scope, M::Error> {
+            let mut out = Scope::new();
+            while let Some((k, v)) = m.next_entry::<String, String>()? {
+                out.insert(k, v);
+                if out.len() > ATTRIBUTES_MAX {
+                    return Err(serde::de::Error::custom(format_args!(
+                        "more than {ATTRIBUTES_MAX} entries; at most {ATTRIBUTES_MAX} are allowed"
+                    )));
+                }
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Visit)
 }
 
 /// Path parameters, with API.md's error shape on failure.
@@ -330,7 +380,7 @@ fn count(c: Option<u64>, what: &'static str, default: u64) -> Result<u64, ApiErr
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LimitBody {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded_scope")]
     scope: BTreeMap<String, String>,
     metric: String,
     max: serde_json::Number,
@@ -472,7 +522,7 @@ async fn reset_limit(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EntityBody {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded_scope")]
     parents: BTreeMap<String, String>,
 }
 
@@ -555,11 +605,18 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
                 self,
                 mut m: M,
             ) -> Result<Self::Value, M::Error> {
-                let mut out: Vec<(Cow<'a, str>, Cow<'a, str>)> = Vec::with_capacity(8);
+                let mut out: Vec<(Cow<'a, str>, Cow<'a, str>)> = Vec::with_capacity(ATTRIBUTES_MAX);
                 while let Some((Text(k), Text(v))) = m.next_entry::<Text<'a>, Text<'a>>()? {
-                    match out.iter_mut().find(|(ok, _)| *ok == k) {
-                        Some(slot) => slot.1 = v,
-                        None => out.push((k, v)),
+                    if let Some(slot) = out.iter_mut().find(|(ok, _)| *ok == k) {
+                        slot.1 = v;
+                    } else if out.len() == ATTRIBUTES_MAX {
+                        // Refused at the first name past the cap, so a huge map costs no
+                        // more than its first few entries (and the search stays tiny).
+                        return Err(serde::de::Error::custom(format_args!(
+                            "attributes has more than {ATTRIBUTES_MAX} entries; at most {ATTRIBUTES_MAX} are allowed"
+                        )));
+                    } else {
+                        out.push((k, v));
                     }
                 }
                 Ok(Attributes(out))
@@ -662,7 +719,7 @@ async fn usage(State(s): App, headers: HeaderMap, RawBody(body): RawBody) -> Api
 #[serde(deny_unknown_fields)]
 struct BatchBody<'a> {
     #[serde(borrow)]
-    records: Vec<UsageBody<'a>>,
+    records: Vec<Obj<UsageBody<'a>>>,
 }
 
 async fn usage_batch(State(s): App, headers: HeaderMap, RawBody(body): RawBody) -> ApiResult {
@@ -678,7 +735,7 @@ async fn usage_batch(State(s): App, headers: HeaderMap, RawBody(body): RawBody) 
         .records
         .into_iter()
         .enumerate()
-        .map(|(i, r)| {
+        .map(|(i, Obj(r))| {
             usage_record(r).map_err(|e| ApiError::invalid(format!("records[{i}]: {}", e.message)))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -729,7 +786,9 @@ async fn cluster(State(s): App, headers: HeaderMap) -> ApiResult {
                 json!({
                     "node_id": m.node_id,
                     "gossip_addr": m.gossip_addr.to_string(),
-                    "live": m.live,
+                    // A node whose values fail the MAC (another cluster key) talks to
+                    // chitchat but takes no part in the fleet.
+                    "live": m.live && m.verified,
                     "generation": m.generation,
                 })
             })

@@ -185,6 +185,18 @@ fn entity_parents_expand_transitively_and_cycles_are_refused() {
         s.prepare_entity_put("team", "x", scope("team", "y"), T0),
         Err(ConfigError::SelfDimension(_))
     ));
+    // Naming itself as its own parent is a cycle (409 over HTTP), not a dimension clash.
+    let err = s
+        .prepare_entity_put("team", "x", scope("team", "x"), T0)
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ConfigError::Cycle {
+            dimension: "team".into(),
+            value: "x".into(),
+            path: "team/x -> team/x".into()
+        }
+    );
     // A request's own value wins over a parent's.
     let d = s.check(
         &[("virtual_key", "vk-1"), ("customer", "other")],
