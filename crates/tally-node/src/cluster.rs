@@ -335,6 +335,7 @@ pub(crate) async fn start(
     }
 
     // Incoming: batch what is available and hand it to the writer.
+    let s = shared.clone();
     tokio::spawn(async move {
         while let Some(first) = in_rx.recv().await {
             let mut items = vec![first];
@@ -344,6 +345,7 @@ pub(crate) async fn start(
                     Err(_) => break,
                 }
             }
+            s.writer_ops.fetch_add(1, Ordering::SeqCst);
             if writer.send(Op::Remote { items }).is_err() {
                 return;
             }

@@ -17,6 +17,7 @@ mod writer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use parking_lot::RwLock;
@@ -202,6 +203,8 @@ pub(crate) struct Shared {
     pub(crate) cluster: std::sync::OnceLock<cluster::ClusterHandle>,
     /// A [`StorageHealth`], set by the writer.
     pub(crate) storage: std::sync::atomic::AtomicU8,
+    /// Ops handed to the writer that it has not finished (see [`Node::writer_idle`]).
+    pub(crate) writer_ops: std::sync::atomic::AtomicUsize,
 }
 
 /// A running node. Cheap to clone; all clones share one state and one writer.
@@ -275,6 +278,7 @@ impl Node {
             config,
             cluster: std::sync::OnceLock::new(),
             storage: std::sync::atomic::AtomicU8::new(StorageHealth::Ok as u8),
+            writer_ops: std::sync::atomic::AtomicUsize::new(0),
         });
         let queue = Arc::new(Semaphore::new(shared.config.queue_records_max));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -404,9 +408,11 @@ impl Node {
             ))
         })?
         .map_err(|_| NodeError::Unavailable("the node is shutting down".into()))?;
-        self.tx
-            .send(op(permit))
-            .map_err(|_| NodeError::Unavailable("the node is shutting down".into()))
+        self.shared.writer_ops.fetch_add(1, Ordering::SeqCst);
+        self.tx.send(op(permit)).map_err(|_| {
+            self.shared.writer_ops.fetch_sub(1, Ordering::SeqCst);
+            NodeError::Unavailable("the node is shutting down".into())
+        })
     }
 
     async fn change(&self, change: ConfigChange) -> Result<(), NodeError> {
@@ -525,6 +531,14 @@ impl Node {
     /// writes ([`Node::storage_ok`]).
     pub fn ready(&self) -> bool {
         self.caught_up() && self.storage_ok()
+    }
+
+    /// Whether the writer has finished every record, config change and peer value handed
+    /// to it. The simulator waits for this before it moves simulated time on: the writer
+    /// is a real thread, and a busy machine would otherwise run clients' deadlines out
+    /// while it waits for a core.
+    pub fn writer_idle(&self) -> bool {
+        self.shared.writer_ops.load(Ordering::SeqCst) == 0
     }
 
     /// Whether writes can be stored now: not while the disk is full, nor after the disk

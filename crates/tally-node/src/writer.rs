@@ -351,9 +351,16 @@ pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
             }
             Op::Config { change, reply, .. } => {
                 let _ = reply.send(w.config(change));
+                w.done(1);
             }
-            Op::Remote { items } => w.remote(items),
-            Op::Records { records, reply, .. } => w.records(records, reply, &rx, &mut carry),
+            Op::Remote { items } => {
+                w.remote(items);
+                w.done(1);
+            }
+            Op::Records { records, reply, .. } => {
+                let ops = w.records(records, reply, &rx, &mut carry);
+                w.done(ops);
+            }
         }
         if w.last.tick.elapsed() >= MAINTENANCE_EVERY {
             w.maintain();
@@ -362,6 +369,12 @@ pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
 }
 
 impl Writer {
+    /// `n` ops handed to the writer are finished (see `Node::writer_idle`).
+    fn done(&self, n: usize) {
+        let before = self.shared.writer_ops.fetch_sub(n, Ordering::SeqCst);
+        debug_assert!(before >= n, "writer ops counted {before}, finished {n}");
+    }
+
     /// The store, if it may be written; after a full disk, opens it again first when it
     /// is time to look for room.
     fn store(&mut self) -> Result<&mut Store, NodeError> {
@@ -488,13 +501,14 @@ impl Writer {
         reply: RecordsReply,
         rx: &Receiver<Op>,
         carry: &mut Option<Op>,
-    ) {
+    ) -> usize {
         let shared = self.shared.clone();
+        let mut ops = 1;
         let store = match self.store() {
             Ok(store) => store,
             Err(e) => {
                 let _ = reply.send((Err(e), records));
-                return;
+                return ops;
             }
         };
         let mut group = match store.batch() {
@@ -508,7 +522,7 @@ impl Writer {
             Err(e) => {
                 self.failed(&e);
                 let _ = reply.send((Err(unavailable(&e)), records));
-                return;
+                return ops;
             }
         };
         let mut next = Some((records, reply));
@@ -535,7 +549,10 @@ impl Writer {
             }
             // Drain what is already queued into the same commit.
             match rx.try_recv() {
-                Ok(Op::Records { records, reply, .. }) => next = Some((records, reply)),
+                Ok(Op::Records { records, reply, .. }) => {
+                    ops += 1;
+                    next = Some((records, reply));
+                }
                 Ok(other) => *carry = Some(other),
                 Err(_) => {}
             }
@@ -550,6 +567,7 @@ impl Writer {
                 let _ = reply.send((Err(unavailable(&e)), records));
             }
         }
+        ops
     }
 
     fn config(&mut self, change: ConfigChange) -> Result<(), NodeError> {

@@ -26,6 +26,10 @@ use crate::scenario::{LATENCY_MS, LimitDef, Op, Plan, Traffic};
 
 pub type Violation = String;
 
+/// Longest a step waits for busy writers (a writer held in a sync on purpose never
+/// finishes: then time goes on).
+const WRITER_WAIT_MAX: Duration = Duration::from_millis(100);
+
 /// Simulation knobs of one run.
 #[derive(Debug, Clone)]
 pub struct Knobs {
@@ -255,8 +259,25 @@ impl Fleet {
         self.events.push(e);
     }
 
+    /// Waits (in real time, at most [`WRITER_WAIT_MAX`]) until every running node's writer
+    /// has finished what it was handed. Writers are real threads: while one waits for a
+    /// core, simulated time must stand still, or a busy machine runs the clients'
+    /// deadlines out and a run fails for the machine's sake, not tally's.
+    fn settle_writers(&self) {
+        let until = std::time::Instant::now() + WRITER_WAIT_MAX;
+        for name in &self.names {
+            while self.registry.with(name, |n| !n.writer_idle()) == Some(true) {
+                if std::time::Instant::now() >= until {
+                    return;
+                }
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+    }
+
     /// One simulation step, then the safety samples.
     pub(crate) fn step(&mut self) -> Result<(), Violation> {
+        self.settle_writers();
         self.sim
             .step()
             .map_err(|e| format!("the simulation failed: {e}"))?;
@@ -447,7 +468,18 @@ impl Fleet {
     fn put_limit(&mut self, node: usize, def: &LimitDef) -> Result<(), Violation> {
         let body = def.body().to_string().into_bytes();
         let path = format!("/v1/limits/{}", def.id);
-        match self.http(node, "PUT", &path, Some(body))? {
+        let mut outcome = self.http(node, "PUT", &path, Some(body.clone()))?;
+        // The node's writer is a real thread: when the machine is busy it may miss the
+        // client's deadline in simulated time. A PUT is idempotent, so a careful client
+        // sends it again; a node that never answers still fails the run.
+        for _ in 0..2 {
+            if !matches!(outcome, HttpOutcome::Unknown(_)) {
+                break;
+            }
+            self.event(format!("PUT {path} timed out; sending it again"));
+            outcome = self.http(node, "PUT", &path, Some(body.clone()))?;
+        }
+        match outcome {
             HttpOutcome::Response(200, _) => {
                 self.written
                     .entry(def.id.to_string())
@@ -863,11 +895,19 @@ impl Fleet {
                 at_back_ms: None,
                 seed,
             }));
-        // The writer is a real thread: give it real time to reach the sync.
+        // Step until the writer holds records, then stop simulated time and give the
+        // writer (a real thread) real time to write its pages and reach the sync: spinning
+        // the simulation meanwhile would starve it of CPU and run the clients' clocks out.
+        let name = self.names[node].clone();
+        let until = self.sim.elapsed() + Duration::from_millis(500);
+        while self.sim.elapsed() < until
+            && self.registry.with(&name, |n| n.queue_depth()).unwrap_or(0) == 0
+        {
+            self.step()?;
+        }
         let until = std::time::Instant::now() + Duration::from_secs(5);
         while disk.syncs_waiting() == 0 && std::time::Instant::now() < until {
-            self.step()?;
-            std::thread::yield_now();
+            std::thread::sleep(Duration::from_micros(100));
         }
         let in_sync = disk.syncs_waiting() > 0;
         let unsynced = disk.stats().unsynced_changes;
@@ -1005,11 +1045,21 @@ impl Fleet {
             } => {
                 let name = self.names[node].clone();
                 let reg = self.registry.clone();
-                self.run_until(
-                    &format!("{name}'s storage to be {want:?}"),
-                    within_ms,
-                    move |_| reg.with(&name, |n| n.storage_health()) == Some(want),
-                )?;
+                let health = move || reg.with(&name, |n| n.storage_health());
+                let until = self.sim.elapsed() + Duration::from_millis(within_ms);
+                while health() != Some(want) {
+                    if self.sim.elapsed() >= until {
+                        return Err(format!(
+                            "{}'s storage is {:?} after {within_ms} ms, expected {want:?}",
+                            self.names[node],
+                            health()
+                        ));
+                    }
+                    self.step()?;
+                    // What we wait for happens on the node's writer, a real thread: give it
+                    // real time, or a busy machine runs simulated time out from under it.
+                    std::thread::sleep(Duration::from_micros(200));
+                }
             }
             Op::Join(i) => {
                 self.start_host(i);
