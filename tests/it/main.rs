@@ -7,6 +7,8 @@
 //! - `cli`: the `tally` client commands against a node: tables, `--json`, exit codes.
 //! - `periods`: rolling and calendar-aligned periods, epochs of recorded events (I5).
 //! - `crash`: SIGKILL / SIGTERM under concurrent load (I1, I2, I3).
+//! - `disk_full`: the data directory on a small tmpfs that fills up under load: 503 while
+//!   full, writes resume once space is freed (I1, I2); run by `tests/disk_full.sh` (root).
 //! - `cluster`: fleets gossiping on loopback: replication, a crash under load, a node
 //!   removed for good, a wrong cluster key, readiness (I1, I3, I4).
 //! - `hostile`: thousands of slow connections, trickled headers and bodies (I8, bounds).
@@ -15,5 +17,6 @@ mod api;
 mod cli;
 mod cluster;
 mod crash;
+mod disk_full;
 mod hostile;
 mod periods;

@@ -108,7 +108,9 @@ impl NodeOpts {
 /// by this value, so it outlives restarts and is removed when the test ends.
 pub struct Node {
     opts: NodeOpts,
-    data_dir: tempfile::TempDir,
+    data_dir: PathBuf,
+    /// Removes the data directory when the node was given a temporary one.
+    _temp: Option<tempfile::TempDir>,
     child: Option<Child>,
     url: String,
     node_id: String,
@@ -125,13 +127,24 @@ impl Node {
     /// Spawns `tally serve --listen 127.0.0.1:0 --data-dir <tmp> [opts.args]` and waits for
     /// its listening line. Panics (with the node's output) if it does not come up.
     pub fn start(opts: NodeOpts) -> Node {
-        let data_dir = tempfile::Builder::new()
+        let temp = tempfile::Builder::new()
             .prefix("tally-it-")
             .tempdir()
             .expect("create data dir");
+        Node::start_at(temp.path().to_path_buf(), Some(temp), opts)
+    }
+
+    /// Like [`Node::start`], with the data directory at `data_dir` (created by the node if
+    /// missing, left in place afterwards).
+    pub fn start_in(data_dir: &Path, opts: NodeOpts) -> Node {
+        Node::start_at(data_dir.to_path_buf(), None, opts)
+    }
+
+    fn start_at(data_dir: PathBuf, temp: Option<tempfile::TempDir>, opts: NodeOpts) -> Node {
         let mut node = Node {
             opts,
             data_dir,
+            _temp: temp,
             child: None,
             url: String::new(),
             node_id: String::new(),
@@ -158,7 +171,7 @@ impl Node {
     }
 
     pub fn data_dir(&self) -> &Path {
-        self.data_dir.path()
+        &self.data_dir
     }
 
     /// A client for this node's current URL with no token.
@@ -276,7 +289,7 @@ impl Node {
         let mut cmd = Command::new(tally_bin());
         cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(self.data_dir.path())
+            .arg(&self.data_dir)
             .args(&self.opts.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

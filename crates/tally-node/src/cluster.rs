@@ -410,6 +410,7 @@ pub(crate) async fn start(
     // channels back up to gossip, which drops and counts what does not fit and re-reads
     // it from chitchat's state later (tally-gossip, `Gossip::start`).
     let in_flight = Arc::new(tokio::sync::Semaphore::new(REMOTE_BATCHES_IN_FLIGHT));
+    let s = shared.clone();
     tokio::spawn(async move {
         while let Some(first) = in_rx.recv().await {
             let mut items = vec![first];
@@ -422,6 +423,7 @@ pub(crate) async fn start(
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 return;
             };
+            s.writer_ops.fetch_add(1, Ordering::SeqCst);
             if writer
                 .send(Op::Remote {
                     items,

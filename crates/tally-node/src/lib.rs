@@ -17,18 +17,21 @@ mod writer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use parking_lot::RwLock;
 use tally_core::config::ConfigError;
 use tally_core::{Amounts, Decision, LimitInput, LimitStatus, Metric, Scope, State, StateError};
-use tally_store::{Store, StoreError};
+use tally_store::{Location, Store, StoreError};
 use tokio::sync::{Semaphore, oneshot};
 
 pub use clock::{Clock, SystemClock};
 pub use cluster::ClusterConfig;
 pub use metrics::Metrics;
 pub use tally_gossip::{ClusterKey, GossipStats, Member};
+/// The fault-injecting disk a node can run on instead of `data_dir` ([`NodeConfig::disk`]).
+pub use tally_store::faults;
 use writer::{ConfigChange, Op};
 
 /// How a node is set up.
@@ -48,6 +51,9 @@ pub struct NodeConfig {
     /// How far in the future a record's `at` may be.
     pub future_skew_ms: i64,
     pub clock: Arc<dyn Clock>,
+    /// Simulator and tests: keep the database on this fault-injecting disk instead of in
+    /// `data_dir`.
+    pub disk: Option<faults::Mount>,
 }
 
 impl NodeConfig {
@@ -61,8 +67,29 @@ impl NodeConfig {
             queue_wait: Duration::from_secs(2),
             future_skew_ms: 5 * 60_000,
             clock: Arc::new(SystemClock),
+            disk: None,
         }
     }
+
+    /// Where the store lives.
+    pub fn location(&self) -> Location {
+        match &self.disk {
+            Some(mount) => Location::Simulated(mount.clone()),
+            None => Location::Dir(self.data_dir.clone()),
+        }
+    }
+}
+
+/// Whether the node can store writes (ARCHITECTURE.md, "Storage faults").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+#[repr(u8)]
+pub enum StorageHealth {
+    Ok = 0,
+    /// The disk is full: writes get `Unavailable` until space is freed, then resume.
+    Full = 1,
+    /// A sync or the disk failed: writes get `Unavailable` until the node is restarted.
+    Failed = 2,
 }
 
 /// Why an operation failed. The server maps each to its API error code.
@@ -174,6 +201,10 @@ pub(crate) struct Shared {
     pub(crate) config: NodeConfig,
     pub(crate) node_id: String,
     pub(crate) cluster: std::sync::OnceLock<cluster::ClusterHandle>,
+    /// A [`StorageHealth`], set by the writer.
+    pub(crate) storage: std::sync::atomic::AtomicU8,
+    /// Ops handed to the writer that it has not finished (see [`Node::writer_idle`]).
+    pub(crate) writer_ops: std::sync::atomic::AtomicUsize,
 }
 
 /// A running node. Cheap to clone; all clones share one state and one writer.
@@ -200,7 +231,7 @@ fn report(state: &State, s: &LimitStatus) -> LimitReport {
 impl Node {
     /// Opens the store, restores state from it, and starts the writer thread.
     pub fn open(config: NodeConfig) -> Result<Node, OpenError> {
-        let store = Store::open(&config.data_dir)?;
+        let store = Store::open_at(&config.location())?;
         if let Some(id) = &config.node_id {
             tally_core::units::validate_id(id, "node id")
                 .map_err(|e| OpenError::NodeId(e.to_string()))?;
@@ -246,6 +277,8 @@ impl Node {
             node_id,
             config,
             cluster: std::sync::OnceLock::new(),
+            storage: std::sync::atomic::AtomicU8::new(StorageHealth::Ok as u8),
+            writer_ops: std::sync::atomic::AtomicUsize::new(0),
         });
         let queue = Arc::new(Semaphore::new(shared.config.queue_records_max));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -375,9 +408,11 @@ impl Node {
             ))
         })?
         .map_err(|_| NodeError::Unavailable("the node is shutting down".into()))?;
-        self.tx
-            .send(op(permit))
-            .map_err(|_| NodeError::Unavailable("the node is shutting down".into()))
+        self.shared.writer_ops.fetch_add(1, Ordering::SeqCst);
+        self.tx.send(op(permit)).map_err(|_| {
+            self.shared.writer_ops.fetch_sub(1, Ordering::SeqCst);
+            NodeError::Unavailable("the node is shutting down".into())
+        })
     }
 
     async fn change(&self, change: ConfigChange) -> Result<(), NodeError> {
@@ -492,9 +527,36 @@ impl Node {
             .is_none_or(|c| c.caught_up.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// Ready to take traffic (`/readyz`): caught up with the fleet.
+    /// Ready to take traffic (`/readyz`): caught up with the fleet, and able to store
+    /// writes ([`Node::storage_ok`]).
     pub fn ready(&self) -> bool {
-        self.caught_up()
+        self.caught_up() && self.storage_ok()
+    }
+
+    /// Whether the writer has finished every record, config change and peer value handed
+    /// to it. The simulator waits for this before it moves simulated time on: the writer
+    /// is a real thread, and a busy machine would otherwise run clients' deadlines out
+    /// while it waits for a core.
+    pub fn writer_idle(&self) -> bool {
+        self.shared.writer_ops.load(Ordering::SeqCst) == 0
+    }
+
+    /// Whether writes can be stored now: not while the disk is full, nor after the disk
+    /// failed (until a restart).
+    pub fn storage_ok(&self) -> bool {
+        self.storage_health() == StorageHealth::Ok
+    }
+
+    pub fn storage_health(&self) -> StorageHealth {
+        match self
+            .shared
+            .storage
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            0 => StorageHealth::Ok,
+            1 => StorageHealth::Full,
+            _ => StorageHealth::Failed,
+        }
     }
 
     /// The fleet as this node sees it; `None` when not clustered.

@@ -5,22 +5,41 @@
 //! A config change is committed in a transaction of its own (after the records queued
 //! before it), so each change sees the ones before it. If a commit fails, nothing of that
 //! batch reaches memory and every caller gets `Unavailable`.
+//!
+//! **Storage faults** (ARCHITECTURE.md, "Storage faults"). What a failed commit means
+//! depends on why it failed ([`tally_store::Fault`]):
+//! - *The disk is full*: redb refuses every operation after an I/O error, so the writer
+//!   closes the store and refuses writes with `Unavailable` while checks go on answering
+//!   from memory. It opens the store again, with back-off, once the disk has room, makes
+//!   memory agree with what is on disk (a refused commit may have reached the disk: its
+//!   records were never acknowledged, and their ids are now remembered), merges the values
+//!   from peers it had to defer, and writes again: no restart.
+//! - *A sync failed, or another I/O error*: what the disk acknowledged may not be on it,
+//!   and the page cache may not match it (PostgreSQL's fsyncgate). Retrying would build on
+//!   data that may not exist, so the writer stops writing for the life of the process,
+//!   says so once, and every write gets `Unavailable` saying to check the disk and restart
+//!   (a restart recovers what is durable).
+//!
+//! The node is not ready ([`crate::Node::ready`]) while it cannot write. Maintenance
+//! commits (dedup expiry, tombstone GC) and merges of values from peers follow the same
+//! rules.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use tally_core::{
     EntityRecord, Epoch, Increment, LimitIdx, LimitRecord, ResetRegister, Scope, State,
 };
-use tally_store::{Batch, Store, StoreError};
+use tally_store::{Batch, Fault, Location, Store, StoreError};
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use tally_gossip::Incoming;
 
 use crate::cluster::Publication;
-use crate::{Metrics, NodeError, Shared, UsageRecord};
+use crate::{Metrics, NodeError, Shared, StorageHealth, UsageRecord};
 
 pub(crate) enum ConfigChange {
     PutLimit(String, tally_core::LimitInput),
@@ -61,17 +80,101 @@ const MAINTENANCE_EVERY: Duration = Duration::from_millis(100);
 /// a few ms of the writer's time), so it keeps up with 100 000 records/s.
 const DEDUP_EXPIRE_EVERY: Duration = Duration::from_secs(1);
 const DEDUP_EXPIRE_MAX: usize = 100_000;
+/// After a full disk: first wait before looking for room again, doubled per attempt up to
+/// the max. Looking is cheap (a probe file), opening the store is not (redb re-checks a
+/// database that was not closed cleanly), so the store is opened only once there is room.
+const REOPEN_BACKOFF_MIN_MS: u64 = 50;
+const REOPEN_BACKOFF_MAX_MS: u64 = 1_000;
+/// Room there must be before the store is opened again.
+const REOPEN_ROOM_BYTES: u64 = 1 << 20;
+/// Most distinct values from peers kept while the disk is full (slots keep only their
+/// highest value per key, so this bounds keys, not traffic); beyond it they are dropped
+/// until a restart re-reads gossip.
+const DEFERRED_MAX: usize = 1_000_000;
 
 fn unavailable(e: &StoreError) -> NodeError {
     NodeError::Unavailable(format!("could not store the write durably: {e}"))
 }
+
+/// The writer's store, and whether it may be written.
+enum Disk {
+    Open(Store),
+    /// Closed after a full disk; opened again once there is room (see the module docs).
+    Full {
+        error: String,
+        since: Instant,
+        next_try: Instant,
+        next_try_ms: i64,
+        backoff_ms: u64,
+    },
+    /// Not to be written again by this process (see the module docs).
+    Failed {
+        error: String,
+    },
+}
+
+/// Values from peers that could not be stored yet, merged once the store is back.
+#[derive(Default)]
+struct Deferred {
+    slots: HashMap<(String, String, Epoch), u64>,
+    records: Vec<Incoming>,
+    dropped: u64,
+}
+
+impl Deferred {
+    fn len(&self) -> usize {
+        self.slots.len() + self.records.len()
+    }
+
+    fn add(&mut self, items: Vec<Incoming>) {
+        for item in items {
+            if self.len() >= DEFERRED_MAX {
+                self.dropped += 1;
+                continue;
+            }
+            match item {
+                Incoming::Slot {
+                    origin,
+                    limit,
+                    epoch,
+                    value,
+                } => {
+                    let v = self.slots.entry((origin, limit, epoch)).or_insert(0);
+                    *v = (*v).max(value);
+                }
+                // A hello says everything its sender published before it is merged: not
+                // true of values that wait. New hellos come every sweep.
+                Incoming::Hello { .. } => {}
+                other => self.records.push(other),
+            }
+        }
+    }
+
+    fn take(&mut self) -> Vec<Incoming> {
+        let mut items: Vec<Incoming> = std::mem::take(&mut self.slots)
+            .into_iter()
+            .map(|((origin, limit, epoch), value)| Incoming::Slot {
+                origin,
+                limit,
+                epoch,
+                value,
+            })
+            .collect();
+        items.append(&mut self.records);
+        items
+    }
+}
+
+/// A records op waiting for its commit: where the answer goes, per record applied or
+/// already seen, and the records.
+type Reply = (RecordsReply, Vec<bool>, Vec<UsageRecord>);
 
 /// A group of record ops being committed together.
 struct Group<'a> {
     batch: Batch<'a>,
     /// New values of this node's slots, by (limit, epoch).
     pending: HashMap<(LimitIdx, Epoch), u64, foldhash::fast::RandomState>,
-    replies: Vec<(RecordsReply, Vec<bool>, Vec<UsageRecord>)>,
+    replies: Vec<Reply>,
     records: usize,
     shared: &'a Shared,
 }
@@ -116,11 +219,15 @@ impl Group<'_> {
             self.batch.dedup_insert(&r.id, at.max(now) + window)?;
             applied.push(true);
         }
+        debug_assert_eq!(applied.len(), records.len());
         self.records += records.len();
         Ok(applied)
     }
 
-    fn commit(mut self) {
+    /// Commits; on success applies to memory, publishes and acknowledges. On failure the
+    /// replies come back with the error: the writer acts on it before anyone hears of it
+    /// (a caller that sees 503 then sees the node not ready).
+    fn commit(mut self) -> Result<(), (StoreError, Vec<Reply>)> {
         let started = Instant::now();
         let result = (|| {
             {
@@ -139,6 +246,12 @@ impl Group<'_> {
                     let mut state = self.shared.state.write();
                     let me = state.me();
                     for (&(limit, epoch), &value) in &self.pending {
+                        // I3: what was just made durable is at least what memory had.
+                        assert!(
+                            state.own_slot(limit, epoch).is_none_or(|v| v <= value),
+                            "own slot of {} {epoch} would go down in memory",
+                            state.limit_id(limit)
+                        );
                         state.merge_slot_idx(limit, epoch, me, value);
                     }
                     // Only a node in a fleet has anyone to tell.
@@ -166,22 +279,55 @@ impl Group<'_> {
                     Metrics::add(&m.records_duplicate_total, applied.len() as u64 - n);
                     let _ = reply.send((Ok(applied), records));
                 }
+                Ok(())
             }
             Err(e) => {
                 Metrics::add(&m.commit_errors_total, 1);
-                tracing::error!(error = %e, records = self.records, "group commit failed; nothing of it was acknowledged");
-                for (reply, _, records) in self.replies {
-                    let _ = reply.send((Err(unavailable(&e)), records));
-                }
+                tracing::warn!(error = %e, records = self.records, "group commit failed; nothing of it was acknowledged");
+                Err((e, self.replies))
             }
         }
     }
 }
 
-pub(crate) fn run(shared: Arc<Shared>, mut store: Store, rx: Receiver<Op>) {
-    let mut last = Maintained {
-        tick: Instant::now(),
-        expire: Instant::now(),
+/// The writer thread's state.
+struct Writer {
+    shared: Arc<Shared>,
+    location: Location,
+    disk: Disk,
+    deferred: Deferred,
+    last: Maintained,
+}
+
+/// Marks storage failed if the writer thread unwinds: an assertion (a violated invariant,
+/// TIGER_STYLE) stops writing for good and says so, rather than leaving a node that
+/// answers every write "shutting down" or, worse, writes on.
+struct StopOnPanic(Arc<Shared>);
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .storage
+                .store(StorageHealth::Failed as u8, Ordering::SeqCst);
+            tracing::error!(
+                "the writer stopped on a violated invariant (a bug): writes are refused and /readyz is 503; restart the node and report this log"
+            );
+        }
+    }
+}
+
+pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
+    let _stop = StopOnPanic(shared.clone());
+    let mut w = Writer {
+        location: shared.config.location(),
+        shared,
+        disk: Disk::Open(store),
+        deferred: Deferred::default(),
+        last: Maintained {
+            tick: Instant::now(),
+            expire: Instant::now(),
+        },
     };
     let mut carry: Option<Op> = None;
     loop {
@@ -190,7 +336,7 @@ pub(crate) fn run(shared: Arc<Shared>, mut store: Store, rx: Receiver<Op>) {
             None => match rx.recv_timeout(MAINTENANCE_EVERY) {
                 Ok(op) => op,
                 Err(RecvTimeoutError::Timeout) => {
-                    maintain(&shared, &mut store, &mut last);
+                    w.maintain();
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -199,69 +345,283 @@ pub(crate) fn run(shared: Arc<Shared>, mut store: Store, rx: Receiver<Op>) {
         match first {
             Op::Shutdown { reply } => {
                 // Close the database before replying, so the caller may reopen it at once.
-                drop(store);
+                drop(w);
                 tracing::info!("writer stopped: everything acknowledged is committed");
                 let _ = reply.send(());
                 return;
             }
             Op::Config { change, reply, .. } => {
-                let _ = reply.send(apply_config(&shared, &mut store, change));
+                let _ = reply.send(w.config(change));
+                w.done(1);
             }
-            Op::Remote { items, .. } => apply_remote(&shared, &mut store, items),
+            Op::Remote { items, .. } => {
+                w.remote(items);
+                w.done(1);
+            }
             Op::Records { records, reply, .. } => {
-                let mut group = match store.batch() {
-                    Ok(batch) => Group {
-                        batch,
-                        pending: HashMap::default(),
-                        replies: Vec::new(),
-                        records: 0,
-                        shared: &shared,
-                    },
-                    Err(e) => {
-                        let _ = reply.send((Err(unavailable(&e)), records));
-                        continue;
-                    }
-                };
-                let mut next = Some((records, reply));
-                let mut failed: Option<StoreError> = None;
-                while let Some((records, reply)) = next.take() {
-                    // Validated when queued, and again now: an id is forgotten once its
-                    // window ends, so a record whose `at` left the window while it waited
-                    // could otherwise be applied a second time (I2).
-                    let now = shared.clock.now_ms();
-                    if let Err(invalid) = crate::validate_records(&records, now, &shared.config) {
-                        let _ = reply.send((Err(invalid), records));
-                    } else {
-                        match group.add(&records) {
-                            Ok(applied) => group.replies.push((reply, applied, records)),
-                            Err(e) => {
-                                let _ = reply.send((Err(unavailable(&e)), records));
-                                failed = Some(e);
-                                break;
-                            }
-                        }
-                    }
-                    if group.records >= shared.config.batch_records_max {
-                        break;
-                    }
-                    // Drain what is already queued into the same commit.
-                    match rx.try_recv() {
-                        Ok(Op::Records { records, reply, .. }) => next = Some((records, reply)),
-                        Ok(other) => carry = Some(other),
-                        Err(_) => {}
-                    }
-                }
-                if let Some(e) = failed {
-                    for (reply, _, records) in group.replies {
-                        let _ = reply.send((Err(unavailable(&e)), records));
-                    }
-                    continue;
-                }
-                group.commit();
+                let ops = w.records(records, reply, &rx, &mut carry);
+                w.done(ops);
             }
         }
-        if last.tick.elapsed() >= MAINTENANCE_EVERY {
-            maintain(&shared, &mut store, &mut last);
+        if w.last.tick.elapsed() >= MAINTENANCE_EVERY {
+            w.maintain();
+        }
+    }
+}
+
+impl Writer {
+    /// `n` ops handed to the writer are finished (see `Node::writer_idle`).
+    fn done(&self, n: usize) {
+        let before = self.shared.writer_ops.fetch_sub(n, Ordering::SeqCst);
+        debug_assert!(before >= n, "writer ops counted {before}, finished {n}");
+    }
+
+    /// The store, if it may be written; after a full disk, opens it again first when it
+    /// is time to look for room.
+    fn store(&mut self) -> Result<&mut Store, NodeError> {
+        if let Disk::Full {
+            next_try,
+            next_try_ms,
+            ..
+        } = &self.disk
+        {
+            // Whichever clock says the back-off has passed: the node's (simulated time in
+            // the simulator) or the monotonic one (a test's clock may stand still).
+            if Instant::now() >= *next_try || self.shared.clock.now_ms() >= *next_try_ms {
+                self.reopen();
+            }
+        }
+        match &mut self.disk {
+            Disk::Open(store) => Ok(store),
+            Disk::Full { error, .. } => Err(NodeError::Unavailable(format!(
+                "the disk holding the data directory is full ({error}); writes are refused until space is freed and resume by themselves then; checks still answer"
+            ))),
+            Disk::Failed { error } => Err(NodeError::Unavailable(format!(
+                "writes are stopped: the disk failed ({error}) and what it acknowledged may not be on it. Check the disk, then restart the node so it recovers what is durable; checks still answer from memory"
+            ))),
+        }
+    }
+
+    /// Acts on a failed store operation (see the module docs).
+    fn failed(&mut self, e: &StoreError) {
+        let health = &self.shared.storage;
+        match e.fault() {
+            Fault::Transaction => {}
+            Fault::Unavailable => {
+                let since = match &self.disk {
+                    Disk::Full { since, .. } => *since,
+                    Disk::Failed { .. } => return,
+                    Disk::Open(_) => {
+                        tracing::error!(error = %e, "the disk holding the data directory is full: writes get 503 until space is freed, checks still answer; free space and writing resumes by itself");
+                        Instant::now()
+                    }
+                };
+                let backoff_ms = match &self.disk {
+                    Disk::Full { backoff_ms, .. } => (backoff_ms * 2).min(REOPEN_BACKOFF_MAX_MS),
+                    _ => REOPEN_BACKOFF_MIN_MS,
+                };
+                // Dropping the store closes the database redb refuses to use any more.
+                self.disk = Disk::Full {
+                    error: e.to_string(),
+                    since,
+                    next_try: Instant::now() + Duration::from_millis(backoff_ms),
+                    next_try_ms: self.shared.clock.now_ms() + backoff_ms as i64,
+                    backoff_ms,
+                };
+                health.store(StorageHealth::Full as u8, Ordering::SeqCst);
+            }
+            // Untrusted, and whatever a later tally-store may add: assume the worst.
+            _ => {
+                if !matches!(self.disk, Disk::Failed { .. }) {
+                    tracing::error!(error = %e, "storage failed: this node stops writing (writes get 503, checks answer from memory, /readyz is 503). Check the disk (kernel log), then restart the node so it recovers what is durable");
+                }
+                self.disk = Disk::Failed {
+                    error: e.to_string(),
+                };
+                health.store(StorageHealth::Failed as u8, Ordering::SeqCst);
+                self.deferred = Deferred::default();
+            }
+        }
+    }
+
+    /// After a full disk: opens the store again if the disk has room, makes memory agree
+    /// with it, and merges the values from peers that waited.
+    fn reopen(&mut self) {
+        let result = (|| {
+            if !tally_store::has_room(&self.location, REOPEN_ROOM_BYTES).map_err(|source| {
+                StoreError::Dir {
+                    path: self.shared.config.data_dir.clone(),
+                    source,
+                }
+            })? {
+                return Ok(None);
+            }
+            let mut store = Store::open_at(&self.location)?;
+            store.probe()?;
+            reconcile(&self.shared, &store)?;
+            Ok::<_, StoreError>(Some(store))
+        })();
+        match result {
+            Ok(Some(store)) => {
+                if let Disk::Full { since, .. } = &self.disk {
+                    tracing::info!(
+                        full_ms = since.elapsed().as_millis() as u64,
+                        "the disk has room again: writes resume"
+                    );
+                }
+                self.disk = Disk::Open(store);
+                self.shared
+                    .storage
+                    .store(StorageHealth::Ok as u8, Ordering::SeqCst);
+                if self.deferred.dropped > 0 {
+                    tracing::warn!(
+                        dropped = self.deferred.dropped,
+                        "values from peers were dropped while the disk was full; restart the node to read them from gossip again"
+                    );
+                    self.deferred.dropped = 0;
+                }
+                let items = self.deferred.take();
+                if !items.is_empty() {
+                    self.remote(items);
+                }
+            }
+            Ok(None) => self.failed(&StoreError::no_room()),
+            Err(e) if e.fault() == Fault::Transaction => {
+                self.failed(&StoreError::Dir {
+                    path: self.shared.config.data_dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                });
+            }
+            Err(e) => self.failed(&e),
+        }
+    }
+
+    fn records(
+        &mut self,
+        records: Vec<UsageRecord>,
+        reply: RecordsReply,
+        rx: &Receiver<Op>,
+        carry: &mut Option<Op>,
+    ) -> usize {
+        let shared = self.shared.clone();
+        let mut ops = 1;
+        let store = match self.store() {
+            Ok(store) => store,
+            Err(e) => {
+                let _ = reply.send((Err(e), records));
+                return ops;
+            }
+        };
+        let mut group = match store.batch() {
+            Ok(batch) => Group {
+                batch,
+                pending: HashMap::default(),
+                replies: Vec::new(),
+                records: 0,
+                shared: &shared,
+            },
+            Err(e) => {
+                self.failed(&e);
+                let _ = reply.send((Err(unavailable(&e)), records));
+                return ops;
+            }
+        };
+        let mut next = Some((records, reply));
+        let mut failed: Option<StoreError> = None;
+        while let Some((records, reply)) = next.take() {
+            // Validated when queued, and again now: an id is forgotten once its
+            // window ends, so a record whose `at` left the window while it waited
+            // could otherwise be applied a second time (I2).
+            let now = shared.clock.now_ms();
+            if let Err(invalid) = crate::validate_records(&records, now, &shared.config) {
+                let _ = reply.send((Err(invalid), records));
+            } else {
+                match group.add(&records) {
+                    Ok(applied) => group.replies.push((reply, applied, records)),
+                    Err(e) => {
+                        group.replies.push((reply, Vec::new(), records));
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            if group.records >= shared.config.batch_records_max {
+                break;
+            }
+            // Drain what is already queued into the same commit.
+            match rx.try_recv() {
+                Ok(Op::Records { records, reply, .. }) => {
+                    ops += 1;
+                    next = Some((records, reply));
+                }
+                Ok(other) => *carry = Some(other),
+                Err(_) => {}
+            }
+        }
+        let result = match failed {
+            Some(e) => Err((e, group.replies)),
+            None => group.commit(),
+        };
+        if let Err((e, replies)) = result {
+            self.failed(&e);
+            for (reply, _, records) in replies {
+                let _ = reply.send((Err(unavailable(&e)), records));
+            }
+        }
+        ops
+    }
+
+    fn config(&mut self, change: ConfigChange) -> Result<(), NodeError> {
+        let shared = self.shared.clone();
+        let store = self.store()?;
+        let result = apply_config(&shared, store, change);
+        if let Err((_, Some(e))) = &result {
+            self.failed(e);
+        }
+        result.map_err(|(e, _)| e)
+    }
+
+    fn remote(&mut self, items: Vec<Incoming>) {
+        match &mut self.disk {
+            Disk::Open(store) => {
+                if let Err((e, items)) = apply_remote(&self.shared, store, items) {
+                    self.failed(&e);
+                    if matches!(self.disk, Disk::Full { .. }) {
+                        self.deferred.add(items);
+                    }
+                }
+            }
+            Disk::Full { .. } => self.deferred.add(items),
+            // Dropped: a restart reads gossip again.
+            Disk::Failed { .. } => {}
+        }
+    }
+
+    /// Advances windows; every second expires dedup ids and old tombstones (a commit only
+    /// when there is something to forget).
+    fn maintain(&mut self) {
+        self.last.tick = Instant::now();
+        let now = self.shared.clock.now_ms();
+        self.shared.state.write().tick(now);
+        if let Disk::Full { .. } = self.disk {
+            // Look for room even when no write comes.
+            let _ = self.store();
+            return;
+        }
+        if self.last.expire.elapsed() < DEDUP_EXPIRE_EVERY {
+            return;
+        }
+        self.last.expire = Instant::now();
+        let shared = self.shared.clone();
+        let Disk::Open(store) = &mut self.disk else {
+            return;
+        };
+        match expire(&shared, store, now) {
+            Ok(n) => Metrics::add(&shared.metrics.dedup_expired_total, n as u64),
+            Err(e) => {
+                tracing::warn!(error = %e, "expiring dedup ids failed; will retry");
+                self.failed(&e);
+            }
         }
     }
 }
@@ -272,35 +632,119 @@ struct Maintained {
     expire: Instant,
 }
 
-/// Advances windows; every second expires dedup ids and old tombstones (a commit only
-/// when there is something to forget).
-fn maintain(shared: &Shared, store: &mut Store, last: &mut Maintained) {
-    last.tick = Instant::now();
+/// One maintenance commit: dedup ids whose window ended, and tombstones past their
+/// retention. Memory forgets the tombstones only once the disk has.
+fn expire(shared: &Shared, store: &mut Store, now: i64) -> Result<usize, StoreError> {
+    let cutoff = now - tally_core::config::TOMBSTONE_RETENTION_MS;
+    let (limits, entities): (Vec<String>, Vec<(String, String)>) = {
+        let state = shared.state.read();
+        (
+            state
+                .limit_records()
+                .filter(|r| r.spec.is_none() && r.version.hlc.wall_ms() < cutoff)
+                .map(|r| r.id.clone())
+                .collect(),
+            state
+                .entity_records()
+                .filter(|r| r.parents.is_none() && r.version.hlc.wall_ms() < cutoff)
+                .map(|r| (r.dimension.clone(), r.value.clone()))
+                .collect(),
+        )
+    };
+    let mut b = store.batch()?;
+    let n = b.dedup_expire(now, DEDUP_EXPIRE_MAX)?;
+    for id in &limits {
+        b.remove_limit(id)?;
+    }
+    for (d, v) in &entities {
+        b.remove_entity(d, v)?;
+    }
+    if n > 0 || !limits.is_empty() || !entities.is_empty() {
+        b.commit()?;
+    }
+    if !limits.is_empty() || !entities.is_empty() {
+        let mut gone = shared.state.write().gc_tombstones(now);
+        gone.0.sort();
+        gone.1.sort();
+        let (mut l, mut e) = (limits, entities);
+        l.sort();
+        e.sort();
+        // The writer is the only one changing config, so memory forgets what disk did.
+        assert_eq!(
+            (gone.0, gone.1),
+            (l, e),
+            "tombstones collected differ from disk"
+        );
+    }
+    Ok(n)
+}
+
+/// Makes memory agree with a store opened again after a full disk. Memory holds only
+/// what was committed, so the disk holds at least that; it may hold more (a commit that
+/// was refused may still have reached the disk: never acknowledged, so taking it is safe,
+/// and its record ids are remembered, so a retry is not counted twice). What memory
+/// learns is published.
+fn reconcile(shared: &Shared, store: &Store) -> Result<(), StoreError> {
+    let r = store.recover()?;
     let now = shared.clock.now_ms();
-    shared.state.write().tick(now);
-    if last.expire.elapsed() < DEDUP_EXPIRE_EVERY {
-        return;
+    let mut pubs = Vec::new();
+    let mut state = shared.state.write();
+    let me = state.me();
+    let node_id = state.node_id().to_string();
+    let on_disk: HashMap<(&str, Epoch), u64> = r
+        .own_slots
+        .iter()
+        .map(|(l, e, v)| ((l.as_str(), *e), *v))
+        .collect();
+    for (limit, epoch, counter) in state.counters() {
+        let v = counter.slot(me);
+        let d = on_disk.get(&(limit, epoch)).copied().unwrap_or(0);
+        if v > d {
+            // The disk lost what it acknowledged as synced: not a bug here, a disk that lies.
+            return Err(StoreError::Lost(format!(
+                "the database opened again without own slot {limit} {epoch} = {v} that was committed (it has {d})"
+            )));
+        }
     }
-    last.expire = Instant::now();
-    let result = (|| {
-        let (limits, entities) = shared.state.write().gc_tombstones(now);
-        let mut b = store.batch()?;
-        let n = b.dedup_expire(now, DEDUP_EXPIRE_MAX)?;
-        for id in &limits {
-            b.remove_limit(id)?;
+    for rec in r.limits {
+        if state.apply_limit(rec.clone(), now) {
+            pubs.push(Publication::Limit(rec));
         }
-        for (d, v) in &entities {
-            b.remove_entity(d, v)?;
-        }
-        if n > 0 || !limits.is_empty() || !entities.is_empty() {
-            b.commit()?;
-        }
-        Ok::<_, StoreError>(n)
-    })();
-    match result {
-        Ok(n) => Metrics::add(&shared.metrics.dedup_expired_total, n as u64),
-        Err(e) => tracing::warn!(error = %e, "expiring dedup ids failed; will retry"),
     }
+    for rec in r.entities {
+        if state.apply_entity(rec.clone()) {
+            pubs.push(Publication::Entity(rec));
+        }
+    }
+    for (id, reg) in r.resets {
+        if state.apply_reset(&id, reg.clone()) {
+            pubs.push(Publication::Reset(id, reg));
+        }
+    }
+    let mut slots = Vec::new();
+    for (limit, epoch, value) in r.own_slots {
+        if value > state.slot(&limit, epoch, &node_id) {
+            state.merge_slot(&limit, epoch, me, value);
+            slots.push((limit, epoch, value));
+        }
+    }
+    for (origin, limit, epoch, value) in r.peer_slots {
+        let o = state.origin_idx(&origin);
+        state.merge_slot(&limit, epoch, o, value);
+    }
+    state.tick(now);
+    drop(state);
+    if !slots.is_empty() {
+        tracing::info!(
+            slots = slots.len(),
+            "a refused commit had reached the disk: its usage now counts (its records were answered 503, their ids are remembered)"
+        );
+        pubs.push(Publication::Slots(slots));
+    }
+    for p in pubs {
+        publish(shared, p);
+    }
+    Ok(())
 }
 
 /// A config record, from this node's API or from a peer: persisted, then applied.
@@ -311,6 +755,14 @@ enum ConfigRecord {
 }
 
 impl ConfigRecord {
+    fn into_incoming(self) -> Incoming {
+        match self {
+            ConfigRecord::Limit(r) => Incoming::Limit(r),
+            ConfigRecord::Entity(r) => Incoming::Entity(r),
+            ConfigRecord::Reset(id, r) => Incoming::Reset(id, r),
+        }
+    }
+
     fn persist(&self, b: &mut Batch) -> Result<(), StoreError> {
         match self {
             ConfigRecord::Limit(r) => b.put_limit(r),
@@ -365,28 +817,37 @@ impl ConfigRecord {
     }
 }
 
-fn apply_config(shared: &Shared, store: &mut Store, change: ConfigChange) -> Result<(), NodeError> {
+fn apply_config(
+    shared: &Shared,
+    store: &mut Store,
+    change: ConfigChange,
+) -> Result<(), (NodeError, Option<Box<StoreError>>)> {
     let now = shared.clock.now_ms();
     let record = {
         let mut state = shared.state.write();
-        match change {
-            ConfigChange::PutLimit(id, input) => {
-                ConfigRecord::Limit(state.prepare_limit_put(&id, input, now)?)
-            }
-            ConfigChange::DeleteLimit(id) => {
-                ConfigRecord::Limit(state.prepare_limit_delete(&id, now)?)
-            }
-            ConfigChange::Reset(id, baseline) => {
-                let reg = state.prepare_reset(&id, baseline, now)?;
-                ConfigRecord::Reset(id, reg)
-            }
-            ConfigChange::PutEntity(d, v, parents) => {
-                ConfigRecord::Entity(state.prepare_entity_put(&d, &v, parents, now)?)
-            }
-            ConfigChange::DeleteEntity(d, v) => {
-                ConfigRecord::Entity(state.prepare_entity_delete(&d, &v, now)?)
-            }
-        }
+        let prepared: Result<ConfigRecord, NodeError> = match change {
+            ConfigChange::PutLimit(id, input) => state
+                .prepare_limit_put(&id, input, now)
+                .map(ConfigRecord::Limit)
+                .map_err(Into::into),
+            ConfigChange::DeleteLimit(id) => state
+                .prepare_limit_delete(&id, now)
+                .map(ConfigRecord::Limit)
+                .map_err(Into::into),
+            ConfigChange::Reset(id, baseline) => state
+                .prepare_reset(&id, baseline, now)
+                .map(|reg| ConfigRecord::Reset(id, reg))
+                .map_err(Into::into),
+            ConfigChange::PutEntity(d, v, parents) => state
+                .prepare_entity_put(&d, &v, parents, now)
+                .map(ConfigRecord::Entity)
+                .map_err(Into::into),
+            ConfigChange::DeleteEntity(d, v) => state
+                .prepare_entity_delete(&d, &v, now)
+                .map(ConfigRecord::Entity)
+                .map_err(Into::into),
+        };
+        prepared.map_err(|e| (e, None))?
     };
     let result = (|| {
         let mut b = store.batch()?;
@@ -395,8 +856,8 @@ fn apply_config(shared: &Shared, store: &mut Store, change: ConfigChange) -> Res
     })();
     if let Err(e) = result {
         Metrics::add(&shared.metrics.commit_errors_total, 1);
-        tracing::error!(error = %e, "config change not committed");
-        return Err(unavailable(&e));
+        tracing::warn!(error = %e, "config change not committed");
+        return Err((unavailable(&e), Some(Box::new(e))));
     }
     record.log();
     let publication = record.apply(&mut shared.state.write(), now);
@@ -415,8 +876,13 @@ fn publish(shared: &Shared, p: Publication) {
 
 /// Merges values from other nodes: keeps only what is news (a higher slot, a newer
 /// record), makes it durable, then applies it to memory. Own slots echoed back are
-/// ignored: this node's slots come only from its own disk.
-fn apply_remote(shared: &Shared, store: &mut Store, items: Vec<Incoming>) {
+/// ignored: this node's slots come only from its own disk. If the commit fails, the
+/// items come back with the error, so they can wait for the disk.
+fn apply_remote(
+    shared: &Shared,
+    store: &mut Store,
+    items: Vec<Incoming>,
+) -> Result<(), (StoreError, Vec<Incoming>)> {
     let now = shared.clock.now_ms();
     let mut hellos = Vec::new();
     let (slots, records) = {
@@ -453,7 +919,7 @@ fn apply_remote(shared: &Shared, store: &mut Store, items: Vec<Incoming>) {
     };
     if slots.is_empty() && records.is_empty() {
         note_hellos(shared, hellos);
-        return;
+        return Ok(());
     }
     let result = (|| {
         let mut b = store.batch()?;
@@ -467,8 +933,18 @@ fn apply_remote(shared: &Shared, store: &mut Store, items: Vec<Incoming>) {
     })();
     if let Err(e) = result {
         Metrics::add(&shared.metrics.commit_errors_total, 1);
-        tracing::error!(error = %e, "could not store values from peers; gossip will deliver them again");
-        return;
+        tracing::warn!(error = %e, "could not store values from peers; they wait for the disk");
+        let items = slots
+            .into_iter()
+            .map(|(origin, limit, epoch, value)| Incoming::Slot {
+                origin,
+                limit,
+                epoch,
+                value,
+            })
+            .chain(records.into_iter().map(ConfigRecord::into_incoming))
+            .collect();
+        return Err((e, items));
     }
     let mut state = shared.state.write();
     for (origin, limit, epoch, value) in slots {
@@ -484,6 +960,7 @@ fn apply_remote(shared: &Shared, store: &mut Store, items: Vec<Incoming>) {
         publish(shared, p);
     }
     note_hellos(shared, hellos);
+    Ok(())
 }
 
 /// Notes hellos once everything delivered before them is merged (readiness).
@@ -499,3 +976,6 @@ fn note_hellos(shared: &Shared, hellos: Vec<(String, i64)>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -841,10 +841,17 @@ async fn readyz(State(s): App) -> ApiResult {
     if s.node.ready() {
         return ok(json!({"ready": true}));
     }
+    let message = match s.node.storage_health() {
+        tally_node::StorageHealth::Ok => "not caught up with a live peer yet",
+        tally_node::StorageHealth::Full => {
+            "the disk holding the data directory is full: writes cannot be stored until space is freed"
+        }
+        _ => "storage failed: writes are stopped; check the disk, then restart the node",
+    };
     Err(ApiError {
         status: StatusCode::SERVICE_UNAVAILABLE,
         code: "unavailable",
-        message: "not caught up with a live peer yet".into(),
+        message: message.into(),
     })
 }
 

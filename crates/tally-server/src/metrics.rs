@@ -104,8 +104,15 @@ pub async fn render(node: &Node) -> String {
         o,
         "gauge",
         "tally_ready",
-        "1 when caught up with the fleet.",
+        "1 when caught up with the fleet and able to store writes.",
         u8::from(node.ready()),
+    );
+    metric(
+        o,
+        "gauge",
+        "tally_storage_health",
+        "0 when writes can be stored, 1 while the disk is full, 2 after the disk failed (restart the node).",
+        node.storage_health() as u8,
     );
     if let Some(st) = node.gossip_stats() {
         let r = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);

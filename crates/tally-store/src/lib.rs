@@ -9,13 +9,28 @@
 //! This crate only knows redb. It does not decide anything: the node's writer opens one
 //! [`Batch`] per group commit, writes what tally-core decided, and commits durably (one
 //! fsync for the whole batch). Only this crate touches redb.
+//!
+//! **The storage seam.** redb reads and writes through a `redb::StorageBackend`. In
+//! production that is redb's file backend on `tally.redb` ([`Location::Dir`]), wrapped only
+//! to mark a failed fsync; the simulator and tests put the same store on a
+//! [`faults::FaultyDisk`] ([`Location::Simulated`]) that loses unsynced writes on a power
+//! cut, fails syncs and fills up. Errors say which of these happened ([`StoreError`]),
+//! because the node must react differently: a full disk is a state to leave (reopen when
+//! there is space), a failed sync means the data may not be on disk (stop writing).
 
 mod dedup;
+pub mod faults;
 
 use std::fs::File;
+use std::io;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::backends::FileBackend;
+use redb::{
+    BackendError, Builder, Database, Durability, ReadableDatabase, ReadableTable, StorageBackend,
+    TableDefinition, TableHandle,
+};
 use tally_core::codec::{self, DecodeError};
 use tally_core::{EntityRecord, Epoch, LimitRecord, ResetRegister};
 
@@ -46,14 +61,34 @@ pub const DB_FILE: &str = "tally.redb";
 #[non_exhaustive]
 pub enum StoreError {
     #[error("cannot use data directory {path}: {source}; check it exists and is writable")]
-    Dir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Dir { path: PathBuf, source: io::Error },
+    /// The disk is full. Nothing of the failed transaction was acknowledged; redb refuses
+    /// every operation after an I/O error, so the store must be opened again
+    /// ([`Store::open_at`]) once there is space.
     #[error(
-        "database error: {0}; the data directory may be full, read-only or in use by another tally"
+        "the disk holding the data directory is full ({0}); free space on it: writes resume by themselves once there is room"
     )]
-    Db(#[from] redb::Error),
+    NoSpace(redb::Error),
+    /// A sync (fsync) failed: what was written since the last successful sync may not be on
+    /// disk, and the page cache may no longer match it (PostgreSQL's fsyncgate). Writing on
+    /// would build on data that may not exist.
+    #[error(
+        "the disk failed to sync the database ({0}); writes since the last successful sync may be lost. Check the disk (kernel log), then restart tally so it recovers what is durable"
+    )]
+    SyncFailed(redb::Error),
+    /// Another I/O error: the disk cannot be trusted either.
+    #[error(
+        "I/O error on the database ({0}); check the disk (kernel log), then restart tally so it recovers what is durable"
+    )]
+    Io(redb::Error),
+    /// The disk no longer holds what it acknowledged as synced (found by the node when it
+    /// compares memory with a store it opened again).
+    #[error(
+        "the disk lost data it had acknowledged as written ({0}); check the disk (kernel log), then restart tally so it recovers what is durable"
+    )]
+    Lost(String),
+    #[error("database error: {0}; the data directory may be read-only or in use by another tally")]
+    Db(redb::Error),
     #[error(
         "the data directory was written by schema version {found}, this build reads {SCHEMA_VERSION}; use a matching tally version"
     )]
@@ -69,11 +104,93 @@ pub enum StoreError {
     },
 }
 
+impl From<redb::Error> for StoreError {
+    /// Sorts redb's errors by what the node must do about them.
+    fn from(e: redb::Error) -> Self {
+        match &e {
+            redb::Error::Io(io) if is_sync_failure(io) => StoreError::SyncFailed(e),
+            redb::Error::Io(io) if is_no_space(io) => StoreError::NoSpace(e),
+            // PreviousIo: an earlier I/O error poisoned the database; without knowing which,
+            // assume the worst.
+            redb::Error::Io(_) | redb::Error::PreviousIo => StoreError::Io(e),
+            _ => StoreError::Db(e),
+        }
+    }
+}
+
+/// What a failed operation means for the store, and so for the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// Only this transaction failed; nothing of it is durable and the store is usable.
+    Transaction,
+    /// The store cannot write now (the disk is full, or the directory cannot be opened):
+    /// drop it and open it again later ([`Store::open_at`]); what was synced is safe.
+    Unavailable,
+    /// The disk may have lost or changed what it acknowledged (a failed sync, an I/O
+    /// error, corruption): nothing written from now on can be trusted. Stop writing.
+    Untrusted,
+}
+
+impl StoreError {
+    /// The disk has no room (yet): what a look for room ([`has_room`]) that found none means.
+    pub fn no_room() -> StoreError {
+        StoreError::NoSpace(redb::Error::Io(io::Error::new(
+            io::ErrorKind::StorageFull,
+            "no room on the disk yet",
+        )))
+    }
+
+    pub fn fault(&self) -> Fault {
+        match self {
+            StoreError::NoSpace(_) | StoreError::Dir { .. } => Fault::Unavailable,
+            StoreError::SyncFailed(_)
+            | StoreError::Io(_)
+            | StoreError::Corrupt { .. }
+            | StoreError::Lost(_)
+            | StoreError::Db(redb::Error::Corrupted(_))
+            | StoreError::Schema { .. }
+            | StoreError::NodeIdMismatch { .. } => Fault::Untrusted,
+            StoreError::Db(_) => Fault::Transaction,
+        }
+    }
+}
+
+/// Whether the disk under `location` has `bytes` free, found out cheaply, without
+/// opening the database (after a full disk, every open of a database that was not closed
+/// cleanly re-checks the whole file). In a directory: writes a probe file of that size
+/// and removes it (file systems allocate or reserve blocks at write time).
+pub fn has_room(location: &Location, bytes: u64) -> io::Result<bool> {
+    match location {
+        Location::Dir(dir) => {
+            let probe = dir.join("tally.space-probe");
+            let written = (|| {
+                let mut f = File::create(&probe)?;
+                let chunk = vec![0u8; 64 * 1024];
+                let mut left = bytes;
+                while left > 0 {
+                    let n = left.min(chunk.len() as u64) as usize;
+                    io::Write::write_all(&mut f, &chunk[..n])?;
+                    left -= n as u64;
+                }
+                Ok(())
+            })();
+            let _ = std::fs::remove_file(&probe);
+            match written {
+                Ok(()) => Ok(true),
+                Err(e) if is_no_space(&e) => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+        Location::Simulated(mount) => Ok(mount.disk().free_bytes() >= bytes),
+    }
+}
+
 macro_rules! from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
-                StoreError::Db(e.into())
+                redb::Error::from(e).into()
             }
         }
     )*};
@@ -86,6 +203,130 @@ from_redb!(
     redb::CommitError,
     redb::SetDurabilityError
 );
+
+/// Out of space: ENOSPC, or EDQUOT (a quota is a full disk for this process).
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// Marks an error as coming from a sync: a failed write can be retried, a failed sync
+/// cannot (the kernel may have dropped the dirty pages it could not write).
+#[derive(Debug)]
+struct SyncFailure(io::Error);
+
+impl std::fmt::Display for SyncFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sync failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for SyncFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// Wraps the error of a failed sync so [`StoreError`] can tell it apart (its kind is kept).
+pub(crate) fn sync_failed(e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), SyncFailure(e))
+}
+
+pub(crate) fn is_sync_failure(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<SyncFailure>())
+}
+
+/// redb's file backend, unchanged except that a failed `sync_data` is marked
+/// ([`sync_failed`]). Static dispatch and one branch on the error path: production pays
+/// nothing for the seam.
+#[derive(Debug)]
+struct FileDisk(FileBackend);
+
+impl StorageBackend for FileDisk {
+    fn len(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.0.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data().map_err(sync_failed)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.0.write(offset, data)
+    }
+    fn close(&self) -> io::Result<()> {
+        self.0.close()
+    }
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.0.try_lock_range(start, end)
+    }
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.0.try_lock_shared_range(start, end)
+    }
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.lock_range(start, end)
+    }
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.lock_shared_range(start, end)
+    }
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.unlock_range(start, end)
+    }
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.0.query_lock_range(start, end)
+    }
+}
+
+/// Where a store keeps its database.
+#[derive(Debug, Clone)]
+pub enum Location {
+    /// [`DB_FILE`] in this directory on the real file system (production).
+    Dir(PathBuf),
+    /// A simulated disk that loses, refuses and fills ([`faults`]): simulator and tests.
+    Simulated(faults::Mount),
+}
+
+/// fsyncs a directory, so the entries created in it survive a crash.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` (and missing parents) so that it survives a crash: every directory created
+/// here is fsynced, and so is the existing ancestor that got the first new entry.
+fn create_dir_durably(dir: &Path) -> io::Result<()> {
+    let mut created = Vec::new();
+    let mut p = dir;
+    while !p.as_os_str().is_empty() && !p.exists() {
+        created.push(p.to_path_buf());
+        match p.parent() {
+            Some(parent) => p = parent,
+            None => break,
+        }
+    }
+    if created.is_empty() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    let top = created.last().expect("not empty");
+    match top.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent)?,
+        _ => sync_dir(Path::new("."))?,
+    }
+    for d in created.iter().rev() {
+        sync_dir(d)?;
+    }
+    Ok(())
+}
 
 /// Everything read back at start-up.
 #[derive(Debug, Default)]
@@ -119,22 +360,49 @@ fn decode_row(bytes: &[u8]) -> Result<DedupRow, StoreError> {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`. On first creation the directory entry is
-    /// fsynced, so the new file survives a crash right after start-up.
+    /// Opens (or creates) the store in `dir` on the real file system.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let dir_err = |source| StoreError::Dir {
-            path: dir.to_path_buf(),
-            source,
+        Store::open_at(&Location::Dir(dir.to_path_buf()))
+    }
+
+    /// Opens (or creates) the store. In a directory, tally creates the directory (and its
+    /// missing parents) durably, and fsyncs it after creating the database file, so neither
+    /// vanishes in a crash right after start-up.
+    ///
+    /// Opening a current database writes nothing of tally's (only redb's own recovery
+    /// after a crash may write), so a node can start on a full disk and answer checks.
+    pub fn open_at(location: &Location) -> Result<Store, StoreError> {
+        let (db, path) = match location {
+            Location::Dir(dir) => {
+                let dir_err = |source| StoreError::Dir {
+                    path: dir.clone(),
+                    source,
+                };
+                create_dir_durably(dir).map_err(dir_err)?;
+                let path = dir.join(DB_FILE);
+                let existed = path.exists();
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .map_err(dir_err)?;
+                if !existed {
+                    sync_dir(dir).map_err(dir_err)?;
+                }
+                let backend = FileDisk(FileBackend::new(file)?);
+                (Builder::new().create_with_backend(backend)?, path)
+            }
+            Location::Simulated(mount) => {
+                let backend = mount.backend().map_err(|source| StoreError::Dir {
+                    path: PathBuf::from("(simulated disk)"),
+                    source,
+                })?;
+                let db = Builder::new().create_with_backend(backend)?;
+                (db, PathBuf::from("(simulated disk)").join(DB_FILE))
+            }
         };
-        std::fs::create_dir_all(dir).map_err(dir_err)?;
-        let path = dir.join(DB_FILE);
-        let existed = path.exists();
-        let db = Database::create(&path)?;
-        if !existed {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(dir_err)?;
-        }
         let mut store = Store {
             db,
             path,
@@ -165,7 +433,38 @@ impl Store {
         &self.path
     }
 
+    /// Whether the schema is current and every table exists (then opening writes nothing).
+    fn tables_ready(&self) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        if meta
+            .get("schema_version")?
+            .map(|v| v.value() == SCHEMA_VERSION)
+            != Some(true)
+        {
+            return Ok(false);
+        }
+        let present: Vec<String> = txn.list_tables()?.map(|t| t.name().to_string()).collect();
+        Ok([
+            OWN_SLOTS.name(),
+            PEER_SLOTS.name(),
+            LIMITS.name(),
+            ENTITIES.name(),
+            RESETS.name(),
+            DEDUP_LOG.name(),
+        ]
+        .iter()
+        .all(|name| present.iter().any(|p| p == name)))
+    }
+
     fn init_tables(&self) -> Result<(), StoreError> {
+        if self.tables_ready()? {
+            return Ok(());
+        }
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         {
@@ -206,6 +505,24 @@ impl Store {
         requested: Option<&str>,
         generate: impl FnOnce() -> String,
     ) -> Result<String, StoreError> {
+        // Read first: a restart writes nothing (see `open_at`).
+        {
+            let txn = self.db.begin_read()?;
+            let stored = txn
+                .open_table(META)?
+                .get("node_id")?
+                .map(|v| v.value().to_string());
+            match (stored, requested) {
+                (Some(s), Some(r)) if s != r => {
+                    return Err(StoreError::NodeIdMismatch {
+                        stored: s,
+                        requested: r.to_string(),
+                    });
+                }
+                (Some(s), _) => return Ok(s),
+                (None, _) => {}
+            }
+        }
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         let id = {
@@ -278,6 +595,23 @@ impl Store {
         }
         out.dedup_ids = self.dedup.len();
         Ok(out)
+    }
+
+    /// A small durable commit: after the store was opened again, shows there is room to
+    /// write and makes everything it read durable before the node trusts it.
+    pub fn probe(&mut self) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let n: u64 = meta
+                .get("probes")?
+                .and_then(|v| v.value().parse().ok())
+                .unwrap_or(0);
+            meta.insert("probes", (n + 1).to_string().as_str())?;
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// Starts one group-commit batch.
@@ -686,5 +1020,143 @@ mod tests {
         let mut b = s.batch().unwrap();
         b.put_own_slot("l", epoch(1), 3).unwrap();
         b.put_own_slot("l", epoch(1), 2).unwrap();
+    }
+
+    // ----- the storage seam: the real store on a disk that loses, refuses and fills ----
+
+    use crate::faults::{FaultyDisk, PowerLoss};
+
+    fn on(disk: &FaultyDisk) -> Result<Store, StoreError> {
+        Store::open_at(&Location::Simulated(disk.mount()))
+    }
+
+    /// One group commit: the slot goes to `v` and record id `id-v` is remembered.
+    fn commit_slot(s: &mut Store, v: u64) -> Result<(), StoreError> {
+        let mut b = s.batch()?;
+        b.put_own_slot("l", epoch(1), v)?;
+        b.dedup_insert(&format!("id-{v}"), i64::MAX)?;
+        b.commit()
+    }
+
+    /// (own slot, dedup ids) as recovered.
+    fn durable(s: &Store) -> (u64, usize) {
+        let r = s.recover().unwrap();
+        let slot = r.own_slots.iter().map(|(_, _, v)| *v).max().unwrap_or(0);
+        (slot, r.dedup_ids)
+    }
+
+    #[test]
+    fn nested_data_dirs_are_created() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a/b/c");
+        let mut s = Store::open(&dir).unwrap();
+        commit_slot(&mut s, 1).unwrap();
+        drop(s);
+        assert_eq!(durable(&Store::open(&dir).unwrap()), (1, 1));
+    }
+
+    #[test]
+    fn a_power_loss_keeps_every_commit_and_nothing_of_a_failed_sync() {
+        let disk = FaultyDisk::new();
+        let mut s = on(&disk).unwrap();
+        s.node_id(Some("a"), || unreachable!()).unwrap();
+        commit_slot(&mut s, 1).unwrap();
+        commit_slot(&mut s, 2).unwrap();
+        disk.fail_syncs(Some(1));
+        let e = commit_slot(&mut s, 3).unwrap_err();
+        assert!(matches!(e, StoreError::SyncFailed(_)), "{e}");
+        assert!(e.to_string().contains("restart tally"), "{e}");
+        // redb refuses everything after an I/O error.
+        assert!(matches!(s.batch().err(), Some(StoreError::Io(_))));
+        drop(s);
+        disk.power_loss(PowerLoss::DropUnsynced);
+        let s = on(&disk).unwrap();
+        assert_eq!(durable(&s), (2, 2));
+        assert_eq!(s.node_id(None, || unreachable!()).unwrap(), "a");
+    }
+
+    #[test]
+    fn every_torn_commit_recovers_to_the_previous_or_the_new_state() {
+        let disk = FaultyDisk::new();
+        let mut s = on(&disk).unwrap();
+        commit_slot(&mut s, 1).unwrap();
+        commit_slot(&mut s, 2).unwrap();
+        disk.fail_syncs(Some(1));
+        assert!(matches!(
+            commit_slot(&mut s, 3),
+            Err(StoreError::SyncFailed(_))
+        ));
+        drop(s);
+        let n = disk.stats().unsynced_changes;
+        assert!(n >= 2, "a commit writes pages and a header: {n} changes");
+        let mut outcomes = Vec::new();
+        for k in 0..=n {
+            for torn in [0, 1, 17, 512, 4095, usize::MAX] {
+                let d = disk.duplicate();
+                d.power_loss(PowerLoss::Partial {
+                    changes: k,
+                    torn_bytes: torn,
+                });
+                let s =
+                    on(&d).unwrap_or_else(|e| panic!("{k} of {n} changes, torn at {torn}: {e}"));
+                // The slot and its record id commit together (I2): both or neither.
+                let got = durable(&s);
+                assert!(
+                    got == (2, 2) || got == (3, 3),
+                    "{k} of {n} changes, torn at {torn}: {got:?}"
+                );
+                outcomes.push(got.0);
+            }
+        }
+        assert_eq!(
+            outcomes.first(),
+            Some(&2),
+            "nothing of the commit reached the disk"
+        );
+        assert_eq!(outcomes.last(), Some(&3), "all of it did");
+    }
+
+    #[test]
+    fn a_full_disk_fails_a_commit_and_the_store_reopens_once_space_returns() {
+        let disk = FaultyDisk::new();
+        let mut s = on(&disk).unwrap();
+        commit_slot(&mut s, 1).unwrap();
+        disk.fill();
+        // Commits go on while redb reuses its free pages; one needs a new block.
+        let mut v = 2;
+        let e = loop {
+            match commit_slot(&mut s, v) {
+                Ok(()) => v += 1,
+                Err(e) => break e,
+            }
+            assert!(v < 100_000, "the disk never filled");
+        };
+        assert!(matches!(e, StoreError::NoSpace(_)), "{e}");
+        assert!(e.to_string().contains("resume by themselves"), "{e}");
+        assert!(disk.stats().writes_refused > 0);
+        assert!(matches!(s.batch().err(), Some(StoreError::Io(_))));
+        drop(s);
+        // Still full: the store opens (reads need no space), commits still fail.
+        let mut s = on(&disk).unwrap();
+        assert_eq!(durable(&s), (v - 1, (v - 1) as usize));
+        assert!(matches!(
+            commit_slot(&mut s, v),
+            Err(StoreError::NoSpace(_))
+        ));
+        drop(s);
+        disk.set_capacity(u64::MAX);
+        let mut s = on(&disk).unwrap();
+        assert_eq!(durable(&s), (v - 1, (v - 1) as usize));
+        commit_slot(&mut s, v).unwrap();
+        drop(s);
+        disk.power_loss(PowerLoss::DropUnsynced);
+        assert_eq!(durable(&on(&disk).unwrap()), (v, v as usize));
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_disk_is_refused() {
+        let disk = FaultyDisk::new();
+        let _s = on(&disk).unwrap();
+        assert!(matches!(on(&disk), Err(StoreError::Dir { .. })));
     }
 }

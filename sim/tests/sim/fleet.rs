@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tally_core::{Epoch, LimitInput, Period, PeriodSpec};
+use tally_node::faults::{FaultyDisk, PowerLoss};
 use tally_node::{Clock as _, LimitDetails};
 
 use crate::driver::{self, Cmd, Driver};
@@ -24,6 +25,10 @@ use crate::net::{HttpOutcome, Parked};
 use crate::scenario::{LATENCY_MS, LimitDef, Op, Plan, Traffic};
 
 pub type Violation = String;
+
+/// Longest a step waits for busy writers (a writer held in a sync on purpose never
+/// finishes: then time goes on).
+const WRITER_WAIT_MAX: Duration = Duration::from_millis(100);
 
 /// Simulation knobs of one run.
 #[derive(Debug, Clone)]
@@ -113,7 +118,6 @@ pub struct Fleet {
     baselines: HashMap<String, Vec<u64>>,
     pub report: Report,
     pub events: Vec<String>,
-    _root: tempfile::TempDir,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -135,21 +139,6 @@ fn unit_of(i: &LimitInput) -> Unit {
     match i.metric {
         tally_core::Metric::Requests => Unit::Requests,
         _ => Unit::Tokens,
-    }
-}
-
-/// A temporary directory on tmpfs when there is one: fsync is then cheap, and the
-/// simulation measures the protocol, not the disk.
-fn temp_root() -> tempfile::TempDir {
-    let shm = std::path::Path::new("/dev/shm");
-    let b = {
-        let mut b = tempfile::Builder::new();
-        b.prefix("tally-sim-");
-        b
-    };
-    match shm.is_dir().then(|| b.tempdir_in(shm)) {
-        Some(Ok(d)) => d,
-        _ => b.tempdir().expect("temp dir"),
     }
 }
 
@@ -180,12 +169,11 @@ impl Fleet {
                 ))
             })
             .collect();
-        let root = temp_root();
         let configs: Vec<Arc<HostConfig>> = (0..total)
             .map(|i| {
                 Arc::new(HostConfig {
                     name: names[i].clone(),
-                    dir: root.path().join(&names[i]),
+                    disk: FaultyDisk::new(),
                     clock: clocks[i].clone(),
                     seeds: names[..plan.nodes]
                         .iter()
@@ -240,7 +228,6 @@ impl Fleet {
             baselines: HashMap::new(),
             report: Report::default(),
             events: Vec::new(),
-            _root: root,
             plan,
         };
         for i in 0..fleet.plan.nodes {
@@ -272,8 +259,25 @@ impl Fleet {
         self.events.push(e);
     }
 
+    /// Waits (in real time, at most [`WRITER_WAIT_MAX`]) until every running node's writer
+    /// has finished what it was handed. Writers are real threads: while one waits for a
+    /// core, simulated time must stand still, or a busy machine runs the clients'
+    /// deadlines out and a run fails for the machine's sake, not tally's.
+    fn settle_writers(&self) {
+        let until = std::time::Instant::now() + WRITER_WAIT_MAX;
+        for name in &self.names {
+            while self.registry.with(name, |n| !n.writer_idle()) == Some(true) {
+                if std::time::Instant::now() >= until {
+                    return;
+                }
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+    }
+
     /// One simulation step, then the safety samples.
     pub(crate) fn step(&mut self) -> Result<(), Violation> {
+        self.settle_writers();
         self.sim
             .step()
             .map_err(|e| format!("the simulation failed: {e}"))?;
@@ -464,7 +468,18 @@ impl Fleet {
     fn put_limit(&mut self, node: usize, def: &LimitDef) -> Result<(), Violation> {
         let body = def.body().to_string().into_bytes();
         let path = format!("/v1/limits/{}", def.id);
-        match self.http(node, "PUT", &path, Some(body))? {
+        let mut outcome = self.http(node, "PUT", &path, Some(body.clone()))?;
+        // The node's writer is a real thread: when the machine is busy it may miss the
+        // client's deadline in simulated time. A PUT is idempotent, so a careful client
+        // sends it again; a node that never answers still fails the run.
+        for _ in 0..2 {
+            if !matches!(outcome, HttpOutcome::Unknown(_)) {
+                break;
+            }
+            self.event(format!("PUT {path} timed out; sending it again"));
+            outcome = self.http(node, "PUT", &path, Some(body.clone()))?;
+        }
+        match outcome {
             HttpOutcome::Response(200, _) => {
                 self.written
                     .entry(def.id.to_string())
@@ -848,6 +863,79 @@ impl Fleet {
         Ok(())
     }
 
+    /// Cuts a host's power: its software stops and its disk keeps what `how` says.
+    fn power_off(&mut self, i: usize, how: PowerLoss) {
+        self.configs[i].disk.power_loss(how);
+        self.sim.crash(self.names[i].as_str());
+        self.states[i] = HostState::Down;
+    }
+
+    /// Holds the node's syncs, sends it a burst, and cuts the power once its writer waits
+    /// in the sync of a group commit (every page of it written, nothing synced).
+    fn power_loss_mid_commit(
+        &mut self,
+        node: usize,
+        records: u32,
+        torn: bool,
+        seed: u64,
+    ) -> Result<(), Violation> {
+        let disk = self.configs[node].disk.clone();
+        disk.hold_syncs(true);
+        self.driver
+            .cmds
+            .borrow_mut()
+            .push_back(Cmd::Traffic(Traffic {
+                tag: format!("cut{seed:x}"),
+                nodes: vec![node],
+                count: records,
+                tokens: (1, 100),
+                spacing_ms: 0,
+                gated: false,
+                retry: crate::scenario::Retry::UntilAcked,
+                at_back_ms: None,
+                seed,
+            }));
+        // Step until the writer holds records, then stop simulated time and give the
+        // writer (a real thread) real time to write its pages and reach the sync: spinning
+        // the simulation meanwhile would starve it of CPU and run the clients' clocks out.
+        let name = self.names[node].clone();
+        let until = self.sim.elapsed() + Duration::from_millis(500);
+        while self.sim.elapsed() < until
+            && self.registry.with(&name, |n| n.queue_depth()).unwrap_or(0) == 0
+        {
+            self.step()?;
+        }
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while disk.syncs_waiting() == 0 && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let in_sync = disk.syncs_waiting() > 0;
+        let unsynced = disk.stats().unsynced_changes;
+        let how = if torn {
+            let mut rng = sim::Rng::new(seed);
+            PowerLoss::Partial {
+                changes: rng.below(unsynced as u64 + 1) as usize,
+                torn_bytes: rng.below(4097) as usize,
+            }
+        } else {
+            PowerLoss::DropUnsynced
+        };
+        self.power_off(node, how);
+        if in_sync {
+            self.report.mid_commit_crashes += 1;
+        }
+        self.event(format!(
+            "power cut on {} {} with {unsynced} unsynced changes: {how:?}",
+            self.names[node],
+            if in_sync {
+                "inside a sync"
+            } else {
+                "(no sync reached)"
+            },
+        ));
+        Ok(())
+    }
+
     fn apply(&mut self, op: Op) -> Result<(), Violation> {
         match op {
             Op::Traffic(t) => self.driver.cmds.borrow_mut().push_back(Cmd::Traffic(t)),
@@ -878,10 +966,7 @@ impl Fleet {
                     self.run_for(every_ms)?;
                 }
             }
-            Op::Crash(i) => {
-                self.sim.crash(self.names[i].as_str());
-                self.states[i] = HostState::Down;
-            }
+            Op::Crash(i) => self.power_off(i, PowerLoss::DropUnsynced),
             Op::Restart(i) => {
                 self.sim.bounce(self.names[i].as_str());
                 self.states[i] = HostState::Up;
@@ -920,17 +1005,61 @@ impl Fleet {
                         break;
                     }
                 }
-                self.sim.crash(self.names[node].as_str());
-                self.states[node] = HostState::Down;
+                self.power_off(node, PowerLoss::DropUnsynced);
                 self.event(format!(
                     "crashed {} with {depth} records queued",
                     self.names[node]
                 ));
             }
             Op::Remove(i) => {
-                self.sim.crash(self.names[i].as_str());
+                self.power_off(i, PowerLoss::DropUnsynced);
                 self.states[i] = HostState::Removed;
-                let _ = std::fs::remove_dir_all(&self.configs[i].dir);
+            }
+            Op::PowerLossMidCommit {
+                node,
+                records,
+                torn,
+                seed,
+            } => self.power_loss_mid_commit(node, records, torn, seed)?,
+            Op::FailSyncs { node, count } => self.configs[node].disk.fail_syncs(count),
+            Op::FillDisk {
+                node,
+                copy_on_write,
+            } => {
+                let disk = &self.configs[node].disk;
+                if copy_on_write {
+                    disk.fill_cow();
+                } else {
+                    disk.fill();
+                }
+            }
+            Op::FixDisk(i) => {
+                let disk = &self.configs[i].disk;
+                disk.fail_syncs(Some(0));
+                disk.set_capacity(u64::MAX);
+            }
+            Op::ExpectStorage {
+                node,
+                want,
+                within_ms,
+            } => {
+                let name = self.names[node].clone();
+                let reg = self.registry.clone();
+                let health = move || reg.with(&name, |n| n.storage_health());
+                let until = self.sim.elapsed() + Duration::from_millis(within_ms);
+                while health() != Some(want) {
+                    if self.sim.elapsed() >= until {
+                        return Err(format!(
+                            "{}'s storage is {:?} after {within_ms} ms, expected {want:?}",
+                            self.names[node],
+                            health()
+                        ));
+                    }
+                    self.step()?;
+                    // What we wait for happens on the node's writer, a real thread: give it
+                    // real time, or a busy machine runs simulated time out from under it.
+                    std::thread::sleep(Duration::from_micros(200));
+                }
             }
             Op::Join(i) => {
                 self.start_host(i);

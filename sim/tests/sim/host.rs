@@ -1,14 +1,15 @@
-//! One simulated tally host: the real node (redb on a per-host directory that survives
-//! crashes and bounces), gossip over [`SimTransport`], the real router over turmoil TCP,
-//! and a clock made of simulated time plus a per-host skew.
+//! One simulated tally host: the real node (the real redb store on the host's
+//! [`FaultyDisk`], which survives crashes and bounces and keeps only what was synced when
+//! the power goes), gossip over [`SimTransport`], the real router over turmoil TCP, and a
+//! clock made of simulated time plus a per-host skew.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tally_node::faults::FaultyDisk;
 use tally_node::{Clock, ClusterConfig, ClusterKey, Node, NodeConfig};
 use tally_server::http::{AppState, Auth, router};
 
@@ -90,7 +91,8 @@ impl Drop for Registration {
 /// Everything a host needs to (re)start its software.
 pub struct HostConfig {
     pub name: String,
-    pub dir: PathBuf,
+    /// The host's disk: every boot mounts it again.
+    pub disk: FaultyDisk,
     pub clock: Arc<SimClock>,
     /// Host names whose gossip address is a seed.
     pub seeds: Vec<String>,
@@ -103,15 +105,17 @@ pub fn gossip_addr(ip: IpAddr) -> SocketAddr {
     SocketAddr::new(ip, GOSSIP_PORT)
 }
 
-/// Opens the node, retrying while the previous incarnation's writer thread (a real
-/// thread, not simulated) still holds the database: it finishes its group commit and
-/// exits once every handle of the crashed host is dropped.
+/// Opens the node on a fresh mount of the host's disk (a crash is a power loss: the
+/// previous boot's handles are dead), retrying while the previous incarnation's writer
+/// thread (a real thread, not simulated) still holds the database after a bounce without
+/// a power loss: it exits once every handle of the old host is dropped.
 fn open_node(cfg: &HostConfig) -> anyhow::Result<Node> {
-    let mut nc = NodeConfig::new(&cfg.dir);
+    let mut nc = NodeConfig::new(format!("/simulated/{}", cfg.name));
     nc.node_id = Some(cfg.name.clone());
     nc.clock = cfg.clock.clone();
     let mut last = None;
     for _ in 0..2000 {
+        nc.disk = Some(cfg.disk.mount());
         match Node::open(nc.clone()) {
             Ok(node) => return Ok(node),
             Err(e) => {
@@ -121,9 +125,8 @@ fn open_node(cfg: &HostConfig) -> anyhow::Result<Node> {
         }
     }
     Err(anyhow::anyhow!(
-        "{}: cannot reopen {}: {:?}",
+        "{}: cannot reopen its disk: {:?}",
         cfg.name,
-        cfg.dir.display(),
         last
     ))
 }

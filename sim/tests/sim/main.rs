@@ -188,6 +188,26 @@ fn crash_commit() {
 }
 
 #[test]
+fn power_loss() {
+    run_scenario("power_loss", scenario::power_loss);
+}
+
+#[test]
+fn torn_write() {
+    run_scenario("torn_write", scenario::torn_write);
+}
+
+#[test]
+fn sync_error() {
+    run_scenario("sync_error", scenario::sync_error);
+}
+
+#[test]
+fn disk_full() {
+    run_scenario("disk_full", scenario::disk_full);
+}
+
+#[test]
 fn replace_node() {
     run_scenario("replace_node", scenario::replace_node);
 }
@@ -251,6 +271,10 @@ fn regressions() {
             "config_race" => scenario::config_race,
             "config_race_period" => scenario::config_race_period,
             "client_retries" => scenario::client_retries,
+            "power_loss" => scenario::power_loss,
+            "torn_write" => scenario::torn_write,
+            "sync_error" => scenario::sync_error,
+            "disk_full" => scenario::disk_full,
             other => panic!("unknown scenario {other}"),
         };
         println!("sim regression {scenario}: seed {seed}");

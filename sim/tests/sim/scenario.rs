@@ -7,6 +7,7 @@
 //! to exactly what the clients were told (I1, I2), then `BadInput` (I8).
 
 use sim::Rng;
+use tally_node::StorageHealth;
 
 /// Node-to-node latency when nothing else is set (ms).
 pub const LATENCY_MS: u64 = 5;
@@ -102,7 +103,37 @@ pub enum Op {
         records: u32,
         seed: u64,
     },
-    /// Crash the node for good and delete its disk.
+    /// Cut the node's power while its writer is inside the sync of a group commit: syncs
+    /// are held, a burst of `records` is sent, and once the writer waits in its sync the
+    /// power goes. Unsynced writes are lost; `torn`: a random prefix of them reached the
+    /// disk and the next one only up to a random byte. The node stays down.
+    PowerLossMidCommit {
+        node: usize,
+        records: u32,
+        torn: bool,
+        seed: u64,
+    },
+    /// The node's next `count` syncs fail with an I/O error (`None`: all, until `FixDisk`).
+    FailSyncs {
+        node: usize,
+        count: Option<u32>,
+    },
+    /// No free block left on the node's disk. `copy_on_write`: the file system allocates on
+    /// every write (btrfs, ZFS), so the next commit fails; otherwise rewriting allocated
+    /// blocks still works (tmpfs, ext4), so a restart can recover the database.
+    FillDisk {
+        node: usize,
+        copy_on_write: bool,
+    },
+    /// The node's disk gets its space back and syncs work again (an operator fixed it).
+    FixDisk(usize),
+    /// Step until the node reports this storage health (fail after `within_ms`).
+    ExpectStorage {
+        node: usize,
+        want: StorageHealth,
+        within_ms: u64,
+    },
+    /// Crash the node for good (a power loss; it never comes back).
     Remove(usize),
     /// Start a node that was not running yet (a spare).
     Join(usize),
@@ -285,6 +316,137 @@ pub fn crash_commit(rng: &mut Rng) -> Plan {
         ops.push(Op::Wait(rng.range(200, 1000)));
         ops.push(Op::Restart(other));
     }
+    plan(rng, n, 1_000_000, ops)
+}
+
+/// Power cut inside a group commit (every page written, the sync not done): the unsynced
+/// writes are lost; the node restarts from what was synced while clients retry.
+pub fn power_loss(rng: &mut Rng) -> Plan {
+    cut_mid_commit(rng, false)
+}
+
+/// Like [`power_loss`], but part of the unsynced writes reached the disk and the next
+/// one was torn (a random prefix of its bytes): redb must recover the previous commit or
+/// the complete new one, never a mix.
+pub fn torn_write(rng: &mut Rng) -> Plan {
+    cut_mid_commit(rng, true)
+}
+
+fn cut_mid_commit(rng: &mut Rng, torn: bool) -> Plan {
+    let n = 3;
+    let victim = rng.below(n as u64) as usize;
+    let mut ops = vec![
+        Op::Traffic(traffic(rng, "bg", (0..n).collect(), 40, false)),
+        Op::Wait(rng.range(100, 500)),
+    ];
+    for _ in 0..rng.range(1, 2) {
+        ops.extend([
+            Op::PowerLossMidCommit {
+                node: victim,
+                records: rng.range(5, 40) as u32,
+                torn,
+                seed: rng.next_u64(),
+            },
+            Op::Wait(rng.range(100, 1500)),
+            Op::Restart(victim),
+            Op::Wait(rng.range(200, 800)),
+        ]);
+    }
+    plan(rng, n, 1_000_000, ops)
+}
+
+/// A sync fails under load: the node must not acknowledge that commit, must stop writing
+/// and report it (fsyncgate), until the operator fixes the disk and restarts it (a power
+/// cycle: only what was synced survives).
+pub fn sync_error(rng: &mut Rng) -> Plan {
+    let n = 3;
+    let victim = rng.below(n as u64) as usize;
+    let count = if rng.chance(0.5) {
+        Some(rng.range(1, 3) as u32)
+    } else {
+        None
+    };
+    let ops = vec![
+        Op::Traffic(Traffic {
+            spacing_ms: rng.range(10, 30),
+            ..traffic(rng, "t", (0..n).collect(), 80, false)
+        }),
+        Op::Wait(rng.range(100, 800)),
+        Op::FailSyncs {
+            node: victim,
+            count,
+        },
+        Op::ExpectStorage {
+            node: victim,
+            want: StorageHealth::Failed,
+            within_ms: 10_000,
+        },
+        Op::Wait(rng.range(200, 1500)),
+        Op::FixDisk(victim),
+        Op::Crash(victim),
+        Op::Wait(rng.range(100, 500)),
+        Op::Restart(victim),
+        Op::ExpectStorage {
+            node: victim,
+            want: StorageHealth::Ok,
+            within_ms: 1_000,
+        },
+        Op::Wait(rng.range(200, 800)),
+    ];
+    plan(rng, n, 1_000_000, ops)
+}
+
+/// A node's disk fills under load: its writes are refused (503) while checks answer and
+/// the others go on; when space returns it writes again by itself, without a restart.
+/// Some runs also restart it while the disk is full.
+pub fn disk_full(rng: &mut Rng) -> Plan {
+    let n = 3;
+    let victim = rng.below(n as u64) as usize;
+    let mut ops = vec![
+        Op::Traffic(Traffic {
+            spacing_ms: rng.range(10, 30),
+            ..traffic(rng, "t", (0..n).collect(), 80, false)
+        }),
+        Op::Traffic(Traffic {
+            spacing_ms: rng.range(20, 40),
+            ..traffic(rng, "v", vec![victim], 60, false)
+        }),
+        Op::Wait(rng.range(100, 800)),
+        Op::FillDisk {
+            node: victim,
+            copy_on_write: true,
+        },
+        Op::ExpectStorage {
+            node: victim,
+            want: StorageHealth::Full,
+            within_ms: 10_000,
+        },
+        Op::Wait(rng.range(200, 1500)),
+    ];
+    if rng.chance(0.3) {
+        // A node restarted on a full disk starts if opening needs no new block (redb's
+        // recovery rewrites pages in place); where even that fails (a full copy-on-write
+        // file system) it exits saying the disk is full, and starts once there is room.
+        ops.extend([
+            Op::Crash(victim),
+            Op::FillDisk {
+                node: victim,
+                copy_on_write: false,
+            },
+            Op::Wait(rng.range(100, 500)),
+            Op::Restart(victim),
+            Op::Wait(rng.range(200, 800)),
+        ]);
+    }
+    ops.extend([
+        Op::FixDisk(victim),
+        Op::ExpectStorage {
+            node: victim,
+            want: StorageHealth::Ok,
+            within_ms: 5_000,
+        },
+        Op::Wait(rng.range(200, 800)),
+    ]);
     plan(rng, n, 1_000_000, ops)
 }
 

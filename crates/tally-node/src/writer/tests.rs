@@ -1,0 +1,260 @@
+//! The writer under storage faults, on the real store over [`faults::FaultyDisk`]: a failed
+//! sync is never acknowledged and stops writing; a full disk refuses writes and they
+//! resume by themselves; a full queue is `Unavailable` after `queue_wait`; maintenance
+//! commits follow the same rules. Each test ends with a power loss and a restart, and
+//! checks that memory and disk agreed: exactly the acknowledged records count (I1, I2).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use tally_core::{Amounts, LimitInput, Metric};
+
+use crate::faults::{FaultyDisk, PowerLoss};
+use crate::{Clock, Node, NodeConfig, NodeError, StorageHealth, UsageRecord};
+
+struct TestClock(AtomicI64);
+
+impl Clock for TestClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+const T0: i64 = 1_795_327_200_000; // 2026-11-22T06:00:00Z
+
+fn open(disk: &FaultyDisk, clock: &Arc<TestClock>, tweak: impl FnOnce(&mut NodeConfig)) -> Node {
+    let mut c = NodeConfig::new("/nonexistent/tally-writer-tests");
+    c.clock = clock.clone();
+    c.node_id = Some("node-a".into());
+    c.disk = Some(disk.mount());
+    tweak(&mut c);
+    Node::open(c).unwrap()
+}
+
+fn clock() -> Arc<TestClock> {
+    Arc::new(TestClock(AtomicI64::new(T0)))
+}
+
+fn rec(id: &str) -> UsageRecord {
+    UsageRecord {
+        id: id.into(),
+        attributes: vec![("team".into(), "eng".into())],
+        amounts: Amounts {
+            cost: tally_core::Micros(0),
+            tokens: 0,
+            requests: 1,
+        },
+        at_ms: None,
+    }
+}
+
+async fn with_limit(node: &Node) {
+    let input = LimitInput {
+        scope: [("team".to_string(), "eng".to_string())].into(),
+        metric: Metric::Requests,
+        max: 1_000_000,
+        period: "never".parse().unwrap(),
+        calendar_aligned: false,
+        timezone: "UTC".into(),
+    };
+    node.put_limit("reqs", input).await.unwrap();
+}
+
+fn used(node: &Node) -> u64 {
+    node.limit("reqs").unwrap().report.used
+}
+
+fn unavailable(r: Result<Vec<bool>, NodeError>) -> String {
+    match r {
+        Err(NodeError::Unavailable(m)) => m,
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+/// Powers the host off and on: only what was synced survives.
+async fn power_cycle(node: Node, disk: &FaultyDisk, clock: &Arc<TestClock>) -> Node {
+    node.shutdown().await;
+    disk.power_loss(PowerLoss::DropUnsynced);
+    open(disk, clock, |_| {})
+}
+
+#[tokio::test]
+async fn a_failed_sync_is_never_acknowledged_and_stops_writing() {
+    let (disk, clock) = (FaultyDisk::new(), clock());
+    let node = open(&disk, &clock, |_| {});
+    with_limit(&node).await;
+    assert_eq!(node.record(vec![rec("r1")]).await.unwrap(), vec![true]);
+    disk.fail_syncs(Some(1));
+    let m = unavailable(node.record(vec![rec("r2"), rec("r3")]).await);
+    assert!(m.contains("failed to sync"), "{m}");
+    // Memory did not take the commit that failed.
+    assert_eq!(used(&node), 1);
+    assert_eq!(node.storage_health(), StorageHealth::Failed);
+    assert!(!node.ready());
+    // The next sync would succeed, but the node does not trust what it wrote: it stopped.
+    let m = unavailable(node.record(vec![rec("r4")]).await);
+    assert!(m.contains("restart the node"), "{m}");
+    assert!(matches!(
+        node.reset_limit("reqs", 0).await,
+        Err(NodeError::Unavailable(_))
+    ));
+    assert_eq!(disk.stats().syncs_failed, 1);
+    let synced = disk.stats().syncs_ok;
+    // Checks answer from memory.
+    let c = node.check(&[("team", "eng")], Amounts::default());
+    assert!(c.allowed);
+    assert_eq!(c.limits[0].used, 1);
+    assert!(!c.stale, "stale means behind the fleet, not a bad disk");
+    assert_eq!(
+        disk.stats().syncs_ok,
+        synced,
+        "nothing written after the failure"
+    );
+    // A restart recovers what is durable: exactly r1, and r2 is new to it.
+    let node = power_cycle(node, &disk, &clock).await;
+    assert_eq!(used(&node), 1);
+    assert!(node.ready());
+    assert_eq!(
+        node.record(vec![rec("r1"), rec("r2")]).await.unwrap(),
+        vec![false, true]
+    );
+    assert_eq!(used(&node), 2);
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_writes_and_they_resume_when_space_returns() {
+    let (disk, clock) = (FaultyDisk::new(), clock());
+    let node = open(&disk, &clock, |_| {});
+    with_limit(&node).await;
+    disk.fill();
+    let mut acked = 0;
+    let m = loop {
+        match node.record(vec![rec(&format!("a{acked}"))]).await {
+            Ok(v) => {
+                assert_eq!(v, vec![true]);
+                acked += 1;
+            }
+            Err(e) => break unavailable(Err(e)),
+        }
+        assert!(acked < 100_000, "the disk never filled");
+    };
+    assert!(m.contains("is full"), "{m}");
+    assert_eq!(node.storage_health(), StorageHealth::Full);
+    assert!(!node.ready(), "not ready while writes cannot be stored");
+    assert_eq!(used(&node), acked);
+    // Writes are refused with a message that says it is a full disk and what happens next.
+    let m = unavailable(node.record(vec![rec("refused")]).await);
+    assert!(
+        m.contains("full") && m.contains("resume by themselves"),
+        "{m}"
+    );
+    assert!(node.check(&[("team", "eng")], Amounts::default()).allowed);
+    // A restart on the full disk: the node opens, checks answer, writes are refused.
+    let node = power_cycle(node, &disk, &clock).await;
+    assert_eq!(used(&node), acked);
+    unavailable(node.record(vec![rec("still-full")]).await);
+    // Space returns: the node notices by itself, without a write or a restart.
+    disk.set_capacity(u64::MAX);
+    let started = Instant::now();
+    while !node.storage_ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "writes never resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(node.ready());
+    // Retries of refused records: each is applied once (a refused commit that reached the
+    // disk would make it `false` here, and still count once).
+    let again = node
+        .record(vec![
+            rec(&format!("a{acked}")),
+            rec("refused"),
+            rec("still-full"),
+            rec("a0"),
+        ])
+        .await
+        .unwrap();
+    assert!(!again[3], "a0 was acknowledged before the disk filled");
+    assert_eq!(used(&node), acked + 3);
+    let node = power_cycle(node, &disk, &clock).await;
+    assert_eq!(used(&node), acked + 3);
+}
+
+#[tokio::test]
+async fn a_full_queue_is_unavailable_after_queue_wait() {
+    let (disk, clock) = (FaultyDisk::new(), clock());
+    let node = open(&disk, &clock, |c| {
+        c.queue_records_max = 2;
+        c.queue_wait = Duration::from_millis(50);
+    });
+    with_limit(&node).await;
+    // Stall the disk: the writer holds one record in a commit, one more fits the queue.
+    disk.hold_syncs(true);
+    let first = tokio::spawn({
+        let n = node.clone();
+        async move { n.record(vec![rec("q1")]).await }
+    });
+    let started = Instant::now();
+    while disk.syncs_waiting() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the writer never synced: {:?} {}",
+            disk.stats(),
+            node.queue_depth()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let second = tokio::spawn({
+        let n = node.clone();
+        async move { n.record(vec![rec("q2")]).await }
+    });
+    while node.queue_depth() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "q2 was never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let waited = Instant::now();
+    let m = unavailable(node.record(vec![rec("q3")]).await);
+    assert!(waited.elapsed() >= Duration::from_millis(50));
+    assert!(m.contains("write queue stayed full for 50 ms"), "{m}");
+    assert_eq!(
+        node.metrics().queue_rejected_total.load(Ordering::Relaxed),
+        1
+    );
+    disk.hold_syncs(false);
+    assert_eq!(first.await.unwrap().unwrap(), vec![true]);
+    assert_eq!(second.await.unwrap().unwrap(), vec![true]);
+    assert_eq!(used(&node), 2);
+    let node = power_cycle(node, &disk, &clock).await;
+    assert_eq!(used(&node), 2);
+}
+
+#[tokio::test]
+async fn maintenance_commits_follow_the_same_rules() {
+    let (disk, clock) = (FaultyDisk::new(), clock());
+    let node = open(&disk, &clock, |c| c.dedup_window_ms = 1_000);
+    with_limit(&node).await;
+    node.record(vec![rec("m1")]).await.unwrap();
+    // The id's window ends: the writer's next expiry pass (every second) commits, and
+    // that commit's sync fails with no write in sight.
+    clock.0.store(T0 + 2_000, Ordering::SeqCst);
+    disk.fail_syncs(None);
+    let started = Instant::now();
+    while node.storage_health() != StorageHealth::Failed {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "expiry never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!node.ready());
+    unavailable(node.record(vec![rec("m2")]).await);
+    assert_eq!(used(&node), 1);
+    disk.fail_syncs(Some(0));
+    let node = power_cycle(node, &disk, &clock).await;
+    assert_eq!(used(&node), 1);
+}
