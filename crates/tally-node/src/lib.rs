@@ -238,7 +238,7 @@ impl Node {
         state.tick(now);
         tracing::info!(
             node = %node_id, limits, entities, resets, own_slots = own, peer_slots = peer,
-            dedup_ids = recovered.dedup_ids, path = %store.path().display(),
+            dedup_ids = recovered.dedup_ids, dedup_index_bytes = recovered.dedup_bytes, path = %store.path().display(),
             "state restored"
         );
         let shared = Arc::new(Shared {

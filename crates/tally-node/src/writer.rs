@@ -56,10 +56,11 @@ pub(crate) enum Op {
 
 /// How often the writer advances windows and expires dedup ids when idle.
 const MAINTENANCE_EVERY: Duration = Duration::from_millis(100);
-/// Expiry runs every second and forgets at most this many ids per pass (whole log rows,
-/// a few ms of the writer's time), so it keeps up with 100 000 records/s.
+/// Expiry runs every second: it drops expired dedup buckets whole, closes the open bucket
+/// when it is full, and deletes at most this many leftover rows of dropped buckets per
+/// pass (a few ms of the writer's time), so it keeps up with 100 000 records/s.
 const DEDUP_EXPIRE_EVERY: Duration = Duration::from_secs(1);
-const DEDUP_EXPIRE_MAX: usize = 100_000;
+const DEDUP_EXPIRE_ROWS_MAX: usize = 20_000;
 
 fn unavailable(e: &StoreError) -> NodeError {
     NodeError::Unavailable(format!("could not store the write durably: {e}"))
@@ -290,14 +291,14 @@ fn maintain(shared: &Shared, store: &mut Store, last: &mut Maintained) {
     let result = (|| {
         let (limits, entities) = shared.state.write().gc_tombstones(now);
         let mut b = store.batch()?;
-        let n = b.dedup_expire(now, DEDUP_EXPIRE_MAX)?;
+        let n = b.dedup_expire(now, DEDUP_EXPIRE_ROWS_MAX)?;
         for id in &limits {
             b.remove_limit(id)?;
         }
         for (d, v) in &entities {
             b.remove_entity(d, v)?;
         }
-        if n > 0 || !limits.is_empty() || !entities.is_empty() {
+        if b.dedup_dirty() || !limits.is_empty() || !entities.is_empty() {
             b.commit()?;
         }
         Ok::<_, StoreError>(n)

@@ -292,7 +292,10 @@ pub(crate) enum Filter {
     /// 2^bits bits indexed by the fingerprint's low bits: the fallback when a fuse filter
     /// cannot be built (xorf gives up after many seeds; never seen) and the lossy filter of
     /// tests.
-    Bits { bits: u8, words: Vec<u64> },
+    Bits {
+        bits: u8,
+        words: Vec<u64>,
+    },
 }
 
 const FILTER_FUSE: u8 = 1;
@@ -478,8 +481,8 @@ impl DedupIndex {
         for entry in buckets.iter()? {
             let (k, v) = entry?;
             let first_row = k.value();
-            let (last_row, ids, expiry_max_ms): BucketMeta = codec::decode(v.value())
-                .map_err(|source| StoreError::Corrupt {
+            let (last_row, ids, expiry_max_ms): BucketMeta =
+                codec::decode(v.value()).map_err(|source| StoreError::Corrupt {
                     table: "dedup_buckets",
                     source,
                 })?;
@@ -554,6 +557,7 @@ impl DedupIndex {
                 .sum::<usize>()
     }
 
+    #[cfg(test)]
     pub(crate) fn closed_buckets(&self) -> usize {
         self.closed.len()
     }

@@ -11,6 +11,7 @@
 //! fsync for the whole batch). Only this crate touches redb.
 
 mod dedup;
+mod history;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,8 @@ use std::path::{Path, PathBuf};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tally_core::codec::{self, DecodeError};
 use tally_core::{EntityRecord, Epoch, LimitRecord, ResetRegister};
+
+pub use crate::history::{EpochRows, HistoryScan, SweepCursor};
 
 use crate::dedup::{DedupIndex, DedupOptions, DedupRow, IDS_PER_ROW_MAX, IdHasher};
 
@@ -69,7 +72,9 @@ pub enum StoreError {
         table: &'static str,
         source: DecodeError,
     },
-    #[error("corrupt dedup index in table {table}: {what}; restore the data directory from a backup")]
+    #[error(
+        "corrupt dedup index in table {table}: {what}; restore the data directory from a backup"
+    )]
     CorruptDedup { table: &'static str, what: String },
 }
 
@@ -229,6 +234,24 @@ impl Store {
         Ok(out)
     }
 
+    /// The newest `epochs_max` epochs of `limit` that started at or before `until_period`
+    /// and that `scan` takes, newest first, with every slot and baseline stored for them.
+    pub fn history(
+        &self,
+        limit: &str,
+        until_period: i64,
+        epochs_max: usize,
+        scan: &mut dyn FnMut(Epoch) -> HistoryScan,
+    ) -> Result<Vec<EpochRows>, StoreError> {
+        history::read(
+            &self.db.begin_read()?,
+            limit,
+            until_period,
+            epochs_max,
+            scan,
+        )
+    }
+
     /// Starts one group-commit batch.
     pub fn batch(&mut self) -> Result<Batch<'_>, StoreError> {
         let mut txn = self.db.begin_write()?;
@@ -255,9 +278,12 @@ fn init_tables(db: &Database) -> Result<(IdHasher, u64), StoreError> {
     };
     match found.as_deref() {
         Some(SCHEMA_VERSION) | None => {}
-        Some("1") => migrate_v1_dedup(&txn)?,
+        Some("1") => {
+            migrate_v1_dedup(&txn)?;
+            migrate_v2_baselines(&txn)?;
+        }
         // Schema 2's log rows are schema 3's; the buckets are built from them at load.
-        Some("2") => {}
+        Some("2") => migrate_v2_baselines(&txn)?,
         Some(v) => {
             return Err(StoreError::Schema {
                 found: v.to_string(),
@@ -268,11 +294,10 @@ fn init_tables(db: &Database) -> Result<(IdHasher, u64), StoreError> {
     meta.insert("schema_version", SCHEMA_VERSION)?;
     let key = meta.get(dedup::META_KEY)?.map(|v| v.value().to_string());
     let hasher = match key {
-        Some(k) => IdHasher::from_hex(&k)
-            .ok_or_else(|| StoreError::CorruptDedup {
-                table: "meta",
-                what: format!("{} {k:?}", dedup::META_KEY),
-            })?,
+        Some(k) => IdHasher::from_hex(&k).ok_or_else(|| StoreError::CorruptDedup {
+            table: "meta",
+            what: format!("{} {k:?}", dedup::META_KEY),
+        })?,
         None => {
             let h = IdHasher::random();
             meta.insert(dedup::META_KEY, h.to_hex().as_str())?;
@@ -296,8 +321,25 @@ fn init_tables(db: &Database) -> Result<(IdHasher, u64), StoreError> {
     txn.open_table(dedup::BUCKETS)?;
     txn.open_table(dedup::FILTERS)?;
     txn.open_table(dedup::RUNS)?;
+    txn.open_table(history::BASELINES)?;
     txn.commit()?;
     Ok((hasher, open_row))
+}
+
+/// Schema 3 keeps each epoch's baseline; before, only the latest reset register had one.
+fn migrate_v2_baselines(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let resets = txn.open_table(RESETS)?;
+    let mut baselines = txn.open_table(history::BASELINES)?;
+    for row in resets.iter()? {
+        let (k, v) = row?;
+        let reg: ResetRegister =
+            codec::decode(v.value()).map_err(|source| StoreError::Corrupt {
+                table: "resets",
+                source,
+            })?;
+        baselines.insert((k.value(), reg.period, reg.reset.hlc.0), reg.baseline)?;
+    }
+    Ok(())
 }
 
 /// Moves schema 1's per-id dedup table into log rows (one migration transaction).
@@ -372,7 +414,10 @@ impl Batch<'_> {
     /// dropped before, and closes the open bucket when it is full. Returns how many ids
     /// were forgotten. Call it on a batch of its own, before any `dedup_insert`.
     pub fn dedup_expire(&mut self, now_ms: i64, rows_max: usize) -> Result<usize, StoreError> {
-        assert!(self.new_ids.is_empty(), "dedup_expire runs before dedup_insert");
+        assert!(
+            self.new_ids.is_empty(),
+            "dedup_expire runs before dedup_insert"
+        );
         self.store
             .dedup
             .expire(&self.txn, now_ms, rows_max, &mut self.dedup)
@@ -451,11 +496,29 @@ impl Batch<'_> {
         Ok(())
     }
 
+    /// Writes a limit's reset register, and the baseline of the epoch it opens (kept as
+    /// history after a later reset replaces the register).
     pub fn put_reset(&mut self, limit: &str, reg: &ResetRegister) -> Result<(), StoreError> {
         self.txn
             .open_table(RESETS)?
             .insert(limit, codec::encode(reg).as_slice())?;
+        self.txn
+            .open_table(history::BASELINES)?
+            .insert((limit, reg.period, reg.reset.hlc.0), reg.baseline)?;
         Ok(())
+    }
+
+    /// One pass of the history sweep: reads at most `rows_max` slot and baseline rows from
+    /// where `cursor` stopped, deleting those of epochs `expired(limit, epoch)` lets go.
+    /// Per limit (and origin) it goes from the oldest epoch and stops at the first it
+    /// keeps. Returns the rows deleted.
+    pub fn sweep_history(
+        &mut self,
+        cursor: &mut SweepCursor,
+        rows_max: usize,
+        expired: &mut dyn FnMut(&str, Epoch) -> bool,
+    ) -> Result<usize, StoreError> {
+        history::sweep(&self.txn, cursor, rows_max, expired)
     }
 
     /// Makes the whole batch durable (one fsync), then updates the dedup index.
@@ -471,9 +534,7 @@ impl Batch<'_> {
             }
         }
         self.txn.commit()?;
-        self.store
-            .dedup
-            .apply(self.dedup, &self.new_fps, first_row);
+        self.store.dedup.apply(self.dedup, &self.new_fps, first_row);
         Ok(())
     }
 }
@@ -738,9 +799,8 @@ mod tests {
     #[test]
     fn dedup_index_is_rebuilt_exactly_after_a_crash_mid_bucket() {
         let dir = tempfile::tempdir().unwrap();
-        let ids = |r: std::ops::Range<usize>| -> Vec<String> {
-            r.map(|i| format!("c-{i}")).collect()
-        };
+        let ids =
+            |r: std::ops::Range<usize>| -> Vec<String> { r.map(|i| format!("c-{i}")).collect() };
         {
             let mut s = Store::open_with(dir.path(), tiny()).unwrap();
             assert_eq!(commit_ids(&mut s, &ids(0..3), 100, 0), vec![true; 3]);
