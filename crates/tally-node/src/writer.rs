@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use tally_core::{
     EntityRecord, Epoch, Increment, LimitIdx, LimitRecord, ResetRegister, Scope, State,
 };
-use tally_store::{Batch, Store, StoreError};
+use tally_store::{Batch, EpochRows, HistoryScan, Store, StoreError, SweepCursor};
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use tally_gossip::Incoming;
 
 use crate::cluster::Publication;
-use crate::{Metrics, NodeError, Shared, UsageRecord};
+use crate::{EpochHistory, HistoryQuery, LimitHistory, Metrics, NodeError, Shared, UsageRecord};
 
 pub(crate) enum ConfigChange {
     PutLimit(String, tally_core::LimitInput),
@@ -52,6 +52,17 @@ pub(crate) enum Op {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    History {
+        id: String,
+        query: HistoryQuery,
+        reply: oneshot::Sender<Result<LimitHistory, NodeError>>,
+        _permit: OwnedSemaphorePermit,
+    },
+    /// Run maintenance now (see [`crate::Node::maintain_now`]).
+    Maintain {
+        reply: oneshot::Sender<Result<(), NodeError>>,
+        _permit: OwnedSemaphorePermit,
+    },
 }
 
 /// How often the writer advances windows and expires dedup ids when idle.
@@ -61,6 +72,11 @@ const MAINTENANCE_EVERY: Duration = Duration::from_millis(100);
 /// pass (a few ms of the writer's time), so it keeps up with 100 000 records/s.
 const DEDUP_EXPIRE_EVERY: Duration = Duration::from_secs(1);
 const DEDUP_EXPIRE_ROWS_MAX: usize = 20_000;
+/// Closed epochs older than the retention are dropped by a sweep that reads at most this
+/// many slot rows every 10 s (a few ms), so a full sweep of 10 million rows takes under 3
+/// hours, far faster than a steady workload closes epochs.
+const HISTORY_SWEEP_EVERY: Duration = Duration::from_secs(10);
+const HISTORY_SWEEP_ROWS_MAX: usize = 10_000;
 
 fn unavailable(e: &StoreError) -> NodeError {
     NodeError::Unavailable(format!("could not store the write durably: {e}"))
@@ -182,6 +198,8 @@ pub(crate) fn run(shared: Arc<Shared>, mut store: Store, rx: Receiver<Op>) {
     let mut last = Maintained {
         tick: Instant::now(),
         expire: Instant::now(),
+        history: Instant::now(),
+        cursor: SweepCursor::default(),
     };
     let mut carry: Option<Op> = None;
     loop {
@@ -190,7 +208,8 @@ pub(crate) fn run(shared: Arc<Shared>, mut store: Store, rx: Receiver<Op>) {
             None => match rx.recv_timeout(MAINTENANCE_EVERY) {
                 Ok(op) => op,
                 Err(RecvTimeoutError::Timeout) => {
-                    maintain(&shared, &mut store, &mut last);
+                    // Failures are logged and retried on the next pass.
+                    let _ = maintain(&shared, &mut store, &mut last, false);
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -206,6 +225,16 @@ pub(crate) fn run(shared: Arc<Shared>, mut store: Store, rx: Receiver<Op>) {
             }
             Op::Config { change, reply, .. } => {
                 let _ = reply.send(apply_config(&shared, &mut store, change));
+            }
+            Op::History {
+                id, query, reply, ..
+            } => {
+                let _ = reply.send(read_history(&shared, &store, &id, query));
+            }
+            Op::Maintain { reply, .. } => {
+                let _ = reply.send(
+                    maintain(&shared, &mut store, &mut last, true).map_err(|e| unavailable(&e)),
+                );
             }
             Op::Remote { items } => {
                 let n = items.len();
@@ -267,46 +296,177 @@ pub(crate) fn run(shared: Arc<Shared>, mut store: Store, rx: Receiver<Op>) {
             }
         }
         if last.tick.elapsed() >= MAINTENANCE_EVERY {
-            maintain(&shared, &mut store, &mut last);
+            let _ = maintain(&shared, &mut store, &mut last, false);
         }
     }
 }
 
-/// When maintenance last ran.
+/// When maintenance last ran, and where the history sweep resumes.
 struct Maintained {
     tick: Instant,
     expire: Instant,
+    history: Instant,
+    cursor: SweepCursor,
 }
 
-/// Advances windows; every second expires dedup ids and old tombstones (a commit only
-/// when there is something to forget).
-fn maintain(shared: &Shared, store: &mut Store, last: &mut Maintained) {
+/// Advances windows; every second expires dedup ids and old tombstones, every 10 s drops a
+/// slice of history older than the retention (a commit only when there is something to
+/// write). `now` forces all of it, and a whole history sweep.
+fn maintain(
+    shared: &Shared,
+    store: &mut Store,
+    last: &mut Maintained,
+    now: bool,
+) -> Result<(), StoreError> {
     last.tick = Instant::now();
+    let now_ms = shared.clock.now_ms();
+    shared.state.write().tick(now_ms);
+    let mut result = Ok(());
+    if now || last.expire.elapsed() >= DEDUP_EXPIRE_EVERY {
+        last.expire = Instant::now();
+        match expire(shared, store, now_ms) {
+            Ok(n) => Metrics::add(&shared.metrics.dedup_expired_total, n as u64),
+            Err(e) => {
+                tracing::warn!(error = %e, "expiring dedup ids failed; will retry");
+                result = Err(e);
+            }
+        }
+    }
+    if now || last.history.elapsed() >= HISTORY_SWEEP_EVERY {
+        last.history = Instant::now();
+        // A forced run sweeps everything: passes until the cursor comes back to the start.
+        let passes_max = if now { 1_000_000 } else { 1 };
+        for _ in 0..passes_max {
+            match sweep_history(shared, store, &mut last.cursor, now_ms) {
+                Ok(n) => Metrics::add(&shared.metrics.history_slots_dropped_total, n as u64),
+                Err(e) => {
+                    tracing::warn!(error = %e, "dropping old history failed; will retry");
+                    result = result.and(Err(e));
+                    break;
+                }
+            }
+            if last.cursor.is_at_start() {
+                break;
+            }
+        }
+    }
+    result
+}
+
+fn expire(shared: &Shared, store: &mut Store, now: i64) -> Result<usize, StoreError> {
+    let (limits, entities) = shared.state.write().gc_tombstones(now);
+    let mut b = store.batch()?;
+    let n = b.dedup_expire(now, DEDUP_EXPIRE_ROWS_MAX)?;
+    for id in &limits {
+        b.remove_limit(id)?;
+    }
+    for (d, v) in &entities {
+        b.remove_entity(d, v)?;
+    }
+    if b.dedup_dirty() || !limits.is_empty() || !entities.is_empty() {
+        b.commit()?;
+    }
+    Ok(n)
+}
+
+/// One pass of the history sweep: slots of closed epochs that ended more than the
+/// retention ago go (never an open epoch; never one a late record could still reach).
+fn sweep_history(
+    shared: &Shared,
+    store: &mut Store,
+    cursor: &mut SweepCursor,
+    now: i64,
+) -> Result<usize, StoreError> {
+    let keep = shared.config.history_keep_ms();
+    let mut b = store.batch()?;
+    let n = {
+        let state = shared.state.read();
+        b.sweep_history(cursor, HISTORY_SWEEP_ROWS_MAX, &mut |limit, epoch| {
+            state.history_expired(limit, epoch, now, keep)
+        })?
+    };
+    if n > 0 {
+        b.commit()?;
+    }
+    Ok(n)
+}
+
+/// A limit's history from disk (which holds everything memory does: values reach memory
+/// only after they are durable).
+fn read_history(
+    shared: &Shared,
+    store: &Store,
+    id: &str,
+    q: HistoryQuery,
+) -> Result<LimitHistory, NodeError> {
     let now = shared.clock.now_ms();
-    shared.state.write().tick(now);
-    if last.expire.elapsed() < DEDUP_EXPIRE_EVERY {
-        return;
+    let (cal, never) = {
+        let state = shared.state.read();
+        let cal = state
+            .calendar(id, now)
+            .ok_or_else(|| NodeError::NotFound(format!("no limit with id {id:?}")))?;
+        let never = state
+            .limit(id)
+            .is_some_and(|s| s.input.period == tally_core::Period::Never);
+        (cal, never)
+    };
+    let since = q.since_ms.unwrap_or(i64::MIN);
+    let until = q.until_ms.unwrap_or(i64::MAX);
+    let mut rows = store
+        .history(
+            id,
+            until.saturating_sub(1),
+            q.epochs_max,
+            &mut |e| match cal.window_of(e) {
+                None => HistoryScan::Skip,
+                Some(w) if w.end_ms <= since => HistoryScan::Stop,
+                Some(_) => HistoryScan::Take,
+            },
+        )
+        .map_err(|e| unavailable(&e))?;
+    let w = cal.current_window;
+    if w.start_ms < until && w.end_ms > since && !rows.iter().any(|r| r.epoch == cal.current) {
+        rows.push(EpochRows {
+            epoch: cal.current,
+            own: None,
+            peers: Vec::new(),
+            baseline: None,
+        });
+        rows.sort_by(|a, b| b.epoch.cmp(&a.epoch));
+        rows.truncate(q.epochs_max);
     }
-    last.expire = Instant::now();
-    let result = (|| {
-        let (limits, entities) = shared.state.write().gc_tombstones(now);
-        let mut b = store.batch()?;
-        let n = b.dedup_expire(now, DEDUP_EXPIRE_ROWS_MAX)?;
-        for id in &limits {
-            b.remove_limit(id)?;
-        }
-        for (d, v) in &entities {
-            b.remove_entity(d, v)?;
-        }
-        if b.dedup_dirty() || !limits.is_empty() || !entities.is_empty() {
-            b.commit()?;
-        }
-        Ok::<_, StoreError>(n)
-    })();
-    match result {
-        Ok(n) => Metrics::add(&shared.metrics.dedup_expired_total, n as u64),
-        Err(e) => tracing::warn!(error = %e, "expiring dedup ids failed; will retry"),
-    }
+    let epochs = rows
+        .into_iter()
+        .filter_map(|r| {
+            let w = cal.window_of(r.epoch)?;
+            let current = r.epoch == cal.current;
+            let baseline = r
+                .baseline
+                .unwrap_or(if current { cal.current_baseline } else { 0 });
+            let mut nodes: Vec<(String, u64)> = r.peers;
+            if let Some(v) = r.own {
+                nodes.push((shared.node_id.clone(), v));
+            }
+            nodes.sort_unstable();
+            let used = nodes
+                .iter()
+                .fold(baseline, |acc, (_, v)| acc.saturating_add(*v));
+            Some(EpochHistory {
+                epoch: r.epoch,
+                period_start_ms: w.start_ms,
+                period_end_ms: (w.end_ms != i64::MAX).then_some(w.end_ms),
+                used,
+                baseline,
+                nodes,
+                current,
+            })
+        })
+        .collect();
+    Ok(LimitHistory {
+        metric: cal.metric,
+        never,
+        epochs,
+    })
 }
 
 /// A config record, from this node's API or from a peer: persisted, then applied.

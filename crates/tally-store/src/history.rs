@@ -28,6 +28,13 @@ pub struct SweepCursor {
     origin: String,
 }
 
+impl SweepCursor {
+    /// Whether the next pass starts a new sweep (the last one reached the end).
+    pub fn is_at_start(&self) -> bool {
+        self.table == SweepTable::Own && self.limit.is_empty() && self.origin.is_empty()
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 enum SweepTable {
     #[default]
