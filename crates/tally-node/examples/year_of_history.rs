@@ -74,7 +74,9 @@ async fn main() -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     println!("day  file_mib  hourly_epochs_kept  daily_epochs_kept  wall_s");
     for h in 0..days * 24 {
-        clock.0.store(START_MS + h * HOUR + HOUR / 2, Ordering::SeqCst);
+        clock
+            .0
+            .store(START_MS + h * HOUR + HOUR / 2, Ordering::SeqCst);
         let records = (0..records_per_hour)
             .map(|i| UsageRecord {
                 id: format!("r-{h}-{i}"),

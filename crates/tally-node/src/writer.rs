@@ -426,7 +426,7 @@ fn read_history(
             peers: Vec::new(),
             baseline: None,
         });
-        rows.sort_by(|a, b| b.epoch.cmp(&a.epoch));
+        rows.sort_by_key(|r| std::cmp::Reverse(r.epoch));
         rows.truncate(q.epochs_max);
     }
     let epochs = rows

@@ -4,7 +4,8 @@
 //! second), at a simulated 1 000 records/s with a 24 h window, so no id expires. Prints
 //! the process's RSS and the index's own bytes as it goes, then the cost of lookups with
 //! the window full. `--reopen` only opens an existing store and reports the time it took
-//! and the RSS after it (run it as a fresh process after a fill).
+//! and the RSS after it (run it as a fresh process after a fill); `--probe` opens it and
+//! measures lookups.
 //!
 //! ```sh
 //! cargo run --release -p tally-store --example dedup_memory -- --dir /work/tmp/d --ids 86400000
@@ -81,6 +82,10 @@ fn main() {
     if args.iter().any(|a| a == "--reopen") {
         return;
     }
+    if args.iter().any(|a| a == "--probe") {
+        probe(&mut store, r.dedup_ids as u64);
+        return;
+    }
     let first = r.dedup_ids as u64;
     let rss0 = rss_mib();
     let t = Instant::now();
@@ -120,8 +125,14 @@ fn main() {
             );
         }
     }
-    // Lookups with the window as it is now: ids never seen, and ids seen (repeats).
-    let now = START_MS + i as i64;
+    probe(&mut store, i);
+}
+
+/// Lookups with the window full (`ids` ids, the newest at now): ids never seen, and
+/// repeats of ids spread over the window (the oldest commits are left out: their window,
+/// counted from their commit's start, ends now).
+fn probe(store: &mut Store, ids: u64) {
+    let now = START_MS + ids as i64;
     let b = store.batch().expect("batch");
     let probes = 100_000u64;
     let t = Instant::now();
@@ -132,15 +143,16 @@ fn main() {
         );
     }
     let miss_us = t.elapsed().as_secs_f64() * 1e6 / probes as f64;
+    let repeats = probes.min(ids);
+    let step = (ids.saturating_sub(100_000) / repeats.max(1)).max(1);
     let t = Instant::now();
-    let repeats = probes.min(i);
     for k in 0..repeats {
-        let seen = k * (i / repeats.max(1));
+        let seen = ids - 1 - k * step;
         assert!(
             b.dedup_contains(&id(seen), now).expect("lookup"),
             "repeat {seen}"
         );
     }
     let hit_us = t.elapsed().as_secs_f64() * 1e6 / repeats.max(1) as f64;
-    println!("lookup: new id {miss_us:.2} us, repeat {hit_us:.2} us (window of {i} ids)");
+    println!("lookup: new id {miss_us:.2} us, repeat {hit_us:.2} us (window of {ids} ids)");
 }

@@ -684,6 +684,7 @@ impl DedupIndex {
         let open_ids = self.open.len() - p.open_removed.len();
         let cap = self.options.bucket_cap(self.len() - forgotten);
         if open_ids > 0 && (open_ids >= cap || self.next_row - self.open_row >= OPEN_ROWS_MAX) {
+            let started = std::time::Instant::now();
             let mut pairs = Vec::with_capacity(open_ids);
             let mut expiry_max = i64::MIN;
             for row in txn.open_table(LOG)?.range(self.open_row..)? {
@@ -701,6 +702,12 @@ impl DedupIndex {
                 expiry_max,
                 self.options.lossy_filter_bits,
             )?);
+            tracing::info!(
+                ids = open_ids,
+                buckets = self.closed.len() + 1 - p.dropped,
+                ms = started.elapsed().as_millis() as u64,
+                "closed a dedup bucket (commits wait while it is written)"
+            );
         }
         p.dirty |= forgotten > 0 || budget < rows_max || p.closed.is_some();
         Ok(forgotten)
