@@ -1957,3 +1957,165 @@ fn auth_roles() {
     let (status, body) = node.client_as(Some("cli")).get("/v1/limits");
     assert_eq!((status, body), (200, json!({"limits": []})));
 }
+
+// ---------------------------------------------------------------------------------------
+// History.
+
+/// `GET /v1/limits/{id}/history`: one entry per epoch, newest first, in the limit's units
+/// (USD for cost), with per-node usage, the current epoch marked; `since`/`until`/`limit`
+/// select; bad parameters are 400 and an unknown limit 404. Records carry `at` one and two
+/// hours back (inside the dedup window), so three hourly periods have known usage.
+#[test]
+fn limit_history_lists_periods_newest_first() {
+    let hour = 3_600;
+    // Keep the records and the reads inside one hour of the server's clock.
+    let into_hour = jiff::Timestamp::now().as_second().rem_euclid(hour);
+    if into_hour > hour - 60 {
+        std::thread::sleep(std::time::Duration::from_secs(
+            (hour - into_hour + 1) as u64,
+        ));
+    }
+    let node = Node::single();
+    let c = node.client();
+    let mut tokens = limit(json!({"team": "eng"}), "tokens", 1e6, "1h");
+    tokens["calendar_aligned"] = json!(true);
+    ok(c.put("/v1/limits/hist-tokens", tokens));
+    let mut usd = limit(json!({"team": "eng"}), "cost", 100.0, "1h");
+    usd["calendar_aligned"] = json!(true);
+    ok(c.put("/v1/limits/hist-usd", usd));
+    let now = jiff::Timestamp::now();
+    let this_hour = now.as_second() - now.as_second().rem_euclid(hour);
+    let at = |hours_back: i64| {
+        jiff::Timestamp::from_second(now.as_second() - hours_back * hour)
+            .unwrap()
+            .to_string()
+    };
+    let hour_start = |hours_back: i64| {
+        jiff::Timestamp::from_second(this_hour - hours_back * hour)
+            .unwrap()
+            .to_string()
+    };
+    // Two hours back: 5 tokens, $0.25; one hour back: 3 + 4 tokens, $1.50; now: 1 token.
+    let records = json!({"records": [
+        {"id": "h-1", "attributes": {"team": "eng"}, "tokens": 5, "cost": 0.25, "at": at(2)},
+        {"id": "h-2", "attributes": {"team": "eng"}, "tokens": 3, "cost": 1.0, "at": at(1)},
+        {"id": "h-3", "attributes": {"team": "eng"}, "tokens": 4, "cost": 0.5, "at": at(1)},
+        {"id": "h-4", "attributes": {"team": "eng"}, "tokens": 1, "at": at(0)},
+    ]});
+    ok(c.post("/v1/usage/batch", records));
+    let node_id = node.node_id().to_string();
+    let entry = |hours_back: i64, used: Value| {
+        json!({
+            "period_start": hour_start(hours_back),
+            "period_end": hour_start(hours_back - 1),
+            "current": hours_back == 0,
+            "used": used,
+            "baseline": 0,
+            "nodes": {node_id.clone(): used},
+        })
+    };
+    let h = ok(c.get("/v1/limits/hist-tokens/history"));
+    assert_keys(&h, &["id", "metric", "epochs"]);
+    assert_eq!(
+        (&h["id"], &h["metric"]),
+        (&json!("hist-tokens"), &json!("tokens"))
+    );
+    let epochs = h["epochs"].as_array().unwrap();
+    assert_eq!(epochs.len(), 3, "{h}");
+    for (e, (back, used)) in epochs.iter().zip([(0, 1), (1, 7), (2, 5)]) {
+        assert_keys(
+            e,
+            &[
+                "period_start",
+                "period_end",
+                "reset",
+                "current",
+                "used",
+                "baseline",
+                "nodes",
+            ],
+        );
+        try_matches(e, &entry(back, json!(used))).unwrap();
+        assert!(e["reset"].as_str().unwrap().parse::<u64>().is_ok(), "{e}");
+    }
+    // Cost in USD; the current hour has no cost recorded but is listed.
+    let h = ok(c.get("/v1/limits/hist-usd/history"));
+    let used: Vec<i128> = h["epochs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| micros(&e["used"]))
+        .collect();
+    assert_eq!(used, vec![0, 1_500_000, 250_000]);
+    // limit, since and until (epochs overlapping [since, until)).
+    let h = ok(c.get("/v1/limits/hist-tokens/history?limit=2"));
+    let starts: Vec<&str> = h["epochs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["period_start"].as_str().unwrap())
+        .collect();
+    assert_eq!(starts, vec![hour_start(0), hour_start(1)]);
+    let q = format!(
+        "/v1/limits/hist-tokens/history?since={}&until={}",
+        hour_start(1).replace(':', "%3A"),
+        hour_start(0)
+    );
+    let h = ok(c.get(&q));
+    assert_eq!(h["epochs"].as_array().unwrap().len(), 1, "{h}");
+    try_matches(&h["epochs"][0], &entry(1, json!(7))).unwrap();
+    check(
+        &c,
+        &[
+            get("/v1/limits/nope/history", Expect::Fails(404, "not_found")),
+            get(
+                "/v1/limits/hist-tokens/history?limit=0",
+                Expect::Fails(400, "invalid_argument"),
+            ),
+            get(
+                "/v1/limits/hist-tokens/history?limit=1001",
+                Expect::Fails(400, "invalid_argument"),
+            ),
+            get(
+                "/v1/limits/hist-tokens/history?limit=x",
+                Expect::Fails(400, "invalid_argument"),
+            ),
+            get(
+                "/v1/limits/hist-tokens/history?since=yesterday",
+                Expect::Fails(400, "invalid_argument"),
+            ),
+            get(
+                "/v1/limits/hist-tokens/history?until=2026-13-01T00:00:00Z",
+                Expect::Fails(400, "invalid_argument"),
+            ),
+            get(
+                format!(
+                    "/v1/limits/hist-tokens/history?since={0}&until={0}",
+                    hour_start(0)
+                ),
+                Expect::Fails(400, "invalid_argument"),
+            ),
+            get(
+                "/v1/limits/hist-tokens/history?limit=1&limit=2",
+                Expect::Fails(400, "invalid_argument"),
+            ),
+            get(
+                "/v1/limits/hist-tokens/history?sort=asc",
+                Expect::Fails(400, "invalid_argument"),
+            ),
+        ],
+    );
+}
+
+/// The client role reads history; a request without a token is refused.
+#[test]
+fn limit_history_needs_the_client_role() {
+    let node =
+        Node::start(NodeOpts::default().args(["--admin-token", "adm", "--client-token", "cli"]));
+    let admin = node.client_as(Some("adm"));
+    ok(admin.put("/v1/limits/h", limit(json!({}), "requests", 10.0, "1d")));
+    let h = ok(node.client_as(Some("cli")).get("/v1/limits/h/history"));
+    assert_eq!(h["epochs"].as_array().unwrap().len(), 1, "the current day");
+    let (status, _) = node.client_as(None).get("/v1/limits/h/history");
+    assert_eq!(status, 401);
+}

@@ -248,3 +248,41 @@ fn refused_commands_exit_non_zero_and_change_nothing() {
     assert!(tally(url, None, &["status", "--health-only"]).ok);
     assert!(!tally("http://127.0.0.1:9", None, &["status", "--health-only"]).ok);
 }
+
+/// `tally limits history`: the periods of a limit, newest first, as a table and as JSON;
+/// a bad `--limit` is refused by the node with its message.
+#[test]
+fn limits_history_prints_periods() {
+    let node = Node::single();
+    let url = node.url();
+    let run = |args: &[&str]| tally(url, None, args);
+    assert!(
+        run(&[
+            "limits", "put", "daily", "--metric", "cost", "--max", "10", "--period", "1d"
+        ])
+        .ok
+    );
+    assert!(run(&["usage", "--id", "u-1", "--cost", "2.5"]).ok);
+    assert!(run(&["usage", "--id", "u-2", "--cost", "0.25"]).ok);
+    let table = run(&["limits", "history", "daily"]);
+    assert!(table.ok, "{}{}", table.stdout, table.stderr);
+    let lines: Vec<&str> = table.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", table.stdout);
+    assert!(lines[0].starts_with("PERIOD_START"), "{}", table.stdout);
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        row[2..],
+        ["2.75", &format!("{}=2.75", node.node_id()), "current"],
+        "{}",
+        table.stdout
+    );
+    let j = run(&["limits", "history", "daily", "--limit", "1", "--json"]).json();
+    assert_eq!(j["epochs"].as_array().unwrap().len(), 1);
+    assert_eq!(j["epochs"][0]["used"], json!(2.75));
+    let bad = run(&["limits", "history", "daily", "--since", "last week"]);
+    assert!(!bad.ok);
+    assert!(bad.stderr.contains("invalid_argument"), "{}", bad.stderr);
+    let missing = run(&["limits", "history", "nope"]);
+    assert!(!missing.ok);
+    assert!(missing.stderr.contains("not_found"), "{}", missing.stderr);
+}

@@ -19,5 +19,5 @@ pub use counter::{Epoch, EpochCounter, OriginIdx};
 pub use hlc::{Hlc, HlcClock, Version};
 pub use period::{Period, PeriodError, PeriodSpec, Unit, Window};
 pub use scope::LimitIdx;
-pub use state::{Decision, Increment, LimitStatus, LimitView, State, StateError};
+pub use state::{Decision, Increment, LimitCalendar, LimitStatus, LimitView, State, StateError};
 pub use units::{Amounts, Metric, Micros};

@@ -112,6 +112,31 @@ pub struct LimitView<'a> {
     pub baseline: u64,
 }
 
+/// How a live limit's periods fall, and which epochs count what it counts now.
+#[derive(Debug, Clone)]
+pub struct LimitCalendar {
+    pub metric: Metric,
+    /// Epochs with an older reset id belong to an earlier generation of the limit: it
+    /// counted another metric, or other periods.
+    pub spec_gen: Hlc,
+    pub period: PeriodSpec,
+    pub current: Epoch,
+    pub current_window: Window,
+    pub current_baseline: u64,
+}
+
+impl LimitCalendar {
+    /// The window of an epoch of the current generation; `None` for an epoch of an earlier
+    /// generation, whose window the current spec cannot tell.
+    pub fn window_of(&self, epoch: Epoch) -> Option<Window> {
+        if epoch.reset < self.spec_gen.0 {
+            return None;
+        }
+        let w = self.period.window(epoch.period);
+        (w.index == epoch.period).then_some(w)
+    }
+}
+
 /// Errors of operations that look things up.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -601,6 +626,42 @@ impl State {
         let (current, _, _) = Self::epoch_at(slot, c, now_ms);
         // The period index is the period's start instant, so it names its own period.
         epoch.period >= current.index && Self::epoch_at(slot, c, epoch.period).1 == epoch
+    }
+
+    /// Whether the stored slots of (limit, epoch) may be dropped from history at `now_ms`
+    /// when `keep_ms` of closed history is kept: the epoch is not open (no record can be
+    /// counted in it any more) and it ended at or before `now_ms - keep_ms`. The end of an
+    /// epoch of the limit's current generation is its window's end; an epoch this node
+    /// cannot place (the limit was deleted, or changed what it counts, so no record reaches
+    /// the epoch again) is dated by its start. The caller keeps `keep_ms` at least the
+    /// dedup window: a record's `at` may be that old, and its epoch's own slot is read back
+    /// before it is raised (dropping it would let the slot go down, I3).
+    pub fn history_expired(&self, limit_id: &str, epoch: Epoch, now_ms: i64, keep_ms: i64) -> bool {
+        let cutoff = now_ms.saturating_sub(keep_ms);
+        // The period index is the period's start: a later start means a later end.
+        if epoch.period > cutoff || self.is_open(limit_id, epoch, now_ms) {
+            return false;
+        }
+        let end = self
+            .calendar(limit_id, now_ms)
+            .and_then(|c| c.window_of(epoch))
+            .map_or(epoch.period, |w| w.end_ms);
+        end <= cutoff
+    }
+
+    /// How a live limit's epochs fall, for reading its history.
+    pub fn calendar(&self, limit_id: &str, now_ms: i64) -> Option<LimitCalendar> {
+        let slot = &self.limits[self.limit_idx(limit_id)? as usize];
+        let c = slot.live.as_ref()?;
+        let (window, current, baseline) = Self::epoch_at(slot, c, now_ms);
+        Some(LimitCalendar {
+            metric: c.metric,
+            spec_gen: c.spec_gen,
+            period: c.period.clone(),
+            current,
+            current_window: window,
+            current_baseline: baseline,
+        })
     }
 
     /// Every (limit, epoch, counter) in memory.

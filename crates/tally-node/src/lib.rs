@@ -50,13 +50,29 @@ pub struct NodeConfig {
     pub queue_wait: Duration,
     /// How far in the future a record's `at` may be.
     pub future_skew_ms: i64,
+    /// How long closed epochs are kept as history after they end. The node keeps at
+    /// least the dedup window plus `future_skew_ms`, whatever this says: a record may be
+    /// that late, and its epoch's slot must still be on disk to be raised.
+    pub history_retention_ms: i64,
     pub clock: Arc<dyn Clock>,
     /// Simulator and tests: keep the database on this fault-injecting disk instead of in
     /// `data_dir`.
     pub disk: Option<faults::Mount>,
 }
 
+/// Closed epochs are kept 35 days by default: a calendar month of history and some days
+/// to read it after the month ends.
+pub const HISTORY_RETENTION_DEFAULT_MS: i64 = 35 * 86_400_000;
+/// Most epochs one history read returns.
+pub const HISTORY_EPOCHS_MAX: usize = 1000;
+
 impl NodeConfig {
+    /// The history actually kept: the retention, but never less than a late record needs.
+    pub(crate) fn history_keep_ms(&self) -> i64 {
+        self.history_retention_ms
+            .max(self.dedup_window_ms + self.future_skew_ms)
+    }
+
     pub fn new(data_dir: impl Into<PathBuf>) -> NodeConfig {
         NodeConfig {
             data_dir: data_dir.into(),
@@ -66,6 +82,7 @@ impl NodeConfig {
             queue_records_max: 65_536,
             queue_wait: Duration::from_secs(2),
             future_skew_ms: 5 * 60_000,
+            history_retention_ms: HISTORY_RETENTION_DEFAULT_MS,
             clock: Arc::new(SystemClock),
             disk: None,
         }
@@ -186,6 +203,39 @@ pub struct LimitDetails {
     pub baseline: u64,
 }
 
+/// Which epochs of a limit's history to read: those overlapping `[since_ms, until_ms)`,
+/// newest first, at most `epochs_max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryQuery {
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub epochs_max: usize,
+}
+
+/// One epoch of a limit's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochHistory {
+    pub epoch: tally_core::Epoch,
+    pub period_start_ms: i64,
+    /// `None` for `never`.
+    pub period_end_ms: Option<i64>,
+    /// `baseline + Σ nodes`.
+    pub used: u64,
+    pub baseline: u64,
+    /// Usage per origin node, sorted by node id.
+    pub nodes: Vec<(String, u64)>,
+    /// The epoch checks count against now.
+    pub current: bool,
+}
+
+/// A limit's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitHistory {
+    pub metric: Metric,
+    pub never: bool,
+    pub epochs: Vec<EpochHistory>,
+}
+
 /// An entity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntityDetails {
@@ -267,7 +317,7 @@ impl Node {
         state.tick(now);
         tracing::info!(
             node = %node_id, limits, entities, resets, own_slots = own, peer_slots = peer,
-            dedup_ids = recovered.dedup_ids, path = %store.path().display(),
+            dedup_ids = recovered.dedup_ids, dedup_index_bytes = recovered.dedup_bytes, path = %store.path().display(),
             "state restored"
         );
         let shared = Arc::new(Shared {
@@ -460,6 +510,48 @@ impl Node {
             epoch: v.status.epoch,
             baseline: v.baseline,
         })
+    }
+
+    /// The epochs of a live limit's current generation (closed ones kept by the retention,
+    /// and the current one), newest first. Read by the writer, so it sees exactly what is
+    /// durable.
+    pub async fn history(&self, id: &str, query: HistoryQuery) -> Result<LimitHistory, NodeError> {
+        if query.epochs_max == 0 || query.epochs_max > HISTORY_EPOCHS_MAX {
+            return Err(NodeError::InvalidArgument(format!(
+                "limit must be between 1 and {HISTORY_EPOCHS_MAX}"
+            )));
+        }
+        if let (Some(since), Some(until)) = (query.since_ms, query.until_ms) {
+            if since >= until {
+                return Err(NodeError::InvalidArgument(
+                    "since must be before until".into(),
+                ));
+            }
+        }
+        let (reply, rx) = oneshot::channel();
+        self.submit(1, |permit| Op::History {
+            id: id.to_string(),
+            query,
+            reply,
+            _permit: permit,
+        })
+        .await?;
+        rx.await
+            .map_err(|_| NodeError::Unavailable("the node is shutting down".into()))?
+    }
+
+    /// Runs the writer's maintenance now, whatever its schedule: dedup expiry and
+    /// bucket closing, tombstone collection, and a full history sweep. For tests and
+    /// tools that drive the clock faster than real time.
+    pub async fn maintain_now(&self) -> Result<(), NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(1, |permit| Op::Maintain {
+            reply,
+            _permit: permit,
+        })
+        .await?;
+        rx.await
+            .map_err(|_| NodeError::Unavailable("the node is shutting down".into()))?
     }
 
     /// Every live limit whose scope contains all of `filter`, sorted by id.

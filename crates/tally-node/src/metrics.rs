@@ -15,6 +15,7 @@ pub struct Metrics {
     pub commit_errors_total: AtomicU64,
     pub queue_rejected_total: AtomicU64,
     pub dedup_expired_total: AtomicU64,
+    pub history_slots_dropped_total: AtomicU64,
 }
 
 impl Metrics {

@@ -168,3 +168,119 @@ async fn concurrent_records_group_commit_exactly() {
     );
     node.shutdown().await;
 }
+
+/// History (issue 18): closed epochs stay readable for the retention, then their slots
+/// leave the disk, and a set-usage reset keeps the baseline of the epoch it opened. Six
+/// days of hourly periods with a 2-day retention, the clock driven by hand.
+#[tokio::test]
+async fn history_is_kept_for_the_retention_then_dropped() {
+    let hour = 3_600_000;
+    let dir = tempfile::tempdir().unwrap();
+    let midnight = T0 - 6 * hour;
+    let clock = Arc::new(TestClock(AtomicI64::new(midnight + hour / 2)));
+    let mut c = config(dir.path(), &clock);
+    c.dedup_window_ms = hour;
+    c.history_retention_ms = 48 * hour;
+    let node = Node::open(c).unwrap();
+    node.put_limit("h", limit(Metric::Requests, 1 << 40, "1h"))
+        .await
+        .unwrap();
+    node.put_limit("d", limit(Metric::Requests, 1 << 40, "1d"))
+        .await
+        .unwrap();
+    let hours = 144i64;
+    for k in 0..hours {
+        clock
+            .0
+            .store(midnight + k * hour + hour / 2, Ordering::SeqCst);
+        let recs: Vec<UsageRecord> = (0..=k).map(|i| rec(&format!("h{k}-{i}"), 0)).collect();
+        assert!(node.record(recs).await.unwrap().iter().all(|a| *a));
+        if k == 140 {
+            // A set-usage: hour 140 gets a second epoch that starts at 1 000.
+            node.reset_limit("h", 1000).await.unwrap();
+            let recs: Vec<UsageRecord> = (0..5).map(|i| rec(&format!("r{i}"), 0)).collect();
+            node.record(recs).await.unwrap();
+        }
+        node.maintain_now().await.unwrap();
+    }
+    let q = |since_ms, until_ms, epochs_max| HistoryQuery {
+        since_ms,
+        until_ms,
+        epochs_max,
+    };
+    // Now is hour 143:30; the cutoff is 48 h before, at 95:30: hour 95 ends after it.
+    let h = node.history("h", q(None, None, 1000)).await.unwrap();
+    assert_eq!(h.metric, Metric::Requests);
+    let starts: Vec<i64> = h
+        .epochs
+        .iter()
+        .map(|e| (e.period_start_ms - midnight) / hour)
+        .collect();
+    let mut want: Vec<i64> = (95..hours).rev().collect();
+    want.insert(hours as usize - 1 - 140, 140);
+    assert_eq!(starts, want, "newest first, both epochs of hour 140");
+    for e in &h.epochs {
+        let k = (e.period_start_ms - midnight) / hour;
+        assert_eq!(e.period_end_ms, Some(e.period_start_ms + hour));
+        assert_eq!(e.current, k == hours - 1);
+        let (used, baseline) = match (k, e.baseline) {
+            (140, 1000) => (1005, 1000),
+            _ => (k as u64 + 1, 0),
+        };
+        assert_eq!((e.used, e.baseline), (used, baseline), "hour {k}");
+        assert_eq!(e.nodes, vec![("node-a".to_string(), used - baseline)]);
+    }
+    // A time range: epochs overlapping [100:00, 103:00).
+    let r = node
+        .history(
+            "h",
+            q(Some(midnight + 100 * hour), Some(midnight + 103 * hour), 10),
+        )
+        .await
+        .unwrap();
+    let starts: Vec<i64> = r
+        .epochs
+        .iter()
+        .map(|e| (e.period_start_ms - midnight) / hour)
+        .collect();
+    assert_eq!(starts, vec![102, 101, 100]);
+    let page = node.history("h", q(None, None, 2)).await.unwrap();
+    assert_eq!(page.epochs.len(), 2);
+    assert!(page.epochs[0].current);
+    // Days: day 5 is current; days 3 and 4 ended after the cutoff.
+    let d = node.history("d", q(None, None, 1000)).await.unwrap();
+    let days: Vec<(i64, u64)> = d
+        .epochs
+        .iter()
+        .map(|e| ((e.period_start_ms - midnight) / (24 * hour), e.used))
+        .collect();
+    let per_day = |day: i64| -> u64 { (day * 24..day * 24 + 24).map(|k| k as u64 + 1).sum() };
+    assert_eq!(
+        days,
+        vec![(5, per_day(5) + 5), (4, per_day(4)), (3, per_day(3))]
+    );
+    assert!(matches!(
+        node.history("nope", q(None, None, 10)).await,
+        Err(NodeError::NotFound(_))
+    ));
+    for bad in [
+        q(None, None, 0),
+        q(None, None, 1001),
+        q(Some(5), Some(5), 10),
+    ] {
+        assert!(matches!(
+            node.history("h", bad).await,
+            Err(NodeError::InvalidArgument(_))
+        ));
+    }
+    assert_eq!(
+        Metrics::get(&node.metrics().history_slots_dropped_total),
+        95 + 3
+    );
+    node.shutdown().await;
+    // On disk: only the retained epochs' slots are left.
+    let store = tally_store::Store::open(dir.path()).unwrap();
+    let slots = store.recover().unwrap().own_slots;
+    assert_eq!(slots.iter().filter(|(l, _, _)| l == "h").count(), 50);
+    assert_eq!(slots.iter().filter(|(l, _, _)| l == "d").count(), 3);
+}

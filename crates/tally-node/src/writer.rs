@@ -33,13 +33,16 @@ use std::time::{Duration, Instant};
 use tally_core::{
     EntityRecord, Epoch, Increment, LimitIdx, LimitRecord, ResetRegister, Scope, State,
 };
-use tally_store::{Batch, Fault, Location, Store, StoreError};
+use tally_store::{Batch, EpochRows, Fault, HistoryScan, Location, Store, StoreError, SweepCursor};
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use tally_gossip::Incoming;
 
 use crate::cluster::Publication;
-use crate::{Metrics, NodeError, Shared, StorageHealth, UsageRecord};
+use crate::{
+    EpochHistory, HistoryQuery, LimitHistory, Metrics, NodeError, Shared, StorageHealth,
+    UsageRecord,
+};
 
 pub(crate) enum ConfigChange {
     PutLimit(String, tally_core::LimitInput),
@@ -72,14 +75,31 @@ pub(crate) enum Op {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    History {
+        id: String,
+        query: HistoryQuery,
+        reply: oneshot::Sender<Result<LimitHistory, NodeError>>,
+        _permit: OwnedSemaphorePermit,
+    },
+    /// Run maintenance now (see [`crate::Node::maintain_now`]).
+    Maintain {
+        reply: oneshot::Sender<Result<(), NodeError>>,
+        _permit: OwnedSemaphorePermit,
+    },
 }
 
 /// How often the writer advances windows and expires dedup ids when idle.
 const MAINTENANCE_EVERY: Duration = Duration::from_millis(100);
-/// Expiry runs every second and forgets at most this many ids per pass (whole log rows,
-/// a few ms of the writer's time), so it keeps up with 100 000 records/s.
+/// Expiry runs every second: it drops expired dedup buckets whole, closes the open bucket
+/// when it is full, and deletes at most this many leftover rows of dropped buckets per
+/// pass (a few ms of the writer's time), so it keeps up with 100 000 records/s.
 const DEDUP_EXPIRE_EVERY: Duration = Duration::from_secs(1);
-const DEDUP_EXPIRE_MAX: usize = 100_000;
+const DEDUP_EXPIRE_ROWS_MAX: usize = 20_000;
+/// Closed epochs older than the retention are dropped by a sweep that reads at most this
+/// many slot rows every 10 s (a few ms), so a full sweep of 10 million rows takes under 3
+/// hours, far faster than a steady workload closes epochs.
+const HISTORY_SWEEP_EVERY: Duration = Duration::from_secs(10);
+const HISTORY_SWEEP_ROWS_MAX: usize = 10_000;
 /// After a full disk: first wait before looking for room again, doubled per attempt up to
 /// the max. Looking is cheap (a probe file), opening the store is not (redb re-checks a
 /// database that was not closed cleanly), so the store is opened only once there is room.
@@ -327,6 +347,8 @@ pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
         last: Maintained {
             tick: Instant::now(),
             expire: Instant::now(),
+            history: Instant::now(),
+            cursor: SweepCursor::default(),
         },
     };
     let mut carry: Option<Op> = None;
@@ -336,7 +358,8 @@ pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
             None => match rx.recv_timeout(MAINTENANCE_EVERY) {
                 Ok(op) => op,
                 Err(RecvTimeoutError::Timeout) => {
-                    w.maintain();
+                    // Failures are logged and retried on the next pass.
+                    let _ = w.maintain(false);
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -358,13 +381,27 @@ pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
                 w.remote(items);
                 w.done(1);
             }
+            Op::History {
+                id, query, reply, ..
+            } => {
+                let shared = w.shared.clone();
+                let result = w
+                    .store()
+                    .and_then(|store| read_history(&shared, store, &id, query));
+                let _ = reply.send(result);
+                w.done(1);
+            }
+            Op::Maintain { reply, .. } => {
+                let _ = reply.send(w.maintain(true));
+                w.done(1);
+            }
             Op::Records { records, reply, .. } => {
                 let ops = w.records(records, reply, &rx, &mut carry);
                 w.done(ops);
             }
         }
         if w.last.tick.elapsed() >= MAINTENANCE_EVERY {
-            w.maintain();
+            let _ = w.maintain(false);
         }
     }
 }
@@ -597,39 +634,61 @@ impl Writer {
         }
     }
 
-    /// Advances windows; every second expires dedup ids and old tombstones (a commit only
-    /// when there is something to forget).
-    fn maintain(&mut self) {
+    /// Advances windows; every second expires dedup ids and old tombstones, every 10 s
+    /// drops a slice of history older than the retention (a commit only when there is
+    /// something to write). `now` forces all of it, and a whole history sweep.
+    fn maintain(&mut self, now: bool) -> Result<(), NodeError> {
         self.last.tick = Instant::now();
-        let now = self.shared.clock.now_ms();
-        self.shared.state.write().tick(now);
-        if let Disk::Full { .. } = self.disk {
-            // Look for room even when no write comes.
-            let _ = self.store();
-            return;
+        let now_ms = self.shared.clock.now_ms();
+        self.shared.state.write().tick(now_ms);
+        if !matches!(self.disk, Disk::Open(_)) {
+            // Look for room (after a full disk) even when no write comes.
+            self.store()?;
         }
-        if self.last.expire.elapsed() < DEDUP_EXPIRE_EVERY {
-            return;
-        }
-        self.last.expire = Instant::now();
         let shared = self.shared.clone();
-        let Disk::Open(store) = &mut self.disk else {
-            return;
-        };
-        match expire(&shared, store, now) {
-            Ok(n) => Metrics::add(&shared.metrics.dedup_expired_total, n as u64),
-            Err(e) => {
-                tracing::warn!(error = %e, "expiring dedup ids failed; will retry");
-                self.failed(&e);
+        if now || self.last.expire.elapsed() >= DEDUP_EXPIRE_EVERY {
+            self.last.expire = Instant::now();
+            let expired = expire(&shared, self.store()?, now_ms);
+            match expired {
+                Ok(n) => Metrics::add(&shared.metrics.dedup_expired_total, n as u64),
+                Err(e) => {
+                    tracing::warn!(error = %e, "expiring dedup ids failed; will retry");
+                    self.failed(&e);
+                    return Err(unavailable(&e));
+                }
             }
         }
+        if now || self.last.history.elapsed() >= HISTORY_SWEEP_EVERY {
+            self.last.history = Instant::now();
+            // A forced run sweeps everything: passes until the cursor comes back to the start.
+            let passes_max = if now { 1_000_000 } else { 1 };
+            for _ in 0..passes_max {
+                let mut cursor = std::mem::take(&mut self.last.cursor);
+                let swept = sweep_history(&shared, self.store()?, &mut cursor, now_ms);
+                self.last.cursor = cursor;
+                match swept {
+                    Ok(n) => Metrics::add(&shared.metrics.history_slots_dropped_total, n as u64),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "dropping old history failed; will retry");
+                        self.failed(&e);
+                        return Err(unavailable(&e));
+                    }
+                }
+                if self.last.cursor.is_at_start() {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
-/// When maintenance last ran.
+/// When maintenance last ran, and where the history sweep resumes.
 struct Maintained {
     tick: Instant,
     expire: Instant,
+    history: Instant,
+    cursor: SweepCursor,
 }
 
 /// One maintenance commit: dedup ids whose window ended, and tombstones past their
@@ -652,14 +711,14 @@ fn expire(shared: &Shared, store: &mut Store, now: i64) -> Result<usize, StoreEr
         )
     };
     let mut b = store.batch()?;
-    let n = b.dedup_expire(now, DEDUP_EXPIRE_MAX)?;
+    let n = b.dedup_expire(now, DEDUP_EXPIRE_ROWS_MAX)?;
     for id in &limits {
         b.remove_limit(id)?;
     }
     for (d, v) in &entities {
         b.remove_entity(d, v)?;
     }
-    if n > 0 || !limits.is_empty() || !entities.is_empty() {
+    if b.dedup_dirty() || !limits.is_empty() || !entities.is_empty() {
         b.commit()?;
     }
     if !limits.is_empty() || !entities.is_empty() {
@@ -979,3 +1038,103 @@ fn note_hellos(shared: &Shared, hellos: Vec<(String, i64)>) {
 
 #[cfg(test)]
 mod tests;
+
+/// One pass of the history sweep: slots of closed epochs that ended more than the
+/// retention ago go (never an open epoch; never one a late record could still reach).
+fn sweep_history(
+    shared: &Shared,
+    store: &mut Store,
+    cursor: &mut SweepCursor,
+    now: i64,
+) -> Result<usize, StoreError> {
+    let keep = shared.config.history_keep_ms();
+    let mut b = store.batch()?;
+    let n = {
+        let state = shared.state.read();
+        b.sweep_history(cursor, HISTORY_SWEEP_ROWS_MAX, &mut |limit, epoch| {
+            state.history_expired(limit, epoch, now, keep)
+        })?
+    };
+    if n > 0 {
+        b.commit()?;
+    }
+    Ok(n)
+}
+
+/// A limit's history from disk (which holds everything memory does: values reach memory
+/// only after they are durable).
+fn read_history(
+    shared: &Shared,
+    store: &Store,
+    id: &str,
+    q: HistoryQuery,
+) -> Result<LimitHistory, NodeError> {
+    let now = shared.clock.now_ms();
+    let (cal, never) = {
+        let state = shared.state.read();
+        let cal = state
+            .calendar(id, now)
+            .ok_or_else(|| NodeError::NotFound(format!("no limit with id {id:?}")))?;
+        let never = state
+            .limit(id)
+            .is_some_and(|s| s.input.period == tally_core::Period::Never);
+        (cal, never)
+    };
+    let since = q.since_ms.unwrap_or(i64::MIN);
+    let until = q.until_ms.unwrap_or(i64::MAX);
+    let mut rows = store
+        .history(
+            id,
+            until.saturating_sub(1),
+            q.epochs_max,
+            &mut |e| match cal.window_of(e) {
+                None => HistoryScan::Skip,
+                Some(w) if w.end_ms <= since => HistoryScan::Stop,
+                Some(_) => HistoryScan::Take,
+            },
+        )
+        .map_err(|e| unavailable(&e))?;
+    let w = cal.current_window;
+    if w.start_ms < until && w.end_ms > since && !rows.iter().any(|r| r.epoch == cal.current) {
+        rows.push(EpochRows {
+            epoch: cal.current,
+            own: None,
+            peers: Vec::new(),
+            baseline: None,
+        });
+        rows.sort_by_key(|r| std::cmp::Reverse(r.epoch));
+        rows.truncate(q.epochs_max);
+    }
+    let epochs = rows
+        .into_iter()
+        .filter_map(|r| {
+            let w = cal.window_of(r.epoch)?;
+            let current = r.epoch == cal.current;
+            let baseline = r
+                .baseline
+                .unwrap_or(if current { cal.current_baseline } else { 0 });
+            let mut nodes: Vec<(String, u64)> = r.peers;
+            if let Some(v) = r.own {
+                nodes.push((shared.node_id.clone(), v));
+            }
+            nodes.sort_unstable();
+            let used = nodes
+                .iter()
+                .fold(baseline, |acc, (_, v)| acc.saturating_add(*v));
+            Some(EpochHistory {
+                epoch: r.epoch,
+                period_start_ms: w.start_ms,
+                period_end_ms: (w.end_ms != i64::MAX).then_some(w.end_ms),
+                used,
+                baseline,
+                nodes,
+                current,
+            })
+        })
+        .collect();
+    Ok(LimitHistory {
+        metric: cal.metric,
+        never,
+        epochs,
+    })
+}

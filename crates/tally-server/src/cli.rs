@@ -28,6 +28,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the serve variant costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node.
@@ -116,6 +118,10 @@ pub struct ServeArgs {
     /// How long usage ids are remembered for deduplication [default: 86400].
     #[arg(long, env = "TALLY_DEDUP_WINDOW_SECS", value_name = "SECS")]
     pub dedup_window_secs: Option<u64>,
+    /// How long closed periods are kept as history, in days; at least the dedup window
+    /// [default: 35].
+    #[arg(long, env = "TALLY_HISTORY_RETENTION_DAYS", value_name = "DAYS")]
+    pub history_retention_days: Option<u64>,
     /// Most usage records committed in one transaction [default: 4096].
     #[arg(long, env = "TALLY_BATCH_RECORDS_MAX", value_name = "N")]
     pub batch_records_max: Option<usize>,
@@ -173,6 +179,20 @@ pub enum LimitsCommand {
     },
     /// Show one limit with its usage per node.
     Get { id: String },
+    /// Show a limit's usage per period, newest first (closed periods are kept for the
+    /// node's --history-retention-days).
+    History {
+        id: String,
+        /// Only periods that end after this time (RFC 3339, e.g. 2026-11-01T00:00:00Z).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Only periods that start before this time (RFC 3339).
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        /// Most periods shown, 1 to 1000 [default: 100].
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+    },
     /// Delete a limit.
     Delete { id: String },
     /// Start a new period for a limit now, optionally with usage already counted.

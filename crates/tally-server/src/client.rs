@@ -54,6 +54,7 @@ impl Request {
 pub enum View {
     LimitList,
     Limit,
+    History,
     Entity,
     Deleted(String),
     Check,
@@ -162,6 +163,28 @@ fn plan_limits(command: &LimitsCommand) -> anyhow::Result<(Request, View)> {
             Request::get(format!("/v1/limits/{}", encode(id))),
             View::Limit,
         ),
+        LimitsCommand::History {
+            id,
+            since,
+            until,
+            limit,
+        } => {
+            let mut query = Vec::new();
+            if let Some(t) = since {
+                query.push(format!("since={}", encode(t)));
+            }
+            if let Some(t) = until {
+                query.push(format!("until={}", encode(t)));
+            }
+            if let Some(n) = limit {
+                query.push(format!("limit={n}"));
+            }
+            let mut path = format!("/v1/limits/{}/history", encode(id));
+            if !query.is_empty() {
+                path = format!("{path}?{}", query.join("&"));
+            }
+            (Request::get(path), View::History)
+        }
         LimitsCommand::Delete { id } => (
             Request {
                 method: Method::Delete,
@@ -471,6 +494,7 @@ pub fn render(view: &View, body: &Value) -> String {
     match view {
         View::LimitList => render_limit_list(body),
         View::Limit => render_limit(body),
+        View::History => render_history(body),
         View::Entity => render_entity(body),
         View::Deleted(what) => format!("deleted {what}\n"),
         View::Check => render_check(body),
@@ -649,6 +673,46 @@ pub fn render_limit_list(body: &Value) -> String {
             format_amount(&l["remaining"]),
             format_period(l),
             text(&l["resets_at"]),
+        ]);
+    }
+    table.render()
+}
+
+/// `GET /v1/limits/{id}/history`: one row per epoch, newest first; `*` marks the
+/// current one.
+pub fn render_history(body: &Value) -> String {
+    let epochs = array(body, "epochs");
+    if epochs.is_empty() {
+        return "no history\n".to_owned();
+    }
+    let mut table = Table::new(&["PERIOD_START", "PERIOD_END", ">USED", "NODES", "NOTE"]);
+    for e in epochs {
+        let mut nodes: Vec<String> = e["nodes"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={}", format_amount(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        nodes.sort();
+        let mut note = Vec::new();
+        if e["current"].as_bool() == Some(true) {
+            note.push("current".to_owned());
+        }
+        if e["baseline"].as_f64().is_some_and(|b| b > 0.0) {
+            note.push(format!("baseline {}", format_amount(&e["baseline"])));
+        }
+        table.row(vec![
+            text(&e["period_start"]),
+            text(&e["period_end"]),
+            format_amount(&e["used"]),
+            if nodes.is_empty() {
+                "-".to_owned()
+            } else {
+                nodes.join(",")
+            },
+            note.join(", "),
         ]);
     }
     table.render()
@@ -875,6 +939,42 @@ mod tests {
                "max": 100.0, "period": "1M", "calendar_aligned": true, "timezone": "UTC",
                "used": 12.5, "remaining": 87.5, "period_start": "2026-11-01T00:00:00Z",
                "resets_at": "2026-12-01T00:00:00Z", "nodes": {"n1": 10.0, "n2": 2.5}})
+    }
+
+    #[test]
+    fn limit_history() {
+        let r = planned(&[
+            "limits",
+            "history",
+            "team eng",
+            "--since",
+            "2026-11-01T00:00:00+01:00",
+            "--limit",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(
+            r.path,
+            "/v1/limits/team%20eng/history?since=2026-11-01T00:00:00%2B01:00&limit=5"
+        );
+        assert_eq!(r.method, Method::Get);
+        let body = json!({"id": "b", "metric": "cost", "epochs": [
+            {"period_start": "2026-12-01T00:00:00Z", "period_end": "2027-01-01T00:00:00Z",
+             "reset": "9", "current": true, "used": 41.5, "baseline": 40.0,
+             "nodes": {"n2": 1.0, "n1": 0.5}},
+            {"period_start": "2026-11-01T00:00:00Z", "period_end": "2026-12-01T00:00:00Z",
+             "reset": "7", "current": false, "used": 12.5, "baseline": 0.0,
+             "nodes": {"n1": 12.5}},
+        ]});
+        assert_eq!(
+            render_history(&body),
+            "\
+PERIOD_START          PERIOD_END            USED  NODES        NOTE
+2026-12-01T00:00:00Z  2027-01-01T00:00:00Z  41.5  n1=0.5,n2=1  current, baseline 40
+2026-11-01T00:00:00Z  2026-12-01T00:00:00Z  12.5  n1=12.5
+"
+        );
+        assert_eq!(render_history(&json!({"epochs": []})), "no history\n");
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub const DEFAULT_CLUSTER_ID: &str = "tally";
 pub const DEFAULT_GOSSIP_INTERVAL_MS: u64 = 100;
 /// Default window during which a usage id is remembered for deduplication (one day).
 pub const DEFAULT_DEDUP_WINDOW_SECS: u64 = 86_400;
+/// Default time closed periods are kept as history (a calendar month, and some days to
+/// read it after the month ends).
+pub const DEFAULT_HISTORY_RETENTION_DAYS: u64 = 35;
 /// Default largest number of usage records the writer commits in one transaction.
 pub const DEFAULT_BATCH_RECORDS_MAX: usize = 4_096;
 /// Default capacity of the writer's queue, in records.
@@ -42,6 +45,7 @@ pub const DEFAULT_ISOLATED_UNREADY_SECS: u64 = 10;
 /// (an extra few zeros) is reported instead of silently stalling or exhausting memory.
 const GOSSIP_INTERVAL_MS_MAX: u64 = 60_000;
 const DEDUP_WINDOW_SECS_MAX: u64 = 366 * 86_400;
+const HISTORY_RETENTION_DAYS_MAX: u64 = 3_660;
 const BATCH_RECORDS_MAX_MAX: usize = 1 << 20;
 const QUEUE_RECORDS_MAX_MAX: usize = 1 << 24;
 const QUEUE_WAIT_MS_MAX: u64 = 600_000;
@@ -87,6 +91,7 @@ pub struct ServeConfig {
     pub insecure: bool,
     pub gossip_interval_ms: u64,
     pub dedup_window_secs: u64,
+    pub history_retention_days: u64,
     pub batch_records_max: usize,
     pub queue_records_max: usize,
     pub queue_wait_ms: u64,
@@ -114,6 +119,7 @@ impl fmt::Debug for ServeConfig {
             .field("insecure", &self.insecure)
             .field("gossip_interval_ms", &self.gossip_interval_ms)
             .field("dedup_window_secs", &self.dedup_window_secs)
+            .field("history_retention_days", &self.history_retention_days)
             .field("batch_records_max", &self.batch_records_max)
             .field("queue_records_max", &self.queue_records_max)
             .field("queue_wait_ms", &self.queue_wait_ms)
@@ -141,6 +147,7 @@ impl Default for ServeConfig {
             insecure: false,
             gossip_interval_ms: DEFAULT_GOSSIP_INTERVAL_MS,
             dedup_window_secs: DEFAULT_DEDUP_WINDOW_SECS,
+            history_retention_days: DEFAULT_HISTORY_RETENTION_DAYS,
             batch_records_max: DEFAULT_BATCH_RECORDS_MAX,
             queue_records_max: DEFAULT_QUEUE_RECORDS_MAX,
             queue_wait_ms: DEFAULT_QUEUE_WAIT_MS,
@@ -168,6 +175,7 @@ struct FileConfig {
     insecure: Option<bool>,
     gossip_interval_ms: Option<u64>,
     dedup_window_secs: Option<u64>,
+    history_retention_days: Option<u64>,
     batch_records_max: Option<usize>,
     queue_records_max: Option<usize>,
     queue_wait_ms: Option<u64>,
@@ -323,6 +331,13 @@ impl ServeConfig {
             file.dedup_window_secs,
             parse_number,
         )?;
+        let history_retention_days = pick(
+            "history_retention_days",
+            args.history_retention_days,
+            env,
+            file.history_retention_days,
+            parse_number,
+        )?;
         let batch_records_max = pick(
             "batch_records_max",
             args.batch_records_max,
@@ -374,6 +389,8 @@ impl ServeConfig {
             insecure: insecure.unwrap_or(false),
             gossip_interval_ms: gossip_interval_ms.unwrap_or(defaults.gossip_interval_ms),
             dedup_window_secs: dedup_window_secs.unwrap_or(defaults.dedup_window_secs),
+            history_retention_days: history_retention_days
+                .unwrap_or(defaults.history_retention_days),
             batch_records_max: batch_records_max.unwrap_or(defaults.batch_records_max),
             queue_records_max: queue_records_max.unwrap_or(defaults.queue_records_max),
             queue_wait_ms: queue_wait_ms.unwrap_or(defaults.queue_wait_ms),
@@ -422,6 +439,21 @@ impl ServeConfig {
             1,
             DEDUP_WINDOW_SECS_MAX,
         )?;
+        check_range(
+            "history_retention_days",
+            self.history_retention_days,
+            1,
+            HISTORY_RETENTION_DAYS_MAX,
+        )?;
+        if self.history_retention_days * 86_400 < self.dedup_window_secs {
+            bail!(
+                "history_retention_days ({} days) is shorter than dedup_window_secs ({} s): a \
+                 late record inside the window must still find its period, so raise \
+                 --history-retention-days or shorten --dedup-window-secs",
+                self.history_retention_days,
+                self.dedup_window_secs
+            );
+        }
         check_range(
             "batch_records_max",
             self.batch_records_max as u64,
@@ -671,6 +703,7 @@ mod tests {
         assert_eq!(cfg.cluster_id, "tally");
         assert_eq!(cfg.gossip_interval_ms, 100);
         assert_eq!(cfg.dedup_window_secs, 86_400);
+        assert_eq!(cfg.history_retention_days, 35);
         assert_eq!(cfg.batch_records_max, 4_096);
         assert_eq!(cfg.queue_records_max, 65_536);
         assert_eq!(cfg.queue_wait_ms, 2_000);
@@ -787,6 +820,35 @@ mod tests {
         assert_eq!(cfg.admin_token.as_deref(), Some("from-file"));
         assert_eq!(cfg.client_token, None);
         assert_eq!(cfg.listen, addr(DEFAULT_LISTEN));
+    }
+
+    #[test]
+    fn history_retention_covers_the_dedup_window() {
+        let d = ServeArgs::default();
+        let cfg = resolve(&d, &[("TALLY_HISTORY_RETENTION_DAYS", "400")], None).unwrap();
+        assert_eq!(cfg.history_retention_days, 400);
+        let e = err(&d, &[], Some("history_retention_days = 0"));
+        assert!(e.contains("--history-retention-days"), "{e}");
+        let e = err(
+            &d,
+            &[("TALLY_DEDUP_WINDOW_SECS", "172801")],
+            Some("history_retention_days = 2"),
+        );
+        assert!(
+            e.contains("shorter than dedup_window_secs") && e.contains("--history-retention-days"),
+            "{e}"
+        );
+        let cfg = resolve(
+            &d,
+            &[("TALLY_DEDUP_WINDOW_SECS", "172800")],
+            Some("history_retention_days = 2"),
+        )
+        .unwrap();
+        assert_eq!(serve_node_config(&cfg).history_retention_ms, 2 * 86_400_000);
+    }
+
+    fn serve_node_config(cfg: &ServeConfig) -> tally_node::NodeConfig {
+        crate::serve::node_config(cfg)
     }
 
     #[test]

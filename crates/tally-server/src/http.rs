@@ -12,12 +12,15 @@ use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tally_core::units::{self, ATTRIBUTES_MAX, Micros};
 use tally_core::{Amounts, LimitInput, Metric, Period, Scope};
-use tally_node::{LimitDetails, LimitReport, Node, NodeError, UsageRecord};
+use tally_node::{
+    HISTORY_EPOCHS_MAX, HistoryQuery, LimitDetails, LimitHistory, LimitReport, Node, NodeError,
+    UsageRecord,
+};
 
 use crate::json::Json;
 
@@ -563,6 +566,149 @@ fn form_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
         .collect()
 }
 
+/// Epochs a history reply lists when the query does not say.
+const HISTORY_EPOCHS_DEFAULT: usize = 100;
+
+/// A metric amount in the limit's units: USD for cost, a count otherwise.
+struct Amount(Metric, u64);
+
+impl Serialize for Amount {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Metric::Cost => s.serialize_f64(Micros(self.1).to_usd()),
+            _ => s.serialize_u64(self.1),
+        }
+    }
+}
+
+/// `GET /v1/limits/{id}/history`.
+#[derive(Serialize)]
+struct HistoryReply {
+    id: String,
+    metric: &'static str,
+    /// Newest first.
+    epochs: Vec<HistoryEpoch>,
+}
+
+#[derive(Serialize)]
+struct HistoryEpoch {
+    /// `null` for a `never` period.
+    period_start: Option<String>,
+    /// When the period ended (or, for the current epoch, `resets_at`); `null` for `never`.
+    period_end: Option<String>,
+    /// The epoch's reset id (a decimal string: it does not fit a JSON number exactly).
+    reset: String,
+    /// The epoch checks count against now.
+    current: bool,
+    /// `baseline + Σ nodes`.
+    used: Amount,
+    /// Usage the epoch started with (a set-usage reset).
+    baseline: Amount,
+    nodes: BTreeMap<String, Amount>,
+}
+
+impl HistoryReply {
+    fn new(id: String, h: LimitHistory) -> HistoryReply {
+        let m = h.metric;
+        let time = |ms: i64| {
+            jiff::Timestamp::from_millisecond(ms)
+                .ok()
+                .map(|t| t.to_string())
+        };
+        HistoryReply {
+            id,
+            metric: m.as_str(),
+            epochs: h
+                .epochs
+                .into_iter()
+                .map(|e| HistoryEpoch {
+                    period_start: if h.never {
+                        None
+                    } else {
+                        time(e.period_start_ms)
+                    },
+                    period_end: e.period_end_ms.and_then(time),
+                    reset: e.epoch.reset.to_string(),
+                    current: e.current,
+                    used: Amount(m, e.used),
+                    baseline: Amount(m, e.baseline),
+                    nodes: e
+                        .nodes
+                        .into_iter()
+                        .map(|(n, v)| (n, Amount(m, v)))
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `?since=RFC3339&until=RFC3339&limit=N`, each at most once.
+fn history_query(q: Option<&str>) -> Result<HistoryQuery, ApiError> {
+    let mut out = HistoryQuery {
+        since_ms: None,
+        until_ms: None,
+        epochs_max: HISTORY_EPOCHS_DEFAULT,
+    };
+    let mut seen = Vec::new();
+    for (k, v) in form_pairs(q.unwrap_or(""))? {
+        if seen.contains(&k) {
+            return Err(ApiError::invalid(format!(
+                "query parameter {k:?} given twice"
+            )));
+        }
+        let time = |v: &str| {
+            v.parse::<jiff::Timestamp>()
+                .map(|t| t.as_millisecond())
+                .map_err(|e| {
+                    ApiError::invalid(format!(
+                        "{k} {v:?} is not an RFC 3339 time such as 2026-11-01T00:00:00Z: {e}"
+                    ))
+                })
+        };
+        match k.as_str() {
+            "since" => out.since_ms = Some(time(&v)?),
+            "until" => out.until_ms = Some(time(&v)?),
+            "limit" => {
+                out.epochs_max = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=HISTORY_EPOCHS_MAX).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::invalid(format!(
+                            "limit {v:?} must be a whole number from 1 to {HISTORY_EPOCHS_MAX}"
+                        ))
+                    })?
+            }
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "unknown query parameter {k:?}; use since, until and limit"
+                )));
+            }
+        }
+        seen.push(k);
+    }
+    if let (Some(since), Some(until)) = (out.since_ms, out.until_ms) {
+        if since >= until {
+            return Err(ApiError::invalid("since must be before until"));
+        }
+    }
+    Ok(out)
+}
+
+async fn limit_history(
+    State(s): App,
+    headers: HeaderMap,
+    Params(id): Params<String>,
+    uri: axum::http::Uri,
+) -> ApiResult {
+    authorize(&s, &headers, Role::Client)?;
+    check_id(&id, "limit id")?;
+    let query = history_query(uri.query())?;
+    let h = s.node.history(&id, query).await?;
+    Ok(axum::Json(HistoryReply::new(id, h)).into_response())
+}
+
 async fn delete_limit(State(s): App, headers: HeaderMap, Params(id): Params<String>) -> ApiResult {
     authorize(&s, &headers, Role::Admin)?;
     s.node.delete_limit(&id).await?;
@@ -906,6 +1052,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             put(put_limit).get(get_limit).delete(delete_limit),
         )
         .route("/v1/limits/{id}/reset", post(reset_limit))
+        .route("/v1/limits/{id}/history", get(limit_history))
         .route(
             "/v1/entities/{dimension}/{value}",
             put(put_entity).get(get_entity).delete(delete_entity),

@@ -88,6 +88,13 @@ pub async fn render(node: &Node) -> String {
     );
     metric(
         o,
+        "counter",
+        "tally_history_slots_dropped_total",
+        "Stored slots of closed epochs dropped after the history retention.",
+        g(&m.history_slots_dropped_total),
+    );
+    metric(
+        o,
         "gauge",
         "tally_queue_depth",
         "Records waiting for the writer.",

@@ -614,3 +614,67 @@ fn period_parse_round_trip_through_state() {
     let p: Period = "3M".parse().unwrap();
     assert_eq!(p.to_string(), "3M");
 }
+
+/// History retention: an epoch goes once it ended `keep` before now and is not open; one
+/// that no longer belongs to what the limit counts is dated by its start. The oracle is
+/// plain arithmetic on day boundaries (T0 is 06:00 UTC).
+#[test]
+fn closed_epochs_expire_after_the_retention() {
+    let day = 86_400_000;
+    let keep = 35 * day;
+    let mut s = State::new("a");
+    let mut daily = input(&[], Metric::Requests, 100, "1d");
+    daily.calendar_aligned = true;
+    put(&mut s, "d", daily, T0);
+    let midnight = T0 - 6 * 3_600_000;
+    let generation = s.epoch_of("d", T0).unwrap().reset;
+    let day_k = |k: i64| Epoch {
+        period: midnight + k * day,
+        reset: generation,
+    };
+    assert_eq!(s.epoch_of("d", T0), Some(day_k(0)));
+    let now = T0 + 40 * day;
+    // The cutoff is T0 + 5 d; day 4 ends at 18:00 before it, day 5 after it.
+    assert!(s.history_expired("d", day_k(0), now, keep));
+    assert!(s.history_expired("d", day_k(4), now, keep));
+    assert!(!s.history_expired("d", day_k(5), now, keep));
+    // Open epochs never go, whatever the retention.
+    assert!(!s.history_expired("d", day_k(40), now, 0));
+    assert!(
+        !s.history_expired("d", day_k(41), now, 0),
+        "tomorrow is open"
+    );
+    assert!(s.history_expired("d", day_k(39), now, 0));
+    let cal = s.calendar("d", now).unwrap();
+    assert_eq!(cal.current, day_k(40));
+    assert_eq!(
+        cal.window_of(day_k(3)),
+        Some(Window {
+            index: midnight + 3 * day,
+            start_ms: midnight + 3 * day,
+            end_ms: midnight + 4 * day,
+        })
+    );
+    assert_eq!(
+        cal.window_of(Epoch {
+            period: midnight + 1,
+            reset: generation
+        }),
+        None
+    );
+    // After a period change the daily epochs are dated by their start: day 5 started at
+    // midnight, 18 h before the cutoff.
+    let mut weekly = input(&[], Metric::Requests, 100, "1w");
+    weekly.calendar_aligned = true;
+    put(&mut s, "d", weekly, now);
+    assert_eq!(s.calendar("d", now).unwrap().window_of(day_k(5)), None);
+    assert!(s.history_expired("d", day_k(5), now, keep));
+    assert!(!s.history_expired("d", day_k(6), now, keep));
+    // So are a deleted limit's.
+    let t = s.prepare_limit_delete("d", now).unwrap();
+    s.apply_limit(t, now);
+    assert!(s.calendar("d", now).is_none());
+    assert!(s.history_expired("d", day_k(5), now, keep));
+    assert!(!s.history_expired("d", day_k(6), now, keep));
+    assert!(!s.history_expired("unknown", day_k(6), now, keep));
+}
