@@ -24,6 +24,9 @@ use crate::{Metrics, NodeError, Shared, UsageRecord};
 
 pub(crate) enum ConfigChange {
     PutLimit(String, tally_core::LimitInput),
+    /// A derived limit: (id, input, anchor, pinned generation); see
+    /// `State::prepare_limit_put_pinned`.
+    PutLimitPinned(String, tally_core::LimitInput, i64, tally_core::Hlc),
     DeleteLimit(String),
     Reset(String, u64),
     PutEntity(String, String, Scope),
@@ -378,6 +381,9 @@ fn apply_config(shared: &Shared, store: &mut Store, change: ConfigChange) -> Res
             ConfigChange::PutLimit(id, input) => {
                 ConfigRecord::Limit(state.prepare_limit_put(&id, input, now)?)
             }
+            ConfigChange::PutLimitPinned(id, input, anchor, pinned) => ConfigRecord::Limit(
+                state.prepare_limit_put_pinned(&id, input, anchor, pinned, now)?,
+            ),
             ConfigChange::DeleteLimit(id) => {
                 ConfigRecord::Limit(state.prepare_limit_delete(&id, now)?)
             }
