@@ -108,9 +108,11 @@ impl AsyncWrite for Conn {
 }
 
 /// Serves `ShouldRateLimit` on an already-bound listener until `shutdown` completes,
-/// then finishes the calls in flight.
+/// then finishes the calls in flight. `tokens`: the bearer tokens a call may carry
+/// (empty: no check, for a loopback-only node without tokens).
 pub async fn serve(
     limiter: Arc<RateLimiter>,
+    tokens: Vec<String>,
     listener: TcpListener,
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
@@ -142,7 +144,7 @@ pub async fn serve(
             };
             Some((conn, (listener, permits)))
         });
-    let svc = RateLimitServiceServer::from_arc(Arc::new(service::Service(limiter)))
+    let svc = RateLimitServiceServer::from_arc(Arc::new(service::Service { limiter, tokens }))
         .max_decoding_message_size(limits.message_bytes_max);
     tonic::transport::Server::builder()
         .max_concurrent_streams(limits.streams_per_connection_max)

@@ -518,8 +518,43 @@ fn node_status(e: NodeError) -> Status {
     }
 }
 
-/// The tonic service: reads `x-request-id` from the call's metadata.
-pub struct Service(pub Arc<RateLimiter>);
+/// The tonic service: checks the caller's token, reads `x-request-id` from the call's
+/// metadata. With `tokens` empty (a node without tokens, loopback only) every call is
+/// accepted; otherwise the call must carry `authorization: Bearer <token>` with one of
+/// them (Envoy: `initial_metadata` of the rate limit service's `grpc_service`).
+pub struct Service {
+    pub limiter: Arc<RateLimiter>,
+    pub tokens: Vec<String>,
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Service {
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if self.tokens.is_empty() {
+            return Ok(());
+        }
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
+            })?;
+        if self
+            .tokens
+            .iter()
+            .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
+        {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("unknown token"))
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl RateLimitService for Service {
@@ -527,13 +562,14 @@ impl RateLimitService for Service {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        self.authorize(&request)?;
         let request_id = request
             .metadata()
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let resp = self
-            .0
+            .limiter
             .should_rate_limit(request.get_ref(), request_id.as_deref())
             .await?;
         Ok(Response::new(resp))

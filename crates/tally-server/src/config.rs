@@ -35,6 +35,8 @@ pub const DEFAULT_BATCH_RECORDS_MAX: usize = 4_096;
 pub const DEFAULT_QUEUE_RECORDS_MAX: usize = 65_536;
 /// Default time a request waits for queue space before it is refused with 503.
 pub const DEFAULT_QUEUE_WAIT_MS: u64 = 2_000;
+/// Default bound on Envoy rate limit wildcard instances (one limit per value seen).
+pub const DEFAULT_RLS_INSTANCES_MAX: usize = 10_000;
 
 /// Upper bounds on tuning values: far above any sensible setting, low enough that a typo
 /// (an extra few zeros) is reported instead of silently stalling or exhausting memory.
@@ -43,6 +45,7 @@ const DEDUP_WINDOW_SECS_MAX: u64 = 366 * 86_400;
 const BATCH_RECORDS_MAX_MAX: usize = 1 << 20;
 const QUEUE_RECORDS_MAX_MAX: usize = 1 << 24;
 const QUEUE_WAIT_MS_MAX: u64 = 600_000;
+const RLS_INSTANCES_MAX_MAX: usize = 1_000_000;
 /// Ids (node id, cluster id) follow the API's id pattern `[A-Za-z0-9._:-]{1,128}`.
 const ID_LEN_MAX: usize = 128;
 
@@ -88,6 +91,14 @@ pub struct ServeConfig {
     pub queue_records_max: usize,
     pub queue_wait_ms: u64,
     pub log_format: LogFormat,
+    /// Envoy rate limit service (gRPC) address; `None`: not served.
+    pub rls_listen: Option<SocketAddr>,
+    /// Most wildcard instances (limits per descriptor value) the RLS creates.
+    pub rls_instances_max: usize,
+    /// Syslog (UDP) address for proxy access logs; `None`: not read.
+    pub log_listen_udp: Option<SocketAddr>,
+    /// TCP address for proxy access logs (lines or syslog); `None`: not read.
+    pub log_listen_tcp: Option<SocketAddr>,
 }
 
 impl fmt::Debug for ServeConfig {
@@ -113,6 +124,10 @@ impl fmt::Debug for ServeConfig {
             .field("queue_records_max", &self.queue_records_max)
             .field("queue_wait_ms", &self.queue_wait_ms)
             .field("log_format", &self.log_format)
+            .field("rls_listen", &self.rls_listen)
+            .field("rls_instances_max", &self.rls_instances_max)
+            .field("log_listen_udp", &self.log_listen_udp)
+            .field("log_listen_tcp", &self.log_listen_tcp)
             .finish()
     }
 }
@@ -139,6 +154,10 @@ impl Default for ServeConfig {
             queue_records_max: DEFAULT_QUEUE_RECORDS_MAX,
             queue_wait_ms: DEFAULT_QUEUE_WAIT_MS,
             log_format: LogFormat::Text,
+            rls_listen: None,
+            rls_instances_max: DEFAULT_RLS_INSTANCES_MAX,
+            log_listen_udp: None,
+            log_listen_tcp: None,
         }
     }
 }
@@ -165,6 +184,10 @@ struct FileConfig {
     queue_records_max: Option<usize>,
     queue_wait_ms: Option<u64>,
     log_format: Option<String>,
+    rls_listen: Option<String>,
+    rls_instances_max: Option<usize>,
+    log_listen_udp: Option<String>,
+    log_listen_tcp: Option<String>,
 }
 
 /// The environment variable for a config key: `data_dir` → `TALLY_DATA_DIR`.
@@ -343,6 +366,34 @@ impl ServeConfig {
             from_file.get("log_format", file.log_format, parse_log_format)?,
             parse_log_format,
         )?;
+        let rls_listen = pick(
+            "rls_listen",
+            args.rls_listen,
+            env,
+            from_file.get("rls_listen", file.rls_listen, parse_socket_addr)?,
+            parse_socket_addr,
+        )?;
+        let rls_instances_max = pick(
+            "rls_instances_max",
+            args.rls_instances_max,
+            env,
+            file.rls_instances_max,
+            parse_number,
+        )?;
+        let log_listen_udp = pick(
+            "log_listen_udp",
+            args.log_listen_udp,
+            env,
+            from_file.get("log_listen_udp", file.log_listen_udp, parse_socket_addr)?,
+            parse_socket_addr,
+        )?;
+        let log_listen_tcp = pick(
+            "log_listen_tcp",
+            args.log_listen_tcp,
+            env,
+            from_file.get("log_listen_tcp", file.log_listen_tcp, parse_socket_addr)?,
+            parse_socket_addr,
+        )?;
 
         let defaults = ServeConfig::default();
         let config = ServeConfig {
@@ -363,6 +414,10 @@ impl ServeConfig {
             queue_records_max: queue_records_max.unwrap_or(defaults.queue_records_max),
             queue_wait_ms: queue_wait_ms.unwrap_or(defaults.queue_wait_ms),
             log_format: log_format.unwrap_or(defaults.log_format),
+            rls_listen,
+            rls_instances_max: rls_instances_max.unwrap_or(defaults.rls_instances_max),
+            log_listen_udp,
+            log_listen_tcp,
         };
         config.validate()?;
         Ok(config)
@@ -419,6 +474,12 @@ impl ServeConfig {
             QUEUE_RECORDS_MAX_MAX as u64,
         )?;
         check_range("queue_wait_ms", self.queue_wait_ms, 0, QUEUE_WAIT_MS_MAX)?;
+        check_range(
+            "rls_instances_max",
+            self.rls_instances_max as u64,
+            0,
+            RLS_INSTANCES_MAX_MAX as u64,
+        )?;
         if self.queue_records_max < self.batch_records_max {
             bail!(
                 "queue_records_max ({}) is smaller than batch_records_max ({}): a batch is \
@@ -442,6 +503,27 @@ impl ServeConfig {
                  or listen on 127.0.0.1",
                 self.listen
             );
+        }
+        if let Some(rls) = self.rls_listen.filter(|a| !a.ip().is_loopback()) {
+            if self.admin_token.is_none() && self.client_token.is_none() {
+                bail!(
+                    "refusing to serve the rate limit service on {rls} without tokens: set \
+                     --client-token (Envoy then sends it as `authorization: Bearer <token>` \
+                     in the gRPC service's initial_metadata) or listen on 127.0.0.1"
+                );
+            }
+        }
+        for (flag, addr) in [
+            ("--log-listen-udp", self.log_listen_udp),
+            ("--log-listen-tcp", self.log_listen_tcp),
+        ] {
+            if let Some(a) = addr.filter(|a| !a.ip().is_loopback() && !self.insecure) {
+                bail!(
+                    "refusing to read access logs on {a} ({flag}): syslog carries no token, \
+                     so anyone who reaches it can add usage; listen on 127.0.0.1, or pass \
+                     --insecure on a trusted network"
+                );
+            }
         }
         let unprotected_gossip = self
             .gossip_listen

@@ -11,4 +11,5 @@ pub mod config;
 pub mod http;
 pub mod json;
 pub mod metrics;
+pub mod proxies;
 pub mod serve;
