@@ -87,6 +87,8 @@ struct Eval {
     /// Applicable limits, the target's first.
     reports: Vec<LimitReport>,
     over: bool,
+    /// Its hits were recorded by this call (not a repeat of an applied record id).
+    charged: bool,
 }
 
 impl RateLimiter {
@@ -226,6 +228,7 @@ impl RateLimiter {
                 hits,
                 reports: Vec::new(),
                 over: false,
+                charged: false,
             });
         }
         // `replaces`: a named rule is skipped when a rule applying in this call replaces it.
@@ -275,16 +278,15 @@ impl RateLimiter {
             e.reports = reports;
         }
         let over = evals.iter().any(|e| e.over);
-        let mut recorded = false;
         if !over {
             let base = record_base(req, request_id, self);
-            let records: Vec<UsageRecord> = evals
+            let (idx, records): (Vec<usize>, Vec<UsageRecord>) = evals
                 .iter()
                 .enumerate()
                 .filter(|(_, e)| e.hits > 0 && !e.reports.is_empty())
                 .filter_map(|(i, e)| {
                     let t = e.target.as_ref()?;
-                    Some(UsageRecord {
+                    let rec = UsageRecord {
                         id: format!("{base}-{i}"),
                         attributes: t.attrs.clone(),
                         amounts: Amounts {
@@ -292,12 +294,15 @@ impl RateLimiter {
                             ..Amounts::default()
                         },
                         at_ms: None,
-                    })
+                    };
+                    Some((i, rec))
                 })
-                .collect();
+                .unzip();
             if !records.is_empty() {
-                self.node.record(records).await.map_err(node_status)?;
-                recorded = true;
+                let applied = self.node.record(records).await.map_err(node_status)?;
+                for (i, a) in idx.into_iter().zip(applied) {
+                    evals[i].charged = a;
+                }
             }
         }
         let now = self.node.now_ms();
@@ -306,13 +311,13 @@ impl RateLimiter {
             ..RateLimitResponse::default()
         };
         for e in &evals {
-            resp.statuses.push(self.status(e, recorded, now));
+            resp.statuses.push(self.status(e, now));
         }
         resp.response_headers_to_add = headers(&resp.statuses);
         Ok(resp)
     }
 
-    fn status(&self, e: &Eval, recorded: bool, now_ms: i64) -> DescriptorStatus {
+    fn status(&self, e: &Eval, now_ms: i64) -> DescriptorStatus {
         let Some(t) = &e.target else {
             return DescriptorStatus {
                 code: Code::Ok as i32,
@@ -337,7 +342,8 @@ impl RateLimiter {
             &e.reports[0]
         };
         let is_target = std::ptr::eq(shown, &e.reports[0]);
-        let charged = recorded && e.hits > 0 && shown.metric == Metric::Requests;
+        // A repeated record id was counted by the first call: `used` already has it.
+        let charged = e.charged && shown.metric == Metric::Requests;
         let remaining = if is_over(shown, e.hits) {
             0
         } else if charged {

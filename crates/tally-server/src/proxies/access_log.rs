@@ -14,10 +14,12 @@
 //!   (HAProxy) can write: numbers may be JSON strings, an empty string or `-` is absent
 //!   (a header the request did not have), `at` is RFC 3339 or Unix seconds (nginx
 //!   `$msec`);
-//! - a **Caddy access log** line (`"logger":"http.log.access..."`): the id is the
-//!   `X-Request-Id` request or response header, attributes are the `X-Tally-Attr-*`
-//!   headers, cost and tokens the `X-Tally-Cost` / `X-Tally-Tokens` response headers
-//!   (what the upstream reports), `at` is `ts`.
+//! - a **Caddy access log** line (`"logger":"http.log.access..."`): the id is the `id`
+//!   field (`log_append id {http.request.uuid}`), else the `X-Request-Id` request or
+//!   response header; attributes are `attr.<dimension>` fields (`log_append
+//!   attr.virtual_key {http.request.header.X-Api-Key}`) and `X-Tally-Attr-*` request
+//!   headers; cost and tokens are the `X-Tally-Cost` / `X-Tally-Tokens` response headers
+//!   (what the upstream reports); `at` is `ts`.
 //!
 //! Records go through one bounded queue to a batcher that applies up to
 //! [`BATCH_RECORDS_MAX`] at a time with `Node::record` (one group commit). A line that is
@@ -123,6 +125,9 @@ pub struct LogLine {
     pub request: Option<CaddyRequest>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resp_headers: Option<BTreeMap<String, Vec<String>>>,
+    /// Every other field; Caddy's `attr.<dimension>` fields are read from here.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -165,11 +170,21 @@ pub fn parse_line(line: &str) -> Result<UsageRecord, String> {
         let empty = BTreeMap::new();
         let req = l.request.as_ref().map_or(&empty, |r| &r.headers);
         let resp = l.resp_headers.as_ref().unwrap_or(&empty);
-        let id = header(resp, "x-request-id")
-            .or_else(|| header(req, "x-request-id"))
-            .ok_or("no X-Request-Id request or response header")?
-            .to_string();
+        let id = l
+            .id
+            .clone()
+            .filter(|i| !i.is_empty())
+            .or_else(|| header(resp, "x-request-id").map(str::to_string))
+            .or_else(|| header(req, "x-request-id").map(str::to_string))
+            .ok_or("no id field (log_append id {http.request.uuid}) and no X-Request-Id header")?;
         let mut attrs = BTreeMap::new();
+        for (k, v) in &l.other {
+            if let (Some(dim), Some(v)) = (k.strip_prefix("attr."), v.as_str()) {
+                if !v.is_empty() {
+                    attrs.insert(dim.to_string(), v.to_string());
+                }
+            }
+        }
         for (k, v) in req.iter().chain(resp.iter()) {
             let lower = k.to_ascii_lowercase();
             if let Some(dim) = lower.strip_prefix(super::forward_auth::ATTR_PREFIX) {
@@ -664,13 +679,21 @@ mod tests {
 
     #[test]
     fn caddy_access_log_line() {
-        let line = r#"{"level":"info","ts":1795327200.5,"logger":"http.log.access.log0","msg":"handled request","request":{"remote_ip":"127.0.0.1","method":"GET","headers":{"X-Tally-Attr-Virtual-Key":["vk-2"],"User-Agent":["curl"]}},"status":200,"resp_headers":{"X-Request-Id":["c-1"],"X-Tally-Cost":["0.5"],"X-Tally-Tokens":["10"]}}"#;
+        let line = r#"{"level":"info","ts":1795327200.5,"logger":"http.log.access.log0","msg":"handled request","request":{"remote_ip":"127.0.0.1","method":"GET","headers":{"X-Tally-Attr-Team":["eng"],"User-Agent":["curl"]}},"status":200,"resp_headers":{"X-Tally-Cost":["0.5"],"X-Tally-Tokens":["10"]},"id":"c-1","attr.virtual_key":"vk-2","attr.model":""}"#;
         let r = parse_line(line).unwrap();
         assert_eq!(r.id, "c-1");
         assert_eq!(
             r.attributes,
-            [("virtual_key".to_string(), "vk-2".to_string())]
+            [
+                ("team".to_string(), "eng".to_string()),
+                ("virtual_key".to_string(), "vk-2".to_string())
+            ]
         );
+        let by_header = line.replace(r#""id":"c-1","#, "").replace(
+            r#""resp_headers":{"#,
+            r#""resp_headers":{"X-Request-Id":["h-1"],"#,
+        );
+        assert_eq!(parse_line(&by_header).unwrap().id, "h-1");
         assert_eq!(
             r.amounts,
             Amounts {
@@ -698,7 +721,7 @@ mod tests {
             (r#"{"id":"a","at":"yesterday"}"#, "at"),
             (
                 r#"{"request":{"headers":{}},"resp_headers":{}}"#,
-                "X-Request-Id",
+                "no id field",
             ),
         ] {
             let e = parse_line(line).unwrap_err();
