@@ -77,8 +77,10 @@ fn request(a: &Args, i: usize) -> tonic::Request<RateLimitRequest> {
         hits_addend: 0,
     });
     if let Some(t) = &a.token {
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().expect("ascii"));
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {t}").parse().expect("ascii"),
+        );
     }
     r
 }
@@ -130,7 +132,11 @@ async fn main() {
         errors += e;
     }
     lat.sort_unstable();
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     println!(
         "rls streams={} connections={} hits={} secs={} calls={} rps={:.0} p50_us={} p99_us={} errors={}",
         a.streams,

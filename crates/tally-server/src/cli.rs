@@ -31,7 +31,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create, list, inspect, delete and reset limits.
     Limits(LimitsArgs),
     /// Manage entities: a dimension value and its parents (virtual_key/vk-1 → team=eng).
