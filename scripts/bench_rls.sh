@@ -64,11 +64,15 @@ timeout 60 "$RLS_LOAD" --addr 127.0.0.1:$RLS_PORT --hits 1 --duration-secs 2 >/d
 
 OUT=$WORK/runs
 : >"$OUT"
+# The server's user + system CPU time, in clock ticks (1/100 s).
+srv_ticks() { awk '{print $14 + $15}' "/proc/$PID/stat"; }
 run() { # name, command...
     local name=$1; shift
-    local line
+    local line before after
+    before=$(srv_ticks)
     line=$(timeout 120 "$@" | tail -1)
-    echo "$name | $line" | tee -a "$OUT"
+    after=$(srv_ticks)
+    echo "$name | $line srv_ticks=$((after - before))" | tee -a "$OUT"
 }
 for r in $(seq "$ROUNDS"); do
     echo "-- round $r (load $(cut -d' ' -f1 /proc/loadavg))"
@@ -87,10 +91,23 @@ for line in open(sys.argv[1]):
     f = dict(re.findall(r"(\w+)=([\d.]+)", rest))
     rows.setdefault(name, []).append(f)
 base = statistics.median(float(f["rps"]) for f in rows["http check 32 conns"])
-print(f"{'row':34} {'calls/s':>10} {'p50 us':>8} {'p99 us':>8} {'x http check':>12}")
+def calls(f):
+    return float(f.get("requests") or f.get("calls"))
+print(f"{'row':34} {'calls/s':>10} {'p50 us':>8} {'p99 us':>8} {'srv cpu us':>10} {'cli cpu us':>10} {'x http check':>12}")
 for name, fs in rows.items():
-    rps = statistics.median(float(f["rps"]) for f in fs)
-    p50 = statistics.median(float(f.get("p50_us", 0)) for f in fs)
-    p99 = statistics.median(float(f.get("p99_us", 0)) for f in fs)
-    print(f"{name:34} {rps:10.0f} {p50:8.0f} {p99:8.0f} {rps / base:12.2f}")
+    med = lambda key: statistics.median(float(f.get(key, 0)) for f in fs)
+    # Server CPU over the whole run (warm-up included) per measured call: an upper bound.
+    srv = statistics.median(float(f["srv_ticks"]) * 10_000 / calls(f) for f in fs)
+    rps = med("rps")
+    print(f"{name:34} {rps:10.0f} {med('p50_us'):8.0f} {med('p99_us'):8.0f} {srv:10.1f} {med('cpu_us'):10.1f} {rps / base:12.2f}")
+ratios = {}
+for i in range(len(rows["http check 32 conns"])):
+    for name in rows:
+        if name.startswith("rls hits=0"):
+            ratios.setdefault(name + " / http check", []).append(float(rows[name][i]["rps"]) / float(rows["http check 32 conns"][i]["rps"]))
+        if name.startswith("rls hits=1"):
+            ratios.setdefault(name + " / http record", []).append(float(rows[name][i]["rps"]) / float(rows["http record 32 conns"][i]["rps"]))
+print("-- ratios within each round")
+for k, v in ratios.items():
+    print(f"{k:55} " + " ".join(f"{x:.2f}" for x in v))
 PY

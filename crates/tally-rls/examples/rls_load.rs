@@ -85,6 +85,18 @@ fn request(a: &Args, i: usize) -> tonic::Request<RateLimitRequest> {
     r
 }
 
+/// This process's user + system CPU time so far, in microseconds (Linux /proc).
+fn cpu_us() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime is the 14th field
+    // of the line, stime the 15th; in clock ticks of 1/100 s on Linux.
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks * 10_000.0
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
     let a = std::sync::Arc::new(args());
@@ -125,12 +137,16 @@ async fn main() {
             (lat, errors)
         }));
     }
+    let cpu_at_start = cpu_us();
     let (mut lat, mut errors) = (Vec::new(), 0);
     for t in tasks {
         let (l, e) = t.await.expect("task");
         lat.extend(l);
         errors += e;
     }
+    // Client CPU per measured call: the whole run's CPU over the measured calls (the
+    // warm-up's calls make this an over-estimate by warmup/duration at most).
+    let client_cpu = (cpu_us() - cpu_at_start) / lat.len().max(1) as f64;
     lat.sort_unstable();
     let pct = |p: f64| {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
@@ -138,7 +154,7 @@ async fn main() {
             .unwrap_or(0)
     };
     println!(
-        "rls streams={} connections={} hits={} secs={} calls={} rps={:.0} p50_us={} p99_us={} errors={}",
+        "rls streams={} connections={} hits={} secs={} calls={} rps={:.0} p50_us={} p99_us={} errors={} cpu_us={:.1}",
         a.streams,
         a.connections,
         a.hits,
@@ -147,6 +163,7 @@ async fn main() {
         lat.len() as f64 / a.duration.as_secs_f64(),
         pct(0.50),
         pct(0.99),
-        errors
+        errors,
+        client_cpu
     );
 }

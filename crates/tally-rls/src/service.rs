@@ -78,6 +78,8 @@ struct Target {
     limit_id: String,
     /// That limit's scope, as record attributes.
     attrs: Vec<(String, String)>,
+    /// That limit's period (an instance has its rule's).
+    period: Period,
 }
 
 /// One descriptor, evaluated.
@@ -140,11 +142,13 @@ impl RateLimiter {
             return Ok(None);
         };
         if !wildcard || meta.flags.unlimited {
+            let period = spec.input.period;
             let attrs = spec.input.scope.into_iter().collect();
             return Ok(Some(Target {
                 meta,
                 limit_id: rule_id,
                 attrs,
+                period,
             }));
         }
         let concrete = rules::encode_path(entries.iter().map(|&(k, v)| (k, Some(v))));
@@ -159,11 +163,13 @@ impl RateLimiter {
                 // Past the bound, new values share the rule's own counter: stricter than
                 // a counter per value, never looser.
                 bump(&self.metrics.instances_overflow_total);
+                let period = spec.input.period;
                 let attrs = spec.input.scope.into_iter().collect();
                 return Ok(Some(Target {
                     meta,
                     limit_id: rule_id,
                     attrs,
+                    period,
                 }));
             }
             self.node
@@ -177,6 +183,7 @@ impl RateLimiter {
         Ok(Some(Target {
             meta,
             limit_id: id,
+            period: input.period,
             attrs: input.scope.into_iter().collect(),
         }))
     }
@@ -351,10 +358,13 @@ impl RateLimiter {
         } else {
             shown.max.saturating_sub(shown.used)
         };
-        let period = self
-            .node
-            .limit_spec(&shown.id)
-            .map_or(Period::Never, |s| s.input.period);
+        let period = if is_target {
+            t.period
+        } else {
+            self.node
+                .limit_spec(&shown.id)
+                .map_or(Period::Never, |s| s.input.period)
+        };
         let (unit, exact) = RlsUnit::of_period(period);
         let name = if is_target {
             t.meta.name.clone().unwrap_or_default()
