@@ -903,6 +903,80 @@ mod tests {
     }
 
     #[test]
+    fn proxy_listeners_are_off_by_default_and_layered() {
+        let d = resolve(&ServeArgs::default(), &[], None).unwrap();
+        assert_eq!(
+            (d.rls_listen, d.log_listen_udp, d.log_listen_tcp),
+            (None, None, None)
+        );
+        assert_eq!(d.rls_instances_max, DEFAULT_RLS_INSTANCES_MAX);
+        let file = Some(
+            "rls_listen = \"127.0.0.1:3\"\nlog_listen_udp = \"127.0.0.1:4\"\nrls_instances_max = 7",
+        );
+        let env = [
+            ("TALLY_RLS_LISTEN", "127.0.0.1:2"),
+            ("TALLY_LOG_LISTEN_TCP", "127.0.0.1:5"),
+        ];
+        let args = ServeArgs {
+            rls_listen: Some(addr("127.0.0.1:1")),
+            ..ServeArgs::default()
+        };
+        let c = resolve(&args, &env, file).unwrap();
+        assert_eq!(c.rls_listen, Some(addr("127.0.0.1:1")));
+        assert_eq!(c.log_listen_udp, Some(addr("127.0.0.1:4")));
+        assert_eq!(c.log_listen_tcp, Some(addr("127.0.0.1:5")));
+        assert_eq!(c.rls_instances_max, 7);
+        let c = resolve(&ServeArgs::default(), &env, file).unwrap();
+        assert_eq!(c.rls_listen, Some(addr("127.0.0.1:2")));
+        let e = err(
+            &ServeArgs::default(),
+            &[("TALLY_RLS_INSTANCES_MAX", "9999999999")],
+            None,
+        );
+        assert!(e.contains("rls_instances_max"), "{e}");
+    }
+
+    #[test]
+    fn proxy_listeners_follow_the_security_rule() {
+        let rls = ServeConfig {
+            rls_listen: Some(addr("0.0.0.0:8089")),
+            ..ServeConfig::default()
+        };
+        let e = rls.validate_security().unwrap_err().to_string();
+        assert!(e.contains("--client-token"), "{e}");
+        ServeConfig {
+            client_token: Some("t".into()),
+            listen: addr("0.0.0.0:7070"),
+            ..rls
+        }
+        .validate_security()
+        .unwrap();
+        let logs = ServeConfig {
+            log_listen_udp: Some(addr("0.0.0.0:5514")),
+            client_token: Some("t".into()),
+            ..ServeConfig::default()
+        };
+        let e = logs.validate_security().unwrap_err().to_string();
+        assert!(
+            e.contains("--log-listen-udp") && e.contains("--insecure"),
+            "{e}"
+        );
+        ServeConfig {
+            insecure: true,
+            ..logs
+        }
+        .validate_security()
+        .unwrap();
+        ServeConfig {
+            log_listen_tcp: Some(addr("127.0.0.1:5515")),
+            rls_listen: Some(addr("127.0.0.1:8089")),
+            ..ServeConfig::default()
+        }
+        .validate_security()
+        .unwrap();
+    }
+
+    #[test]
     fn security_rules() {
         let open = ServeConfig {
             listen: addr("0.0.0.0:7070"),
