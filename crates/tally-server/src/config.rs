@@ -37,6 +37,8 @@ pub const DEFAULT_QUEUE_RECORDS_MAX: usize = 65_536;
 pub const DEFAULT_QUEUE_WAIT_MS: u64 = 2_000;
 /// Default bound on Envoy rate limit wildcard instances (one limit per value seen).
 pub const DEFAULT_RLS_INSTANCES_MAX: usize = 10_000;
+/// Default time a node cut off from every peer stays ready.
+pub const DEFAULT_ISOLATED_UNREADY_SECS: u64 = 10;
 
 /// Upper bounds on tuning values: far above any sensible setting, low enough that a typo
 /// (an extra few zeros) is reported instead of silently stalling or exhausting memory.
@@ -46,6 +48,7 @@ const BATCH_RECORDS_MAX_MAX: usize = 1 << 20;
 const QUEUE_RECORDS_MAX_MAX: usize = 1 << 24;
 const QUEUE_WAIT_MS_MAX: u64 = 600_000;
 const RLS_INSTANCES_MAX_MAX: usize = 1_000_000;
+const ISOLATED_UNREADY_SECS_MAX: u64 = 30 * 86_400;
 /// Ids (node id, cluster id) follow the API's id pattern `[A-Za-z0-9._:-]{1,128}`.
 const ID_LEN_MAX: usize = 128;
 
@@ -90,6 +93,8 @@ pub struct ServeConfig {
     pub batch_records_max: usize,
     pub queue_records_max: usize,
     pub queue_wait_ms: u64,
+    /// Seconds a node cut off from every peer stays ready; 0 = while isolated.
+    pub isolated_unready_secs: u64,
     pub log_format: LogFormat,
     /// Envoy rate limit service (gRPC) address; `None`: not served.
     pub rls_listen: Option<SocketAddr>,
@@ -123,6 +128,7 @@ impl fmt::Debug for ServeConfig {
             .field("batch_records_max", &self.batch_records_max)
             .field("queue_records_max", &self.queue_records_max)
             .field("queue_wait_ms", &self.queue_wait_ms)
+            .field("isolated_unready_secs", &self.isolated_unready_secs)
             .field("log_format", &self.log_format)
             .field("rls_listen", &self.rls_listen)
             .field("rls_instances_max", &self.rls_instances_max)
@@ -153,6 +159,7 @@ impl Default for ServeConfig {
             batch_records_max: DEFAULT_BATCH_RECORDS_MAX,
             queue_records_max: DEFAULT_QUEUE_RECORDS_MAX,
             queue_wait_ms: DEFAULT_QUEUE_WAIT_MS,
+            isolated_unready_secs: DEFAULT_ISOLATED_UNREADY_SECS,
             log_format: LogFormat::Text,
             rls_listen: None,
             rls_instances_max: DEFAULT_RLS_INSTANCES_MAX,
@@ -183,6 +190,7 @@ struct FileConfig {
     batch_records_max: Option<usize>,
     queue_records_max: Option<usize>,
     queue_wait_ms: Option<u64>,
+    isolated_unready_secs: Option<u64>,
     log_format: Option<String>,
     rls_listen: Option<String>,
     rls_instances_max: Option<usize>,
@@ -359,6 +367,13 @@ impl ServeConfig {
             file.queue_wait_ms,
             parse_number,
         )?;
+        let isolated_unready_secs = pick(
+            "isolated_unready_secs",
+            args.isolated_unready_secs,
+            env,
+            file.isolated_unready_secs,
+            parse_number,
+        )?;
         let log_format = pick(
             "log_format",
             args.log_format,
@@ -413,6 +428,7 @@ impl ServeConfig {
             batch_records_max: batch_records_max.unwrap_or(defaults.batch_records_max),
             queue_records_max: queue_records_max.unwrap_or(defaults.queue_records_max),
             queue_wait_ms: queue_wait_ms.unwrap_or(defaults.queue_wait_ms),
+            isolated_unready_secs: isolated_unready_secs.unwrap_or(defaults.isolated_unready_secs),
             log_format: log_format.unwrap_or(defaults.log_format),
             rls_listen,
             rls_instances_max: rls_instances_max.unwrap_or(defaults.rls_instances_max),
@@ -479,6 +495,12 @@ impl ServeConfig {
             self.rls_instances_max as u64,
             0,
             RLS_INSTANCES_MAX_MAX as u64,
+        )?;
+        check_range(
+            "isolated_unready_secs",
+            self.isolated_unready_secs,
+            0,
+            ISOLATED_UNREADY_SECS_MAX,
         )?;
         if self.queue_records_max < self.batch_records_max {
             bail!(

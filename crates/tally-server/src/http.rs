@@ -781,7 +781,9 @@ async fn cluster(State(s): App, headers: HeaderMap) -> ApiResult {
                 json!({
                     "node_id": m.node_id,
                     "gossip_addr": m.gossip_addr.to_string(),
-                    "live": m.live,
+                    // A node whose values fail the MAC (another cluster key) talks to
+                    // chitchat but takes no part in the fleet.
+                    "live": m.live && m.verified,
                     "generation": m.generation,
                 })
             })
