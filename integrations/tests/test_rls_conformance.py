@@ -250,3 +250,27 @@ descriptors:
 
 def rls_code(r):
     return r.overall_code
+
+
+def test_sigterm_with_an_open_connection_exits_cleanly():
+    """Envoy keeps its HTTP/2 connection to the RLS open; SIGTERM must still stop the node
+    promptly and cleanly (exit 0 after committing), calls in flight answered."""
+    t = Tally()
+    st, body, _ = t.import_ratelimit("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: hour, requests_per_unit: 5}\n")
+    assert st == 200, body
+    c = Rls(t)
+    try:
+        assert c(request("d", [[("k", "v")]])).overall_code == OK
+        started = time.time()
+        t.stop()  # SIGTERM, asserts exit code 0
+        assert time.time() - started < 10
+    finally:
+        c.close()
+    # The hit was durable: a restart on the same data still counts it.
+    t2 = Tally(data_dir=t.dir)
+    c2 = Rls(t2)
+    try:
+        assert shape(c2(request("d", [[("k", "v")]], hits=0, per_descriptor_hits=[0]))) == [status(OK, 5, HOUR, 4)]
+    finally:
+        c2.close()
+        t2.stop()

@@ -284,7 +284,9 @@ struct Applied {
 
 /// Applies records in one group commit; if the node refuses the batch (one record's
 /// `at` outside the window), applies them one by one so only the bad ones are skipped.
-/// Retries while the node is unavailable, for up to [`RETRY_FOR`].
+/// Retries while the node is unavailable (write queue full, stopping), for up to
+/// [`RETRY_FOR`]; a batch the node could not queue is dropped by it, so each attempt
+/// sends a copy.
 async fn apply(
     node: &Node,
     records: Vec<UsageRecord>,
@@ -292,10 +294,8 @@ async fn apply(
 ) -> Result<Applied, NodeError> {
     let mut out = Applied::default();
     let deadline = tokio::time::Instant::now() + RETRY_FOR;
-    let mut records = records;
     loop {
-        let (r, back) = node.record_returning(records).await;
-        match r {
+        match node.record(records.clone()).await {
             Ok(applied) => {
                 for a in applied {
                     if a {
@@ -306,33 +306,22 @@ async fn apply(
                 }
                 return Ok(out);
             }
-            Err(NodeError::InvalidArgument(_)) if back.len() > 1 => {
-                for rec in back {
-                    let id = rec.id.clone();
-                    match Box::pin(apply(node, vec![rec], errors)).await {
-                        Ok(a) => {
-                            out.applied += a.applied;
-                            out.duplicates += a.duplicates;
-                            out.refused += a.refused;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                    let _ = id;
+            Err(NodeError::InvalidArgument(_)) if records.len() > 1 => {
+                for rec in records {
+                    let a = Box::pin(apply(node, vec![rec], errors)).await?;
+                    out.applied += a.applied;
+                    out.duplicates += a.duplicates;
+                    out.refused += a.refused;
                 }
                 return Ok(out);
             }
             Err(NodeError::InvalidArgument(m)) => {
                 errors.push(m);
-                out.refused += back.len() as u64;
+                out.refused += records.len() as u64;
                 return Ok(out);
             }
-            Err(e) if back.is_empty() || tokio::time::Instant::now() >= deadline => {
-                return Err(e);
-            }
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                records = back;
-            }
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }
