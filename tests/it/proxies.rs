@@ -231,3 +231,54 @@ fn import_validates_everything_first_and_says_what_it_cannot_express() {
         "{v}"
     );
 }
+
+/// `tally import envoy-ratelimit FILE`: the table, the notes, what was not imported, the
+/// dry run, and a refused file (exit 1, nothing written).
+#[test]
+fn import_command_prints_what_it_did() {
+    let node = Node::single();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rl.yaml");
+    std::fs::write(&file, RATELIMIT).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(tally_tests::tally_bin())
+            .args(["import", "envoy-ratelimit"])
+            .args(args)
+            .args(["--url", node.url()])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let f = file.to_str().unwrap();
+    let (code, out, err) = run(&[f, "--dry-run"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("dry run: nothing written"), "{out}");
+    assert!(out.contains("would be created  user"), "{out}");
+    let (code, out, err) = run(&[f]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("domain shop\n"), "{out}");
+    assert!(out.contains("created  path=%2Fcheckout"), "{out}");
+    assert!(out.contains("note: user: wildcard"), "{out}");
+    assert!(out.contains("NOT IMPORTED: path=%2Fapi%2F%2A"), "{out}");
+    let (code, out, _) = run(&[f, "--json"]);
+    assert_eq!(code, Some(0));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["rules"][0]["action"], "unchanged");
+    std::fs::write(
+        &file,
+        "domain: shop\ndescriptors: [{key: k, rate_limit: {unit: eon}}]\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&[f]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("invalid_argument") && err.contains("'eon'"),
+        "{err}"
+    );
+    let (_, l) = node.get("/v1/limits?scope.rls_domain=shop");
+    assert_eq!(l["limits"].as_array().unwrap().len(), 2);
+}
