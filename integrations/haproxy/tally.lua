@@ -34,8 +34,9 @@ core.register_action("tally_check", { "http-req" }, function(txn)
         if type(h) == "table" then return h[0] or h[1] or "" end
         return h
     end
-    if res.status == 400 or res.status == 401 or res.status == 403 and first("x-tally-allowed") == "" then
-        core.Warning("tally: forward-auth refused the request (" .. res.status .. "): check the token and headers")
+    -- A refusal that is not a budget decision (bad token, bad header) also denies, loudly.
+    if first("x-tally-allowed") ~= "false" then
+        core.Warning("tally: forward-auth refused the request (" .. res.status .. "): check TALLY_TOKEN and the headers")
     end
     txn:set_var("txn.tally_allowed", "false")
     txn:set_var("txn.tally_denied_by", first("x-tally-denied-by"))
