@@ -152,3 +152,88 @@ pub async fn serve(
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The listener's bounds and shutdown, over real gRPC on loopback.
+
+    use std::time::Duration;
+
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+
+    use super::*;
+
+    fn call(value_len: usize) -> tonic::Request<RateLimitRequest> {
+        let mut r = tonic::Request::new(RateLimitRequest {
+            domain: "d".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: vec![Entry {
+                    key: "k".into(),
+                    value: "v".repeat(value_len),
+                }],
+                ..RateLimitDescriptor::default()
+            }],
+            hits_addend: 1,
+        });
+        r.metadata_mut()
+            .insert("authorization", "Bearer t".parse().unwrap());
+        r
+    }
+
+    #[tokio::test]
+    async fn connections_and_message_size_are_bounded_and_shutdown_is_graceful() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = tally_node::Node::open(tally_node::NodeConfig::new(dir.path())).unwrap();
+        let limiter = Arc::new(RateLimiter::new(node.clone(), 10, Arc::default()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let limits = Limits {
+            connections_max: 1,
+            streams_per_connection_max: 4,
+            message_bytes_max: 4 << 10,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(limiter, vec!["t".into()], listener, limits, async {
+            let _ = stopped.await;
+        }));
+        let mut a = RateLimitServiceClient::connect(url.clone()).await.unwrap();
+        assert!(a.should_rate_limit(call(3)).await.is_ok());
+        // Over the message bound: refused, the connection stays usable.
+        let e = a.should_rate_limit(call(8 << 10)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::OutOfRange, "{e}");
+        // Unknown token: refused.
+        let mut bad = call(3);
+        bad.metadata_mut()
+            .insert("authorization", "Bearer x".parse().unwrap());
+        let e = a.should_rate_limit(bad).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        // A second connection waits while the first holds the only permit...
+        let b_url = url.clone();
+        let second = tokio::spawn(async move {
+            let mut b = RateLimitServiceClient::connect(b_url).await.unwrap();
+            b.should_rate_limit(call(3)).await.map(|_| ())
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !second.is_finished(),
+            "a second connection was served past the bound"
+        );
+        // ...and is served once the first closes.
+        drop(a);
+        tokio::time::timeout(Duration::from_secs(10), second)
+            .await
+            .expect("served after the first connection closed")
+            .unwrap()
+            .unwrap();
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server stops on the shutdown signal")
+            .unwrap()
+            .unwrap();
+        node.shutdown().await;
+    }
+}
