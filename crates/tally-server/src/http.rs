@@ -261,7 +261,7 @@ fn amount(metric: Metric, v: u64) -> Value {
 }
 
 /// The `limits` array of check and usage replies (API.md), written directly.
-pub(crate) fn write_reports(j: &mut Json, reports: &[LimitReport]) {
+fn write_reports(j: &mut Json, reports: &[LimitReport]) {
     j.raw("[");
     for (i, r) in reports.iter().enumerate() {
         if i > 0 {
