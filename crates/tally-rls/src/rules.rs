@@ -287,18 +287,35 @@ impl RlsUnit {
     /// them (`1m` → MINUTE), else the largest unit not longer than the period (`5m` →
     /// MINUTE, `3M` → MONTH) and `false`: the caller says the exact period elsewhere.
     pub fn of_period(p: Period) -> (RlsUnit, bool) {
+        // Approximate spans in seconds, only to order periods (a month as 1/12 year).
+        const SPANS: [(RlsUnit, u64); 7] = [
+            (RlsUnit::Second, 1),
+            (RlsUnit::Minute, 60),
+            (RlsUnit::Hour, 3_600),
+            (RlsUnit::Day, 86_400),
+            (RlsUnit::Week, 604_800),
+            (RlsUnit::Month, 2_628_000),
+            (RlsUnit::Year, 31_536_000),
+        ];
         match p {
             Period::Never => (RlsUnit::Unknown, false),
             Period::Every { n, unit } => {
-                let u = match unit {
-                    Unit::Second => RlsUnit::Second,
-                    Unit::Minute => RlsUnit::Minute,
-                    Unit::Hour => RlsUnit::Hour,
-                    Unit::Day => RlsUnit::Day,
-                    Unit::Week => RlsUnit::Week,
-                    Unit::Month => RlsUnit::Month,
-                    Unit::Year => RlsUnit::Year,
+                let own = match unit {
+                    Unit::Second => 0,
+                    Unit::Minute => 1,
+                    Unit::Hour => 2,
+                    Unit::Day => 3,
+                    Unit::Week => 4,
+                    Unit::Month => 5,
+                    Unit::Year => 6,
                 };
+                let span = u64::from(n).saturating_mul(SPANS[own].1);
+                let (u, _) = SPANS
+                    .iter()
+                    .rev()
+                    .find(|(_, secs)| *secs <= span)
+                    .copied()
+                    .unwrap_or(SPANS[0]);
                 (u, n == 1)
             }
         }
@@ -386,8 +403,16 @@ mod tests {
             assert_eq!(RlsUnit::of_period(unit.period().unwrap()), (unit, true));
         }
         assert_eq!(RlsUnit::parse("fortnight"), None);
-        let p: Period = "5m".parse().unwrap();
-        assert_eq!(RlsUnit::of_period(p), (RlsUnit::Minute, false));
+        for (p, u) in [
+            ("5m", RlsUnit::Minute),
+            ("90s", RlsUnit::Minute),
+            ("36h", RlsUnit::Day),
+            ("10d", RlsUnit::Week),
+            ("3M", RlsUnit::Month),
+            ("12M", RlsUnit::Year),
+        ] {
+            assert_eq!(RlsUnit::of_period(p.parse().unwrap()), (u, false), "{p}");
+        }
         assert_eq!(RlsUnit::of_period(Period::Never), (RlsUnit::Unknown, false));
     }
 }

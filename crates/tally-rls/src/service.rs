@@ -366,12 +366,18 @@ impl RateLimiter {
                 .map_or(Period::Never, |s| s.input.period)
         };
         let (unit, exact) = RlsUnit::of_period(period);
-        let name = if is_target {
+        // The rule's name as configured (ratelimit's `name`, empty when unset), another
+        // limit's id; and when the period is not exactly the reported unit, the real one.
+        let base = if is_target {
             t.meta.name.clone().unwrap_or_default()
-        } else if exact {
-            shown.id.clone()
         } else {
-            format!("{} ({} per {period})", shown.id, shown.max)
+            shown.id.clone()
+        };
+        let name = if exact {
+            base
+        } else {
+            let who = if base.is_empty() { &t.limit_id } else { &base };
+            format!("{who} ({} per {period})", shown.max)
         };
         DescriptorStatus {
             code: if e.over { Code::OverLimit } else { Code::Ok } as i32,

@@ -502,3 +502,29 @@ async fn bad_calls_are_refused_and_change_nothing() {
             .all(|l| l.report.used == 0)
     );
 }
+
+/// A rule edited by hand to a rolling 90-second period (tally's own periods work through
+/// RLS): reported with the closest unit, its real period in the name, the exact reset.
+#[tokio::test]
+async fn a_rule_with_a_rolling_period_that_is_no_rls_unit() {
+    let f = fixture(&[ANOTHER]).await;
+    let rule = rules::rule_id("another", "key2");
+    let mut input = f.node.limit_spec(&rule).unwrap().input;
+    input.period = "90s".parse().unwrap();
+    input.calendar_aligned = false;
+    f.node.put_limit(&rule, input).await.unwrap();
+    f.clock.0.store(T0 + 30_000, Ordering::SeqCst);
+    let r = f
+        .call(req("another", vec![desc(&[("key2", "q")], None)], 1))
+        .await;
+    assert_eq!(shape(&r), [(OK, 20, MINUTE, 19)]);
+    let s = &r.statuses[0];
+    assert_eq!(
+        s.current_limit.as_ref().unwrap().name,
+        "key2-per-minute (20 per 90s)"
+    );
+    // The instance was created at T0 + 30 s with its rule's anchor (the edit at T0):
+    // 60 s of the first 90 s window are left.
+    let d = s.duration_until_reset.as_ref().unwrap();
+    assert_eq!((d.seconds, d.nanos), (60, 0));
+}
