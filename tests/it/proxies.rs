@@ -55,6 +55,8 @@ fn forward_auth_allows_records_and_denies_with_the_chosen_status() {
     let (st, hs, body) = forward_auth(&node, "", &vk);
     assert_eq!(st, 200, "{body}");
     assert_eq!(header(&hs, "x-tally-allowed"), Some("true"));
+    // Envoy's HTTP ext_authz appends the original path.
+    assert_eq!(forward_auth(&node, "/v1/chat/completions", &vk).0, 200);
     assert_eq!(header(&hs, "x-tally-limit-id"), Some("vk-rate"));
     assert_eq!(header(&hs, "x-tally-remaining"), Some("2"));
     assert_eq!(body["allowed"], true);

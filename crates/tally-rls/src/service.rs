@@ -42,6 +42,9 @@ use crate::rules::{self, RlsUnit, RuleMeta};
 pub const DESCRIPTORS_MAX: usize = 64;
 /// Longest descriptor key or value accepted (bytes).
 pub const ENTRY_BYTES_MAX: usize = 1024;
+/// Least time between two counts of the instances when the bound is hit (a count reads
+/// every limit).
+const RECOUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
@@ -63,10 +66,13 @@ fn bump(c: &AtomicU64) {
 pub struct RateLimiter {
     node: Node,
     metrics: Arc<RlsMetrics>,
-    /// Wildcard instances known to exist (counted at start, then as this node creates
-    /// them); new values beyond `instances_max` count in their rule, shared.
+    /// Wildcard instances known to exist: counted at start, then as this node creates
+    /// them, and counted again (at most every [`RECOUNT_EVERY`]) when the bound is hit,
+    /// which takes in the instances other nodes created and those deleted since. New
+    /// values beyond `instances_max` count in their rule, shared.
     instances: AtomicUsize,
     instances_max: usize,
+    recounted_at: parking_lot::Mutex<std::time::Instant>,
     seq: AtomicU64,
     started_ns: u128,
 }
@@ -95,16 +101,13 @@ struct Eval {
 
 impl RateLimiter {
     pub fn new(node: Node, instances_max: usize, metrics: Arc<RlsMetrics>) -> RateLimiter {
-        let instances = node
-            .limits(&Scope::new())
-            .iter()
-            .filter(|l| l.input.scope.contains_key(rules::TEMPLATE))
-            .count();
+        let instances = count_instances(&node);
         RateLimiter {
             node,
             metrics,
             instances: AtomicUsize::new(instances),
             instances_max,
+            recounted_at: parking_lot::Mutex::new(std::time::Instant::now()),
             seq: AtomicU64::new(0),
             started_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -159,7 +162,7 @@ impl RateLimiter {
         };
         let current = self.node.limit_spec(&id);
         if current.as_ref().is_none_or(|c| c.input != input) {
-            if current.is_none() && self.instances.load(Ordering::Relaxed) >= self.instances_max {
+            if current.is_none() && !self.room_for_an_instance() {
                 // Past the bound, new values share the rule's own counter: stricter than
                 // a counter per value, never looser.
                 bump(&self.metrics.instances_overflow_total);
@@ -186,6 +189,24 @@ impl RateLimiter {
             period: input.period,
             attrs: input.scope.into_iter().collect(),
         }))
+    }
+
+    /// Whether one more instance fits the bound; at the bound, counts again if the last
+    /// count is old enough.
+    fn room_for_an_instance(&self) -> bool {
+        if self.instances.load(Ordering::Relaxed) < self.instances_max {
+            return true;
+        }
+        {
+            let mut at = self.recounted_at.lock();
+            if at.elapsed() < RECOUNT_EVERY {
+                return false;
+            }
+            *at = std::time::Instant::now();
+        }
+        let n = count_instances(&self.node);
+        self.instances.store(n, Ordering::Relaxed);
+        n < self.instances_max
     }
 
     /// Answers one call. `request_id` is the caller's `x-request-id`, if any.
@@ -397,6 +418,14 @@ impl RateLimiter {
             ..DescriptorStatus::default()
         }
     }
+}
+
+/// Live wildcard instances the node knows, created here or by any other node.
+fn count_instances(node: &Node) -> usize {
+    node.limits(&Scope::new())
+        .iter()
+        .filter(|l| l.input.scope.contains_key(rules::TEMPLATE))
+        .count()
 }
 
 /// A limit's amount as RLS's `u32`: counts as they are, cost in US cents (RLS has no

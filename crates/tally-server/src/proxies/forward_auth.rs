@@ -1,7 +1,8 @@
 //! `GET|POST /v1/forward-auth`: a check for proxies that ask an HTTP endpoint before they
 //! pass a request on (nginx `auth_request`, Caddy `forward_auth`, Traefik `ForwardAuth`,
-//! HAProxy through Lua, Envoy's HTTP `ext_authz`). Everything travels in headers, since
-//! these proxies send no body with the sub-request:
+//! HAProxy through Lua, Envoy's HTTP `ext_authz`, which sends `path_prefix` + the original
+//! path, so `/v1/forward-auth/<anything>` is the same endpoint). Everything travels in
+//! headers, since these proxies send no body with the sub-request:
 //!
 //! - `X-Tally-Attr-<dimension>: <value>`: one request attribute per header;
 //!   `X-Tally-Attr-Virtual-Key` is the dimension `virtual_key` (lower case, `-` → `_`).

@@ -29,6 +29,11 @@ pub struct Proxies {
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/forward-auth", any(forward_auth::handle))
+        // Envoy's HTTP ext_authz appends the original path to its path_prefix.
+        .route(
+            "/v1/forward-auth/{*original_path}",
+            any(forward_auth::handle),
+        )
         .route("/v1/usage/logs", post(access_log::handle))
         .route("/v1/import/envoy-ratelimit", post(import::handle))
 }
