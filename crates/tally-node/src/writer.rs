@@ -369,6 +369,9 @@ impl ConfigRecord {
 
 fn apply_config(shared: &Shared, store: &mut Store, change: ConfigChange) -> Result<(), NodeError> {
     let now = shared.clock.now_ms();
+    // Derived limits come one per new descriptor value (Envoy RLS wildcards): logged
+    // at debug, so a stream of new client addresses does not flood the log.
+    let derived = matches!(change, ConfigChange::PutLimitPinned(..));
     let record = {
         let mut state = shared.state.write();
         match change {
@@ -403,7 +406,11 @@ fn apply_config(shared: &Shared, store: &mut Store, change: ConfigChange) -> Res
         tracing::error!(error = %e, "config change not committed");
         return Err(unavailable(&e));
     }
-    record.log();
+    if derived {
+        tracing::debug!("derived limit written");
+    } else {
+        record.log();
+    }
     let publication = record.apply(&mut shared.state.write(), now);
     if let Some(p) = publication {
         publish(shared, p);
