@@ -406,8 +406,8 @@ fn apply_config(shared: &Shared, store: &mut Store, change: ConfigChange) -> Res
         tracing::error!(error = %e, "config change not committed");
         return Err(unavailable(&e));
     }
-    if derived {
-        tracing::debug!("derived limit written");
+    if let (true, ConfigRecord::Limit(r)) = (derived, &record) {
+        tracing::debug!(limit = %r.id, version = %r.version.hlc, "derived limit written");
     } else {
         record.log();
     }
