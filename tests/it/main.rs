@@ -12,6 +12,8 @@
 //! - `cluster`: fleets gossiping on loopback: replication, a crash under load, a node
 //!   removed for good, a wrong cluster key, readiness (I1, I3, I4).
 //! - `hostile`: thousands of slow connections, trickled headers and bodies (I8, bounds).
+//! - `proxies`: forward-auth, usage from access-log lines, envoyproxy/ratelimit import
+//!   (I2, I8).
 
 mod api;
 mod cli;
@@ -20,3 +22,4 @@ mod crash;
 mod disk_full;
 mod hostile;
 mod periods;
+mod proxies;

@@ -264,6 +264,50 @@ impl State {
         })
     }
 
+    /// The record of a *derived* limit: one whose counting is a pure function of another
+    /// record (its template), so that every node that creates it on its own, at any time,
+    /// writes the same generation and anchor and their counters share epochs (I4, I5).
+    /// Envoy's rate limit service creates one such limit per value of a wildcard
+    /// descriptor; two nodes seeing the same new value concurrently must not split its
+    /// usage into two generations, which ordinary puts (generation = the writer's HLC)
+    /// would do.
+    ///
+    /// The generation is `pinned_gen` unless the record held for `id` forbids it: a
+    /// tombstone or a live spec with other counting at or above it is superseded by the
+    /// next HLC value after its generation, which every node holding that record computes
+    /// alike. A live spec with the same counting keeps its generation and anchor.
+    pub fn prepare_limit_put_pinned(
+        &mut self,
+        id: &str,
+        input: LimitInput,
+        anchor_ms: i64,
+        pinned_gen: Hlc,
+        now_ms: i64,
+    ) -> Result<LimitRecord, ConfigError> {
+        input.validate(id)?;
+        let version = self.version(now_ms);
+        let held = self
+            .limit_idx(id)
+            .and_then(|i| self.limits[i as usize].record.as_ref());
+        let (anchor_ms, spec_gen) = match held {
+            Some(r) => match &r.spec {
+                Some(s) if s.input.same_counting(&input) => (s.anchor_ms, s.spec_gen),
+                _ if r.generation() >= pinned_gen => (anchor_ms, Hlc(r.generation().0 + 1)),
+                _ => (anchor_ms, pinned_gen),
+            },
+            None => (anchor_ms, pinned_gen),
+        };
+        Ok(LimitRecord {
+            id: id.to_string(),
+            version,
+            spec: Some(LimitSpec {
+                input,
+                anchor_ms,
+                spec_gen,
+            }),
+        })
+    }
+
     /// The tombstone a `DELETE /v1/limits/{id}` writes.
     pub fn prepare_limit_delete(
         &mut self,

@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 use tally_core::config::ConfigError;
-use tally_core::{Amounts, Decision, LimitInput, LimitStatus, Metric, Scope, State, StateError};
+use tally_core::{
+    Amounts, Decision, LimitInput, LimitSpec, LimitStatus, Metric, Scope, State, StateError,
+};
 use tally_store::{Location, Store, StoreError};
 use tokio::sync::{Semaphore, oneshot};
 
@@ -484,6 +486,36 @@ impl Node {
             .await?;
         self.limit(id)
             .ok_or_else(|| NodeError::NotFound(format!("limit {id:?} was deleted concurrently")))
+    }
+
+    /// Creates or updates a *derived* limit, whose counting is a function of a template
+    /// limit: it gets the template's generation and anchor (`template`, from
+    /// [`Node::limit_spec`]), so nodes that create it independently count in the same
+    /// epochs (see `State::prepare_limit_put_pinned`). Durable when this returns.
+    pub async fn put_limit_derived(
+        &self,
+        id: &str,
+        input: LimitInput,
+        template: &LimitSpec,
+    ) -> Result<(), NodeError> {
+        input.validate(id)?;
+        self.change(ConfigChange::PutLimitPinned(
+            id.to_string(),
+            input,
+            template.anchor_ms,
+            template.spec_gen,
+        ))
+        .await
+    }
+
+    /// The replicated spec of a live limit (input, anchor, generation), without usage.
+    pub fn limit_spec(&self, id: &str) -> Option<LimitSpec> {
+        self.shared.state.read().limit(id).cloned()
+    }
+
+    /// Whether a live limit with this id exists (a hash lookup; no copies).
+    pub fn has_limit(&self, id: &str) -> bool {
+        self.shared.state.read().limit(id).is_some()
     }
 
     pub async fn delete_limit(&self, id: &str) -> Result<(), NodeError> {

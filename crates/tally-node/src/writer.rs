@@ -46,6 +46,9 @@ use crate::{
 
 pub(crate) enum ConfigChange {
     PutLimit(String, tally_core::LimitInput),
+    /// A derived limit: (id, input, anchor, pinned generation); see
+    /// `State::prepare_limit_put_pinned`.
+    PutLimitPinned(String, tally_core::LimitInput, i64, tally_core::Hlc),
     DeleteLimit(String),
     Reset(String, u64),
     PutEntity(String, String, Scope),
@@ -882,11 +885,18 @@ fn apply_config(
     change: ConfigChange,
 ) -> Result<(), (NodeError, Option<Box<StoreError>>)> {
     let now = shared.clock.now_ms();
+    // Derived limits come one per new descriptor value (Envoy RLS wildcards): logged
+    // at debug, so a stream of new client addresses does not flood the log.
+    let derived = matches!(change, ConfigChange::PutLimitPinned(..));
     let record = {
         let mut state = shared.state.write();
         let prepared: Result<ConfigRecord, NodeError> = match change {
             ConfigChange::PutLimit(id, input) => state
                 .prepare_limit_put(&id, input, now)
+                .map(ConfigRecord::Limit)
+                .map_err(Into::into),
+            ConfigChange::PutLimitPinned(id, input, anchor, pinned) => state
+                .prepare_limit_put_pinned(&id, input, anchor, pinned, now)
                 .map(ConfigRecord::Limit)
                 .map_err(Into::into),
             ConfigChange::DeleteLimit(id) => state
@@ -918,7 +928,11 @@ fn apply_config(
         tracing::warn!(error = %e, "config change not committed");
         return Err((unavailable(&e), Some(Box::new(e))));
     }
-    record.log();
+    if let (true, ConfigRecord::Limit(r)) = (derived, &record) {
+        tracing::debug!(limit = %r.id, version = %r.version.hlc, "derived limit written");
+    } else {
+        record.log();
+    }
     let publication = record.apply(&mut shared.state.write(), now);
     if let Some(p) = publication {
         publish(shared, p);

@@ -33,7 +33,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create, list, inspect, delete and reset limits.
     Limits(LimitsArgs),
     /// Manage entities: a dimension value and its parents (virtual_key/vk-1 → team=eng).
@@ -44,6 +44,31 @@ pub enum Command {
     Usage(UsageArgs),
     /// Show the node's health, readiness and cluster membership.
     Status(StatusArgs),
+    /// Turn another system's config into tally limits.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    #[command(flatten)]
+    pub client: ClientOpts,
+    #[command(subcommand)]
+    pub command: ImportCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImportCommand {
+    /// An envoyproxy/ratelimit config (YAML): each descriptor with a rate_limit becomes a
+    /// limit Envoy's rate limit service (`tally serve --rls-listen`) applies. The domain's
+    /// rules become exactly the file's: rules the file no longer has are deleted. Needs
+    /// an admin token.
+    EnvoyRatelimit {
+        /// The config file (`-` reads standard input).
+        file: PathBuf,
+        /// Only say what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// Flags of `tally serve`. Every flag is also read from `TALLY_<FLAG>` and from the
@@ -138,6 +163,19 @@ pub struct ServeArgs {
     /// Log format [default: text]; logs go to stderr, filtered by RUST_LOG.
     #[arg(long, env = "TALLY_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Serve Envoy's rate limit service (gRPC ShouldRateLimit) on ADDR [default: off].
+    #[arg(long, env = "TALLY_RLS_LISTEN", value_name = "ADDR")]
+    pub rls_listen: Option<SocketAddr>,
+    /// Most wildcard instances (one limit per descriptor value) the rate limit service
+    /// creates; past it, new values share their rule's counter [default: 10000].
+    #[arg(long, env = "TALLY_RLS_INSTANCES_MAX", value_name = "N")]
+    pub rls_instances_max: Option<usize>,
+    /// Read proxy access logs as syslog datagrams on ADDR (UDP) [default: off].
+    #[arg(long, env = "TALLY_LOG_LISTEN_UDP", value_name = "ADDR")]
+    pub log_listen_udp: Option<SocketAddr>,
+    /// Read proxy access logs as newline-separated lines on ADDR (TCP) [default: off].
+    #[arg(long, env = "TALLY_LOG_LISTEN_TCP", value_name = "ADDR")]
+    pub log_listen_tcp: Option<SocketAddr>,
 }
 
 /// Flags shared by every client command; `global` so they may follow a subcommand.

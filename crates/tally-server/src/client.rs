@@ -93,6 +93,9 @@ impl Reply {
 
 /// Runs a client command (anything but `serve`).
 pub fn run(command: Command) -> anyhow::Result<()> {
+    if let Command::Import(args) = &command {
+        return crate::proxies::import::run_cli(args);
+    }
     if let Command::Status(StatusArgs {
         client,
         health_only,
@@ -131,7 +134,7 @@ pub fn plan(command: &Command) -> anyhow::Result<(&ClientOpts, Request, View)> {
         }
         Command::Check(args) => (&args.client, check_request(args)?, View::Check),
         Command::Usage(args) => (&args.client, usage_request(args)?, View::Usage),
-        Command::Serve(_) | Command::Status(_) => {
+        Command::Serve(_) | Command::Status(_) | Command::Import(_) => {
             bail!("internal: plan() covers request/reply commands only")
         }
     })

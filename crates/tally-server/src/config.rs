@@ -38,6 +38,8 @@ pub const DEFAULT_BATCH_RECORDS_MAX: usize = 4_096;
 pub const DEFAULT_QUEUE_RECORDS_MAX: usize = 65_536;
 /// Default time a request waits for queue space before it is refused with 503.
 pub const DEFAULT_QUEUE_WAIT_MS: u64 = 2_000;
+/// Default bound on Envoy rate limit wildcard instances (one limit per value seen).
+pub const DEFAULT_RLS_INSTANCES_MAX: usize = 10_000;
 /// Default time a node cut off from every peer stays ready.
 pub const DEFAULT_ISOLATED_UNREADY_SECS: u64 = 10;
 
@@ -49,6 +51,7 @@ const HISTORY_RETENTION_DAYS_MAX: u64 = 3_660;
 const BATCH_RECORDS_MAX_MAX: usize = 1 << 20;
 const QUEUE_RECORDS_MAX_MAX: usize = 1 << 24;
 const QUEUE_WAIT_MS_MAX: u64 = 600_000;
+const RLS_INSTANCES_MAX_MAX: usize = 1_000_000;
 const ISOLATED_UNREADY_SECS_MAX: u64 = 30 * 86_400;
 /// Ids (node id, cluster id) follow the API's id pattern `[A-Za-z0-9._:-]{1,128}`.
 const ID_LEN_MAX: usize = 128;
@@ -98,6 +101,14 @@ pub struct ServeConfig {
     /// Seconds a node cut off from every peer stays ready; 0 = while isolated.
     pub isolated_unready_secs: u64,
     pub log_format: LogFormat,
+    /// Envoy rate limit service (gRPC) address; `None`: not served.
+    pub rls_listen: Option<SocketAddr>,
+    /// Most wildcard instances (limits per descriptor value) the RLS creates.
+    pub rls_instances_max: usize,
+    /// Syslog (UDP) address for proxy access logs; `None`: not read.
+    pub log_listen_udp: Option<SocketAddr>,
+    /// TCP address for proxy access logs (lines or syslog); `None`: not read.
+    pub log_listen_tcp: Option<SocketAddr>,
 }
 
 impl fmt::Debug for ServeConfig {
@@ -125,6 +136,10 @@ impl fmt::Debug for ServeConfig {
             .field("queue_wait_ms", &self.queue_wait_ms)
             .field("isolated_unready_secs", &self.isolated_unready_secs)
             .field("log_format", &self.log_format)
+            .field("rls_listen", &self.rls_listen)
+            .field("rls_instances_max", &self.rls_instances_max)
+            .field("log_listen_udp", &self.log_listen_udp)
+            .field("log_listen_tcp", &self.log_listen_tcp)
             .finish()
     }
 }
@@ -153,6 +168,10 @@ impl Default for ServeConfig {
             queue_wait_ms: DEFAULT_QUEUE_WAIT_MS,
             isolated_unready_secs: DEFAULT_ISOLATED_UNREADY_SECS,
             log_format: LogFormat::Text,
+            rls_listen: None,
+            rls_instances_max: DEFAULT_RLS_INSTANCES_MAX,
+            log_listen_udp: None,
+            log_listen_tcp: None,
         }
     }
 }
@@ -181,6 +200,10 @@ struct FileConfig {
     queue_wait_ms: Option<u64>,
     isolated_unready_secs: Option<u64>,
     log_format: Option<String>,
+    rls_listen: Option<String>,
+    rls_instances_max: Option<usize>,
+    log_listen_udp: Option<String>,
+    log_listen_tcp: Option<String>,
 }
 
 /// The environment variable for a config key: `data_dir` → `TALLY_DATA_DIR`.
@@ -373,6 +396,34 @@ impl ServeConfig {
             from_file.get("log_format", file.log_format, parse_log_format)?,
             parse_log_format,
         )?;
+        let rls_listen = pick(
+            "rls_listen",
+            args.rls_listen,
+            env,
+            from_file.get("rls_listen", file.rls_listen, parse_socket_addr)?,
+            parse_socket_addr,
+        )?;
+        let rls_instances_max = pick(
+            "rls_instances_max",
+            args.rls_instances_max,
+            env,
+            file.rls_instances_max,
+            parse_number,
+        )?;
+        let log_listen_udp = pick(
+            "log_listen_udp",
+            args.log_listen_udp,
+            env,
+            from_file.get("log_listen_udp", file.log_listen_udp, parse_socket_addr)?,
+            parse_socket_addr,
+        )?;
+        let log_listen_tcp = pick(
+            "log_listen_tcp",
+            args.log_listen_tcp,
+            env,
+            from_file.get("log_listen_tcp", file.log_listen_tcp, parse_socket_addr)?,
+            parse_socket_addr,
+        )?;
 
         let defaults = ServeConfig::default();
         let config = ServeConfig {
@@ -396,6 +447,10 @@ impl ServeConfig {
             queue_wait_ms: queue_wait_ms.unwrap_or(defaults.queue_wait_ms),
             isolated_unready_secs: isolated_unready_secs.unwrap_or(defaults.isolated_unready_secs),
             log_format: log_format.unwrap_or(defaults.log_format),
+            rls_listen,
+            rls_instances_max: rls_instances_max.unwrap_or(defaults.rls_instances_max),
+            log_listen_udp,
+            log_listen_tcp,
         };
         config.validate()?;
         Ok(config)
@@ -468,6 +523,12 @@ impl ServeConfig {
         )?;
         check_range("queue_wait_ms", self.queue_wait_ms, 0, QUEUE_WAIT_MS_MAX)?;
         check_range(
+            "rls_instances_max",
+            self.rls_instances_max as u64,
+            0,
+            RLS_INSTANCES_MAX_MAX as u64,
+        )?;
+        check_range(
             "isolated_unready_secs",
             self.isolated_unready_secs,
             0,
@@ -496,6 +557,27 @@ impl ServeConfig {
                  or listen on 127.0.0.1",
                 self.listen
             );
+        }
+        if let Some(rls) = self.rls_listen.filter(|a| !a.ip().is_loopback()) {
+            if self.admin_token.is_none() && self.client_token.is_none() {
+                bail!(
+                    "refusing to serve the rate limit service on {rls} without tokens: set \
+                     --client-token (Envoy then sends it as `authorization: Bearer <token>` \
+                     in the gRPC service's initial_metadata) or listen on 127.0.0.1"
+                );
+            }
+        }
+        for (flag, addr) in [
+            ("--log-listen-udp", self.log_listen_udp),
+            ("--log-listen-tcp", self.log_listen_tcp),
+        ] {
+            if let Some(a) = addr.filter(|a| !a.ip().is_loopback() && !self.insecure) {
+                bail!(
+                    "refusing to read access logs on {a} ({flag}): syslog carries no token, \
+                     so anyone who reaches it can add usage; listen on 127.0.0.1, or pass \
+                     --insecure on a trusted network"
+                );
+            }
         }
         let unprotected_gossip = self
             .gossip_listen
@@ -902,6 +984,80 @@ mod tests {
         assert!(!e.contains("sec ret"), "{e}");
         let cfg = resolve(&d, &[("TALLY_ADMIN_TOKEN", "s3cret")], None).unwrap();
         assert!(!format!("{cfg:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn proxy_listeners_are_off_by_default_and_layered() {
+        let d = resolve(&ServeArgs::default(), &[], None).unwrap();
+        assert_eq!(
+            (d.rls_listen, d.log_listen_udp, d.log_listen_tcp),
+            (None, None, None)
+        );
+        assert_eq!(d.rls_instances_max, DEFAULT_RLS_INSTANCES_MAX);
+        let file = Some(
+            "rls_listen = \"127.0.0.1:3\"\nlog_listen_udp = \"127.0.0.1:4\"\nrls_instances_max = 7",
+        );
+        let env = [
+            ("TALLY_RLS_LISTEN", "127.0.0.1:2"),
+            ("TALLY_LOG_LISTEN_TCP", "127.0.0.1:5"),
+        ];
+        let args = ServeArgs {
+            rls_listen: Some(addr("127.0.0.1:1")),
+            ..ServeArgs::default()
+        };
+        let c = resolve(&args, &env, file).unwrap();
+        assert_eq!(c.rls_listen, Some(addr("127.0.0.1:1")));
+        assert_eq!(c.log_listen_udp, Some(addr("127.0.0.1:4")));
+        assert_eq!(c.log_listen_tcp, Some(addr("127.0.0.1:5")));
+        assert_eq!(c.rls_instances_max, 7);
+        let c = resolve(&ServeArgs::default(), &env, file).unwrap();
+        assert_eq!(c.rls_listen, Some(addr("127.0.0.1:2")));
+        let e = err(
+            &ServeArgs::default(),
+            &[("TALLY_RLS_INSTANCES_MAX", "9999999999")],
+            None,
+        );
+        assert!(e.contains("rls_instances_max"), "{e}");
+    }
+
+    #[test]
+    fn proxy_listeners_follow_the_security_rule() {
+        let rls = ServeConfig {
+            rls_listen: Some(addr("0.0.0.0:8089")),
+            ..ServeConfig::default()
+        };
+        let e = rls.validate_security().unwrap_err().to_string();
+        assert!(e.contains("--client-token"), "{e}");
+        ServeConfig {
+            client_token: Some("t".into()),
+            listen: addr("0.0.0.0:7070"),
+            ..rls
+        }
+        .validate_security()
+        .unwrap();
+        let logs = ServeConfig {
+            log_listen_udp: Some(addr("0.0.0.0:5514")),
+            client_token: Some("t".into()),
+            ..ServeConfig::default()
+        };
+        let e = logs.validate_security().unwrap_err().to_string();
+        assert!(
+            e.contains("--log-listen-udp") && e.contains("--insecure"),
+            "{e}"
+        );
+        ServeConfig {
+            insecure: true,
+            ..logs
+        }
+        .validate_security()
+        .unwrap();
+        ServeConfig {
+            log_listen_tcp: Some(addr("127.0.0.1:5515")),
+            rls_listen: Some(addr("127.0.0.1:8089")),
+            ..ServeConfig::default()
+        }
+        .validate_security()
+        .unwrap();
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub struct Auth {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Role {
+pub(crate) enum Role {
     Client,
     Admin,
 }
@@ -48,6 +48,8 @@ pub struct AppState {
     pub auth: Auth,
     pub started_ms: i64,
     pub gossip_addr: Option<String>,
+    /// State of the proxy integrations (Envoy RLS, forward-auth, access logs).
+    pub proxies: Arc<crate::proxies::Proxies>,
 }
 
 type App = State<Arc<AppState>>;
@@ -55,9 +57,9 @@ type App = State<Arc<AppState>>;
 /// An API error: status, code and message, rendered in API.md's shape.
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
 }
 
 impl ApiError {
@@ -121,7 +123,7 @@ static BODY_BUDGET: tokio::sync::Semaphore =
 /// [`parse_json`] after checking the token, so an unauthenticated request is refused before
 /// its body is looked at, and check and usage bodies can borrow from it.
 pub struct RawBody {
-    bytes: Bytes,
+    pub(crate) bytes: Bytes,
     /// Released when the handler drops the body.
     _budget: tokio::sync::SemaphorePermit<'static>,
 }
@@ -281,7 +283,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Params<
 
 // ----- auth --------------------------------------------------------------------------
 
-fn authorize(state: &AppState, headers: &HeaderMap, need: Role) -> Result<(), ApiError> {
+pub(crate) fn authorize(state: &AppState, headers: &HeaderMap, need: Role) -> Result<(), ApiError> {
     let auth = &state.auth;
     if auth.admin_token.is_none() && auth.client_token.is_none() {
         return Ok(()); // loopback-only node without tokens (DESIGN.md §4)
@@ -394,7 +396,7 @@ fn view_json(d: &LimitDetails) -> Value {
     })
 }
 
-fn check_id(id: &str, what: &'static str) -> Result<(), ApiError> {
+pub(crate) fn check_id(id: &str, what: &'static str) -> Result<(), ApiError> {
     units::validate_id(id, what).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
@@ -405,7 +407,7 @@ fn check_attributes(attrs: &BTreeMap<String, String>) -> Result<(), ApiError> {
     )
 }
 
-fn check_attribute_pairs<'a>(
+pub(crate) fn check_attribute_pairs<'a>(
     attrs: impl Iterator<Item = (&'a str, &'a str)>,
     len: usize,
 ) -> Result<(), ApiError> {
@@ -447,7 +449,7 @@ fn metric_amount(
     }
 }
 
-fn cost(c: Option<f64>) -> Result<Micros, ApiError> {
+pub(crate) fn cost(c: Option<f64>) -> Result<Micros, ApiError> {
     c.map_or(Ok(Micros(0)), |c| Micros::from_usd(c, "cost"))
         .map_err(|e| ApiError::invalid(e.to_string()))
 }
@@ -536,7 +538,7 @@ async fn list_limits(State(s): App, headers: HeaderMap, uri: axum::http::Uri) ->
 }
 
 /// Decodes `a=b&c=d` with percent-escapes and `+` as space.
-fn form_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
+pub(crate) fn form_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
     fn decode(s: &str) -> Result<String, ApiError> {
         let b = s.as_bytes();
         let mut out = Vec::with_capacity(b.len());
@@ -1028,11 +1030,9 @@ async fn cluster(State(s): App, headers: HeaderMap) -> ApiResult {
 }
 
 async fn metrics(State(s): App) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::render(&s.node).await,
-    )
-        .into_response()
+    let mut text = crate::metrics::render(&s.node).await;
+    crate::proxies::render_metrics(&s.proxies, &mut text);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn no_route(method: Method, uri: axum::http::Uri) -> ApiError {
@@ -1060,6 +1060,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/check", post(check))
         .route("/v1/usage", post(usage))
         .route("/v1/usage/batch", post(usage_batch))
+        .merge(crate::proxies::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(no_route)
         .with_state(state)

@@ -12,4 +12,5 @@ pub mod http;
 pub mod json;
 pub mod logging;
 pub mod metrics;
+pub mod proxies;
 pub mod serve;

@@ -73,10 +73,24 @@ pub async fn serve(
             .gossip_advertise
             .clone()
             .or_else(|| cfg.gossip_listen.map(|a| a.to_string())),
+        proxies: Arc::default(),
     });
+    // One shutdown signal, seen by every listener.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut w: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = w.wait_for(|s| *s).await;
+    };
+    let extra = start_proxies(&cfg, &state, stop_rx.clone()).await?;
     {
         use std::io::Write as _;
         let mut out = std::io::stdout().lock();
+        for line in &extra.lines {
+            writeln!(out, "{line}")?;
+        }
         writeln!(
             out,
             "tally listening on http://{addr} node={}",
@@ -85,9 +99,25 @@ pub async fn serve(
         out.flush()?;
     }
     tracing::info!(%addr, node = node.node_id(), data_dir = %cfg.data_dir.display(), "serving");
-    serve_http(listener, router(state), shutdown, HttpLimits::default())
-        .await
-        .context("the HTTP server failed")?;
+    serve_http(
+        listener,
+        router(state),
+        stopped(stop_rx),
+        HttpLimits::default(),
+    )
+    .await
+    .context("the HTTP server failed")?;
+    if let Some(rls) = extra.rls {
+        match rls.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the rate limit service failed"),
+            Err(e) => tracing::error!(error = %e, "the rate limit service panicked"),
+        }
+    }
+    if let Some(logs) = extra.logs {
+        // Listeners stopped with the signal; this applies what they queued.
+        let _ = logs.await;
+    }
     tracing::info!("draining: committing queued writes");
     node.shutdown().await;
     tracing::info!("stopped cleanly");
@@ -182,6 +212,84 @@ pub async fn serve_http(
         }
     }
     Ok(())
+}
+
+/// What `start_proxies` started: lines to print, and tasks to wait for at shutdown.
+struct Extra {
+    lines: Vec<String>,
+    rls: Option<tokio::task::JoinHandle<Result<(), tally_rls::ServeError>>>,
+    logs: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Binds and starts the optional listeners of the proxy integrations (issue 14): Envoy's
+/// rate limit service and the access-log readers. They stop with `stop`.
+async fn start_proxies(
+    cfg: &ServeConfig,
+    state: &Arc<AppState>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Extra> {
+    let mut extra = Extra {
+        lines: Vec::new(),
+        rls: None,
+        logs: None,
+    };
+    if let Some(addr) = cfg.rls_listen {
+        let l = TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} (--rls-listen): is another process using it?")
+        })?;
+        let bound = l.local_addr()?;
+        let limiter = Arc::new(tally_rls::RateLimiter::new(
+            state.node.clone(),
+            cfg.rls_instances_max,
+            Arc::default(),
+        ));
+        let _ = state.proxies.rls.set(limiter.metrics().clone());
+        let tokens: Vec<String> = [&cfg.admin_token, &cfg.client_token]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        let mut w = stop.clone();
+        extra.rls = Some(tokio::spawn(tally_rls::serve(
+            limiter,
+            tokens,
+            l,
+            tally_rls::Limits::default(),
+            async move {
+                let _ = w.wait_for(|s| *s).await;
+            },
+        )));
+        tracing::info!(%bound, "serving Envoy's rate limit service");
+        extra
+            .lines
+            .push(format!("tally rls listening on grpc://{bound}"));
+    }
+    let udp = match cfg.log_listen_udp {
+        Some(addr) => {
+            let s = tokio::net::UdpSocket::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--log-listen-udp)"))?;
+            extra
+                .lines
+                .push(format!("tally access logs on udp://{}", s.local_addr()?));
+            Some(s)
+        }
+        None => None,
+    };
+    let tcp = match cfg.log_listen_tcp {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--log-listen-tcp)"))?;
+            extra
+                .lines
+                .push(format!("tally access logs on tcp://{}", l.local_addr()?));
+            Some(l)
+        }
+        None => None,
+    };
+    extra.logs = crate::proxies::access_log::start(state.clone(), udp, tcp, stop);
+    Ok(extra)
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -159,6 +159,7 @@ pub async fn run(cfg: Arc<HostConfig>) -> turmoil::Result {
         node: node.clone(),
         auth: Auth::default(),
         gossip_addr: Some(me.to_string()),
+        proxies: Default::default(),
     });
     let _registration = cfg.registry.register(&cfg.name, node);
     axum::serve(SimListener(listener), router(state)).await?;
