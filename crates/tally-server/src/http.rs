@@ -34,7 +34,7 @@ pub struct Auth {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Role {
+pub(crate) enum Role {
     Client,
     Admin,
 }
@@ -52,9 +52,9 @@ type App = State<Arc<AppState>>;
 /// An API error: status, code and message, rendered in API.md's shape.
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
 }
 
 impl ApiError {
@@ -200,10 +200,15 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Params<
 
 // ----- auth --------------------------------------------------------------------------
 
-fn authorize(state: &AppState, headers: &HeaderMap, need: Role) -> Result<(), ApiError> {
+/// The role of the request's token, if it has at least `need`.
+pub(crate) fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    need: Role,
+) -> Result<Role, ApiError> {
     let auth = &state.auth;
     if auth.admin_token.is_none() && auth.client_token.is_none() {
-        return Ok(()); // loopback-only node without tokens (DESIGN.md §4)
+        return Ok(Role::Admin); // loopback-only node without tokens (DESIGN.md §4)
     }
     let unauthenticated = |m: &str| ApiError {
         status: StatusCode::UNAUTHORIZED,
@@ -235,7 +240,7 @@ fn authorize(state: &AppState, headers: &HeaderMap, need: Role) -> Result<(), Ap
             message: "this token's role may not do this; an admin token is needed".into(),
         });
     }
-    Ok(())
+    Ok(role)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -455,7 +460,7 @@ async fn list_limits(State(s): App, headers: HeaderMap, uri: axum::http::Uri) ->
 }
 
 /// Decodes `a=b&c=d` with percent-escapes and `+` as space.
-fn form_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
+pub(crate) fn form_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
     fn decode(s: &str) -> Result<String, ApiError> {
         let b = s.as_bytes();
         let mut out = Vec::with_capacity(b.len());
@@ -781,6 +786,8 @@ async fn cluster(State(s): App, headers: HeaderMap) -> ApiResult {
                     "gossip_addr": m.gossip_addr.to_string(),
                     "live": m.live,
                     "generation": m.generation,
+                    // Gossip lag where known: how long ago a value from it was accepted.
+                    "newest_value_age_ms": m.newest_value_age.map(|d| d.as_millis() as u64),
                 })
             })
             .collect(),
@@ -789,6 +796,7 @@ async fn cluster(State(s): App, headers: HeaderMap) -> ApiResult {
             "gossip_addr": s.gossip_addr,
             "live": true,
             "generation": s.started_ms,
+            "newest_value_age_ms": null,
         })],
     };
     ok(json!({"node_id": s.node.node_id(), "nodes": nodes}))
@@ -826,6 +834,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/check", post(check))
         .route("/v1/usage", post(usage))
         .route("/v1/usage/batch", post(usage_batch))
+        .merge(crate::ui::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(no_route)
         .with_state(state)

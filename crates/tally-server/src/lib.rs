@@ -3,7 +3,8 @@
 //!
 //! Codemap: `cli` parses arguments (clap), `config` resolves `tally serve` settings from
 //! flags, environment, file and defaults, `client` implements the client commands over
-//! HTTP, `serve` runs a node. Only this crate knows HTTP and JSON.
+//! HTTP, `serve` runs a node, `ui` serves the dashboard at `/ui` and the endpoints
+//! only it needs. Only this crate knows HTTP and JSON.
 
 pub mod cli;
 pub mod client;
@@ -12,3 +13,4 @@ pub mod http;
 pub mod json;
 pub mod metrics;
 pub mod serve;
+pub mod ui;
