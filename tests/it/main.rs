@@ -9,9 +9,11 @@
 //! - `crash`: SIGKILL / SIGTERM under concurrent load (I1, I2, I3).
 //! - `cluster`: fleets gossiping on loopback: replication, a crash under load, a node
 //!   removed for good, a wrong cluster key (I1, I3, I4).
+//! - `ui`: what `/ui` serves and its headers; `/v1/whoami` and `/v1/denials` (I8).
 
 mod api;
 mod cli;
 mod cluster;
 mod crash;
 mod periods;
+mod ui;

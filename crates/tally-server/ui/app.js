@@ -5,8 +5,9 @@
 // Rules this file keeps:
 // - Every value that came from a user (ids, scopes, attributes, entity names, node ids,
 //   error messages) reaches the DOM as text: `h()` builds elements with createElement,
-//   text nodes and setAttribute. Nothing is ever assigned to innerHTML (the page's
-//   Content-Security-Policy requires Trusted Types, so the browser would refuse it).
+//   text nodes and setAttribute. No string is ever handed to the HTML parser (the page's
+//   Content-Security-Policy requires Trusted Types, so the browser would refuse it; a
+//   test greps this file for the HTML sinks).
 // - Every URL is relative to the page (`../v1/...`), so the node can sit behind a proxy
 //   path prefix.
 // - Lists render one page at a time, so 10 000 limits cost one fetch and one sort.
@@ -51,6 +52,12 @@
   }
 
   const $ = (id) => document.getElementById(id);
+
+  // Replaces el's children (null and false children are skipped, as in h()).
+  function fill(el, ...children) {
+    el.replaceChildren();
+    return append(el, children);
+  }
 
   function banner(message) {
     const b = $('banner');
@@ -237,8 +244,9 @@
   // ----- live updates ----------------------------------------------------------------
 
   // One timer for the whole page: the mounted view's refresh() runs every interval. The
-  // interval stretches to 5× the last refresh's duration when fetches are slow (a big
-  // fleet of limits), and polling stops while the tab is hidden or paused.
+  // interval stretches to 10× the last refresh's duration when fetches are slow (10 000
+  // limits are a few MB to build), so an open dashboard keeps the node busy at most about
+  // a tenth of the time; polling stops while the tab is hidden or paused.
   const poll = { timer: 0, interval: POLL_MS, paused: false, last: null, error: '', running: false };
 
   function showLive() {
@@ -280,7 +288,7 @@
       poll.running = false;
     }
     const took = performance.now() - t0;
-    poll.interval = Math.min(POLL_MAX_MS, Math.max(POLL_MS, Math.ceil((took * 5) / 1000) * 1000));
+    poll.interval = Math.min(POLL_MAX_MS, Math.max(POLL_MS, Math.ceil((took * 10) / 1000) * 1000));
     if (view === current) {
       showLive();
       schedule();
@@ -391,13 +399,13 @@
       const pages = Math.max(1, Math.ceil(list.length / PAGE_SIZE));
       st.page = Math.min(st.page, pages - 1);
       const slice = list.slice(st.page * PAGE_SIZE, (st.page + 1) * PAGE_SIZE);
-      tbody.replaceChildren(...slice.map(row));
+      fill(tbody, ...slice.map(row));
       if (!slice.length) {
         tbody.append(h('tr', null, h('td', { colspan: 11, class: 'empty' },
           cache.limits.length ? 'No limit matches.' : 'No limits yet.')));
       }
       count.textContent = `${intFmt.format(list.length)} of ${intFmt.format(cache.limits.length)} limits, closest to max first`;
-      pager.replaceChildren(
+      fill(pager,
         h('button', { type: 'button', id: 'prev', class: 'small', disabled: st.page === 0, onclick: () => { st.page--; render(); } }, '‹ Prev'),
         h('span', { id: 'page-info' }, `Page ${st.page + 1} of ${pages}`),
         h('button', { type: 'button', id: 'next', class: 'small', disabled: st.page >= pages - 1, onclick: () => { st.page++; render(); } }, 'Next ›'));
@@ -411,7 +419,7 @@
     return {
       name: 'limits',
       mount(main) {
-        main.replaceChildren(
+        fill(main,
           h('div', { class: 'toolbar' }, search, metric, level, count,
             isAdmin() ? h('a', { href: '#/new', class: 'button primary', id: 'new-limit' }, 'New limit') : null),
           h('div', { class: 'table-wrap' },
@@ -561,8 +569,7 @@
         rows.length > RELATED_MAX ? h('p', { class: 'muted' }, `and ${rows.length - RELATED_MAX} more`) : null];
       parts.push(table('Limits that also apply to its requests', broader, 'broader'));
       parts.push(table('Narrower limits inside its scope', narrower, 'narrower'));
-      around.replaceChildren();
-      append(around, parts);
+      fill(around, parts);
     }
 
     function render() {
@@ -584,7 +591,7 @@
         ['Resets at', v.resets_at ? [h('span', { id: 'resets-at' }, inZone(v.resets_at, v.timezone)), h('span', { class: 'muted' }, ' · ' + relative(v.resets_at))] : 'never'],
       ];
       if (Math.abs(baseline) > 1e-9) dl.push(['Set usage baseline', amount(v.metric, baseline)]);
-      body.replaceChildren(
+      fill(body,
         h('section', { class: 'card' },
           h('div', { class: 'big-numbers' },
             h('div', null, h('span', { class: 'label' }, 'Used'), h('span', { id: 'used', class: 'value' }, amount(v.metric, v.used))),
@@ -621,7 +628,7 @@
         view = await api('GET', `limits/${seg(id)}`);
       } catch (e) {
         if (e.status === 404) {
-          body.replaceChildren(h('p', { class: 'empty', id: 'not-found' }, `No limit with id ${id} (deleted?).`), h('a', { href: '#/limits' }, '‹ All limits'));
+          fill(body, h('p', { class: 'empty', id: 'not-found' }, `No limit with id ${id} (deleted?).`), h('a', { href: '#/limits' }, '‹ All limits'));
           return;
         }
         throw e;
@@ -641,7 +648,7 @@
       render();
       if (first) {
         first = false;
-        loadAround(view).catch((e) => around.replaceChildren(h('h2', null, 'Scope, parents and limits around it'), h('p', { class: 'muted' }, e.message)));
+        loadAround(view).catch((e) => fill(around, h('h2', null, 'Scope, parents and limits around it'), h('p', { class: 'muted' }, e.message)));
       }
     }
 
@@ -677,7 +684,7 @@
     return {
       name: 'limits',
       async mount(main) {
-        main.replaceChildren(
+        fill(main,
           h('div', { class: 'title-row' },
             h('a', { href: '#/limits', class: 'back' }, '‹ All limits'),
             h('h1', { id: 'limit-id' }, id),
@@ -749,7 +756,7 @@
       name: 'limits',
       async mount(main) {
         if (!isAdmin()) {
-          main.replaceChildren(h('p', { class: 'empty' }, 'Changing limits needs an admin token.'));
+          fill(main, h('p', { class: 'empty' }, 'Changing limits needs an admin token.'));
           return;
         }
         if (id) {
@@ -763,7 +770,7 @@
           f.mode.value = modeOf(v);
           f.scope.value = scopePairs(v.scope).map(([k, x]) => `${k}=${x}`).join('\n');
         }
-        main.replaceChildren(
+        fill(main,
           h('div', { class: 'title-row' }, h('a', { href: id ? limitHref(id) : '#/limits', class: 'back' }, '‹ Back'), h('h1', null, id ? `Edit ${id}` : 'New limit')),
           h('form', { class: 'card form', id: 'limit-form', onsubmit: submit, novalidate: true },
             row('Id', f.id, 'letters, digits and . _ : -'),
@@ -793,7 +800,7 @@
       const rows = data.denials.filter((d) => !q ||
         (Object.entries(d.attributes).map(([k, v]) => `${k}=${v}`).join(' ') + ' ' + d.denied_by.join(' ')).toLowerCase().includes(q));
       summary.textContent = `${intFmt.format(data.denied_total)} checks denied on node ${data.node_id} since it started; the latest ${data.denials.length} are shown (the node keeps at most ${data.capacity}, in memory only${data.skipped ? `; ${data.skipped} not kept because the list was busy` : ''}).`;
-      tbody.replaceChildren(...rows.map((d) => h('tr', { 'data-seq': d.seq },
+      fill(tbody, ...rows.map((d) => h('tr', { 'data-seq': d.seq },
         h('td', { title: d.at }, localTime(d.at), h('br'), h('span', { class: 'muted' }, relative(d.at))),
         h('td', { class: 'attrs' }, chips(d.attributes, 'no attributes')),
         h('td', { class: 'denied-by' }, d.denied_by.map((id) => h('a', { href: limitHref(id), class: 'chip deny' }, id)),
@@ -805,7 +812,7 @@
     return {
       name: 'denials',
       mount(main) {
-        main.replaceChildren(
+        fill(main,
           h('h1', null, 'Denied checks'),
           h('div', { class: 'toolbar' }, filter),
           summary,
@@ -824,7 +831,7 @@
     return {
       name: 'cluster',
       mount(main) {
-        main.replaceChildren(h('h1', null, 'Cluster'), body);
+        fill(main, h('h1', null, 'Cluster'), body);
       },
       async refresh() {
         const [c, ready] = await Promise.all([
@@ -833,7 +840,7 @@
         ]);
         const nodes = c.nodes || [];
         const live = nodes.filter((n) => n.live).length;
-        body.replaceChildren(
+        fill(body,
           h('div', { class: 'cards' },
             h('div', { class: 'card stat' }, h('span', { class: 'label' }, 'This node'), h('span', { class: 'value', id: 'this-node' }, c.node_id)),
             h('div', { class: 'card stat' }, h('span', { class: 'label' }, 'Readiness (/readyz)'),
@@ -877,7 +884,7 @@
     return {
       name: 'login',
       mount(main) {
-        main.replaceChildren(h('form', { class: 'card form login', id: 'login', onsubmit: submit },
+        fill(main, h('form', { class: 'card form login', id: 'login', onsubmit: submit },
           h('h1', null, 'Sign in'),
           h('p', null, 'This node asks for a token. An admin token can change limits; a client token sees everything read-only. The token stays in this browser tab (session storage) and is sent only to this node.'),
           h('label', null, h('span', null, 'Token'), input), err,
@@ -926,7 +933,7 @@
     session.tokensRequired = who.tokens_required;
     session.nodeId = who.node_id;
     $('nav').hidden = false;
-    $('who').replaceChildren(h('span', { class: 'badge ' + (who.role === 'admin' ? 'admin' : 'client'), id: 'role' }, who.role === 'admin' ? 'admin' : 'read-only'),
+    fill($('who'), h('span', { class: 'badge ' + (who.role === 'admin' ? 'admin' : 'client'), id: 'role' }, who.role === 'admin' ? 'admin' : 'read-only'),
       ' node ', h('b', { id: 'node-id' }, who.node_id),
       who.tokens_required ? null : h('span', { class: 'muted' }, ' (no tokens: loopback only)'));
     $('logout').hidden = !who.tokens_required;
@@ -941,7 +948,7 @@
     current = null;
     $('nav').hidden = true;
     $('live').hidden = $('pause').hidden = $('logout').hidden = true;
-    $('who').replaceChildren();
+    fill($('who'));
     const v = loginView(message);
     v.mount($('main'));
   }
