@@ -716,18 +716,19 @@ fn wrong_cluster_key_changes_nothing() {
         &fleet.gossip_ports,
         bad_key,
     ));
-    // Gossip with X flows: the good nodes list it as a live member.
-    let (_, took) = wait_for(CONFIG_TIMEOUT, "the good nodes to see X live", || {
+    // Gossip with X flows: its values reach the good nodes and fail the MAC. chitchat
+    // knows X as a member, but tally does not count it live, and X, which holds no value
+    // it can verify, never says it is ready.
+    let (_, took) = wait_for(CONFIG_TIMEOUT, "X's values to reach A and B", || {
         for node in good {
-            let members = cluster_members(&node.client())?;
-            if members.get("bad-x").map(|e| e.1) != Some(true) {
-                return Err(format!("{} sees {members:?}", node.node_id()));
+            let rejected = metric(&node.client(), "tally_gossip_values_rejected_total");
+            if !rejected.is_some_and(|r| r > 0.0) {
+                return Err(format!("{}: rejected = {rejected:?}", node.node_id()));
             }
         }
         Ok(())
     });
-    eprintln!("X joined membership after {took:?}");
-
+    eprintln!("X's values arrived (and were rejected) after {took:?}");
     // The good fleet's limit, then X's: a limit of its own and an overwrite of theirs
     // (later in HLC order, so it would win if it were accepted), plus usage on both.
     let good_spec = requests_limit("wk");
@@ -750,11 +751,25 @@ fn wrong_cluster_key_changes_nothing() {
     let want = Usage::of(&want);
     wait_usage(&good, "wk-good", &want, CONVERGE_TIMEOUT);
 
-    // Watch the good nodes for a while: nothing from X ever shows.
+    // Watch the good nodes for a while: nothing from X ever shows; X is never live to
+    // them, and X is never ready (its checks say stale).
     let watch_start = Instant::now();
     let mut rounds = 0;
     while watch_start.elapsed() < LEAK_WATCH {
+        assert!(
+            !is_ready(&x.client()),
+            "X, which verifies nothing, says ready"
+        );
+        let decision = ok(x.post("/v1/check", json!({"attributes": {"team": "wk"}})));
+        assert_eq!(decision["stale"], json!(true), "{decision}");
         for node in good {
+            let members = cluster_members(&node.client()).expect("cluster view");
+            assert_ne!(
+                members.get("bad-x").map(|m| m.1),
+                Some(true),
+                "{} lists X as live: {members:?}",
+                node.node_id()
+            );
             let (status, body) = node.get("/v1/limits/wk-evil");
             assert_eq!(status, 404, "{} sees X's limit: {body}", node.node_id());
             let view = ok(node.get("/v1/limits/wk-good"));
@@ -777,16 +792,6 @@ fn wrong_cluster_key_changes_nothing() {
         rounds += 1;
         std::thread::sleep(Duration::from_millis(200));
     }
-    // The rejections are counted.
-    let (_, took) = wait_for(CONFIG_TIMEOUT, "rejections counted on A and B", || {
-        for node in good {
-            let rejected = metric(&node.client(), "tally_gossip_values_rejected_total");
-            if !rejected.is_some_and(|r| r > 0.0) {
-                return Err(format!("{}: rejected = {rejected:?}", node.node_id()));
-            }
-        }
-        Ok(())
-    });
     // X, symmetrically, learned nothing from the good nodes: only its own usage counts.
     let x_view = ok(x.get("/v1/limits/wk-good"));
     assert_eq!(count(&x_view["max"]), 5, "{x_view}");
@@ -795,8 +800,129 @@ fn wrong_cluster_key_changes_nothing() {
         Usage::of(&BTreeMap::from([("bad-x".to_string(), 20_000_000)]))
     );
     eprintln!(
-        "{rounds} rounds of leak checks over {LEAK_WATCH:?}; rejections seen {took:?} after; \
+        "{rounds} rounds of leak checks over {LEAK_WATCH:?}; \
          wrong_cluster_key_changes_nothing: {:?}",
         start.elapsed()
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Readiness (DESIGN.md §4): 503 and `stale: true` until a node has the fleet's data.
+
+/// Polls `node` every 20 ms until `/readyz` says 200, checking at every poll that a check
+/// says `stale` exactly when `/readyz` is not 200, and at the first 200 that the node
+/// already counts `want` for `limit` (it must not say ready before it has the data).
+/// Returns how many polls said 503.
+#[track_caller]
+fn ready_only_with(node: &Node, limit: &str, want: i128, timeout: Duration) -> usize {
+    let c = node.client();
+    let start = Instant::now();
+    let mut unready = 0;
+    loop {
+        let (status, _) = c.try_request("GET", "/readyz", None).expect("GET /readyz");
+        let decision = ok(c.post("/v1/check", json!({"attributes": {"team": "rd"}})));
+        if status == 200 {
+            let used = try_usage(&c, limit).map(|u| u.used);
+            assert_eq!(
+                used,
+                Ok(want),
+                "{} said ready before it had the fleet's usage",
+                node.node_id()
+            );
+            return unready;
+        }
+        assert_eq!(status, 503, "/readyz");
+        assert_eq!(
+            decision["stale"],
+            json!(true),
+            "not ready but not stale: {decision}"
+        );
+        unready += 1;
+        assert!(
+            start.elapsed() < timeout,
+            "{} never became ready",
+            node.node_id()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A node joining a fleet that already holds usage is not ready (and its checks are stale)
+/// until it has merged that usage; a restarted first node whose only seed is itself, with a
+/// fresh data directory, likewise waits for the peer that holds the usage.
+#[test]
+fn readiness_waits_for_the_fleets_data() {
+    let (pa, pb) = (free_udp_port(), free_udp_port());
+    let mut a = Node::start(NodeOpts::gossip("rd-a", pa, &[pa], CLUSTER_KEY));
+    let b = Node::start(NodeOpts::gossip("rd-b", pb, &[pa], CLUSTER_KEY));
+    wait_for(FLEET_READY_TIMEOUT, "a and b ready", || {
+        (is_ready(&a.client()) && is_ready(&b.client()))
+            .then_some(())
+            .ok_or_else(|| "not ready".to_string())
+    });
+    put_limit_everywhere(&a, &[&a, &b], "rd", requests_limit("rd"));
+    record_on_all(&[&b], 40, "rd", "rd", 0.0);
+    let total = 40_000_000;
+    wait_usage(
+        &[&a, &b],
+        "rd",
+        &Usage::of(&BTreeMap::from([("rd-b".into(), total)])),
+        CONVERGE_TIMEOUT,
+    );
+
+    // A new node seeded with a: ready only once it counts b's usage.
+    let c = Node::start(NodeOpts::gossip(
+        "rd-c",
+        free_udp_port(),
+        &[pa],
+        CLUSTER_KEY,
+    ));
+    let unready = ready_only_with(&c, "rd", total, FLEET_READY_TIMEOUT);
+    assert!(unready > 0, "c was never seen unready");
+
+    // a, the fleet's first node (only seed: itself), comes back with a fresh disk and a new
+    // id at the same address: b and c find it, and it must sync with them first.
+    a.kill9();
+    drop(a);
+    let a2 = Node::start(NodeOpts::gossip("rd-a2", pa, &[pa], CLUSTER_KEY));
+    let unready = ready_only_with(&a2, "rd", total, FLEET_READY_TIMEOUT);
+    assert!(unready > 0, "a2 was never seen unready");
+}
+
+/// Readiness is not a latch: a node cut off from every peer reports 503 (and stale
+/// checks) after `--isolated-unready-secs`, and 200 again once it has synced with a peer.
+#[test]
+fn readiness_goes_back_to_503_when_isolated() {
+    let (pa, pb) = (free_udp_port(), free_udp_port());
+    let opts = |id: &str, port: u16, seed: u16| {
+        NodeOpts::gossip(id, port, &[seed], CLUSTER_KEY).args(["--isolated-unready-secs", "1"])
+    };
+    let a = Node::start(opts("iso-a", pa, pb));
+    let mut b = Node::start(opts("iso-b", pb, pa));
+    let (ca, cb) = (a.client(), b.client());
+    let both_ready = || {
+        (is_ready(&ca) && is_ready(&cb))
+            .then_some(())
+            .ok_or_else(|| "not ready".to_string())
+    };
+    wait_for(FLEET_READY_TIMEOUT, "a and b ready", both_ready);
+    b.kill9();
+    let (_, took) = wait_for(FLEET_READY_TIMEOUT, "a to report 503 once isolated", || {
+        let (status, body) = a.get("/readyz");
+        (status == 503)
+            .then_some(())
+            .ok_or(format!("{status} {body}"))
+    });
+    let decision = ok(a.post("/v1/check", json!({"attributes": {"team": "iso"}})));
+    assert_eq!(decision["stale"], json!(true), "{decision}");
+    eprintln!("a unready {took:?} after b died");
+    b.restart(); // on another HTTP port
+    let cb = b.client();
+    wait_for(FLEET_READY_TIMEOUT, "a and b ready again", || {
+        (is_ready(&ca) && is_ready(&cb))
+            .then_some(())
+            .ok_or_else(|| "not ready".to_string())
+    });
+    let decision = ok(a.post("/v1/check", json!({"attributes": {"team": "iso"}})));
+    assert_eq!(decision["stale"], json!(false), "{decision}");
 }

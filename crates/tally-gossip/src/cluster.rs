@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::keys::GossipKey;
 use crate::mac::{ClusterKey, open, seal};
-use crate::values::{decode_record, decode_slot};
+use crate::values::{decode_hello, decode_record, decode_slot};
 
 /// How a node joins the fleet.
 #[derive(Clone)]
@@ -64,6 +64,11 @@ pub enum Incoming {
     Limit(LimitRecord),
     Entity(EntityRecord),
     Reset(String, ResetRegister),
+    /// `origin`'s hello: everything `origin` published before it was delivered before it.
+    Hello {
+        origin: String,
+        wall_ms: i64,
+    },
 }
 
 /// Counters for /metrics.
@@ -85,6 +90,10 @@ pub struct Member {
     pub generation: u64,
     /// Time since a value from this node was last accepted.
     pub newest_value_age: Option<Duration>,
+    /// A value it published passed the MAC check: it holds the cluster key. A node that
+    /// speaks chitchat with the right cluster id but another key is a member to chitchat,
+    /// not to tally (every value it sends is rejected).
+    pub verified: bool,
 }
 
 /// A running gossip endpoint.
@@ -376,6 +385,7 @@ impl Gossip {
                         live: false,
                         generation: id.generation_id,
                         newest_value_age: seen.get(&*id.node_id).map(Instant::elapsed),
+                        verified: *id.node_id == *self.node_id || seen.contains_key(&*id.node_id),
                     });
                     m.live |= is_live;
                     if id.generation_id >= m.generation {
@@ -423,5 +433,9 @@ fn verify(key: &ClusterKey, raw: &Raw) -> Option<Incoming> {
             (rec.dimension == dimension && rec.value == value).then_some(Incoming::Entity(rec))
         }
         GossipKey::Reset(id) => Some(Incoming::Reset(id, decode_record(payload)?)),
+        GossipKey::Hello => Some(Incoming::Hello {
+            origin: raw.publisher.clone(),
+            wall_ms: decode_hello(payload)?,
+        }),
     }
 }

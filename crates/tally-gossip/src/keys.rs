@@ -7,6 +7,7 @@
 //! | `l/{limit}`                          | `LimitRecord`                    | any node         |
 //! | `x/{limit}`                          | `ResetRegister`                  | any node         |
 //! | `e/{dimension}/{value}`              | `EntityRecord`                   | any node         |
+//! | `h`                                  | publisher's wall clock, ms       | the publisher    |
 //!
 //! Limit ids and node ids match `[A-Za-z0-9._:-]{1,128}` and dimensions `[a-z0-9_]{1,32}`,
 //! so none contains `/`; an entity value may, so it comes last and keeps everything after
@@ -32,6 +33,8 @@ pub const LIMIT_PREFIX: &str = "l/";
 pub const RESET_PREFIX: &str = "x/";
 /// An entity record: `e/{dimension}/{value}`.
 pub const ENTITY_PREFIX: &str = "e/";
+/// The publisher's hello: its wall clock when it last republished the key (readiness).
+pub const HELLO_KEY: &str = "h";
 
 /// The meaning of one gossip key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -51,6 +54,10 @@ pub enum GossipKey {
     Entity { dimension: String, value: String },
     /// The reset register of a limit.
     Reset(String),
+    /// Republished by every node on a schedule with its wall clock. chitchat delivers a
+    /// node's keys in version order, so whoever has merged a hello has merged everything
+    /// its publisher published before it: that is how a node knows it caught up.
+    Hello,
 }
 
 impl GossipKey {
@@ -74,6 +81,7 @@ impl GossipKey {
             GossipKey::Entity { dimension, value } => {
                 format!("{ENTITY_PREFIX}{dimension}/{value}")
             }
+            GossipKey::Hello => HELLO_KEY.to_string(),
         };
         debug_assert_eq!(
             GossipKey::parse(&key).as_ref(),
@@ -86,7 +94,9 @@ impl GossipKey {
     /// Parses a key; `None` for anything [`GossipKey::encode`] would not produce, including
     /// keys of other kinds (chitchat's own, or from a newer tally).
     pub fn parse(key: &str) -> Option<GossipKey> {
-        if let Some(rest) = key.strip_prefix(SLOT_PREFIX) {
+        if key == HELLO_KEY {
+            Some(GossipKey::Hello)
+        } else if let Some(rest) = key.strip_prefix(SLOT_PREFIX) {
             let [limit, period, reset] = split_exact(rest)?;
             Some(GossipKey::Slot {
                 limit: id(limit)?,
@@ -182,6 +192,7 @@ mod tests {
         );
         check("l/monthly", Some(GossipKey::Limit("monthly".into())));
         check("x/monthly", Some(GossipKey::Reset("monthly".into())));
+        check("h", Some(GossipKey::Hello));
         check(
             "e/team/eng",
             Some(GossipKey::Entity {
@@ -212,6 +223,9 @@ mod tests {
         let long_dim = format!("e/{}/v", "d".repeat(33));
         let cases: &[&str] = &[
             "",
+            "h/",
+            "hh",
+            "H",
             "s",
             "s/",
             "S/a/0/0",
@@ -302,6 +316,7 @@ mod tests {
             ID.prop_map(GossipKey::Reset),
             (DIMENSION, VALUE)
                 .prop_map(|(dimension, value)| GossipKey::Entity { dimension, value }),
+            Just(GossipKey::Hello),
         ]
     }
 

@@ -26,9 +26,11 @@ pub mod values;
 pub use chitchat::transport::{ChannelTransport, RecvOutcome, SendOutcome, Socket, Transport};
 pub use chitchat::{ChitchatEnvelope, ChitchatMessage};
 pub use cluster::{Gossip, GossipConfig, GossipStats, Incoming, Member, udp_transport};
-pub use keys::{ENTITY_PREFIX, GossipKey, LIMIT_PREFIX, RELAY_PREFIX, RESET_PREFIX, SLOT_PREFIX};
+pub use keys::{
+    ENTITY_PREFIX, GossipKey, HELLO_KEY, LIMIT_PREFIX, RELAY_PREFIX, RESET_PREFIX, SLOT_PREFIX,
+};
 pub use mac::{ClusterKey, KeyError, MacError, open, seal};
 pub use values::{
-    PAYLOAD_BYTES_MAX, VALUE_BYTES_MAX, ValueError, decode_record, decode_slot, encode_record,
-    encode_slot,
+    PAYLOAD_BYTES_MAX, VALUE_BYTES_MAX, ValueError, decode_hello, decode_record, decode_slot,
+    encode_hello, encode_record, encode_slot,
 };

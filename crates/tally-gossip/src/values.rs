@@ -31,6 +31,16 @@ pub enum ValueError {
     TooLarge { sealed_bytes: usize, max: usize },
 }
 
+/// A hello: the publisher's wall clock in Unix ms, canonical decimal.
+pub fn encode_hello(wall_ms: i64) -> String {
+    wall_ms.to_string()
+}
+
+/// Inverse of [`encode_hello`].
+pub fn decode_hello(payload: &str) -> Option<i64> {
+    crate::text::parse_i64(payload)
+}
+
 /// A slot value. Always fits: at most 20 digits.
 pub fn encode_slot(value: u64) -> String {
     value.to_string()

@@ -14,12 +14,17 @@
 //!   re-publishes every own slot of an open epoch that gossip lacks (a record stamped in
 //!   the next period is open before it is current): what is published is reconciled with
 //!   memory, not only updated at commits.
+//! - Readiness ([`Readiness`]): every node republishes a hello (its wall clock) at each
+//!   sweep. chitchat delivers a publisher's keys in version order and the writer merges
+//!   them in order, so once a hello is merged, so is everything its publisher published
+//!   before it. A node is caught up when it merged a fresh hello of every live peer that
+//!   holds the cluster key.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tally_core::{EntityRecord, Epoch, LimitRecord, ResetRegister};
 use tally_gossip::{
@@ -41,6 +46,9 @@ pub struct ClusterConfig {
     pub interval: Duration,
     /// The gossip network: `tally_gossip::udp_transport()` outside the simulator.
     pub transport: Arc<dyn tally_gossip::Transport>,
+    /// How long a caught-up node may be cut off from every peer before it reports not
+    /// ready again (`None`: it stays ready while isolated).
+    pub isolated_unready_after: Option<Duration>,
 }
 
 /// Something the writer made durable that the fleet should learn.
@@ -56,12 +64,149 @@ pub(crate) enum Publication {
 pub(crate) struct ClusterHandle {
     pub(crate) gossip: Gossip,
     pub(crate) publish: mpsc::UnboundedSender<Publication>,
-    pub(crate) ready: AtomicBool,
-    pub(crate) config: ClusterConfig,
+    /// Caught up with the fleet (what [`Readiness`] last decided).
+    pub(crate) caught_up: AtomicBool,
+    /// Hellos merged so far, by publisher; written by the writer after it merged
+    /// everything delivered before them.
+    pub(crate) hellos: parking_lot::Mutex<HashMap<String, HelloSeen>>,
 }
 
-/// How often relays, closed-epoch removal and readiness are re-evaluated.
+/// The hellos of one publisher merged so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct HelloSeen {
+    /// The newest hello's value: the publisher's wall clock when it published it.
+    pub(crate) newest_ms: i64,
+    /// How many distinct hellos were merged (only grows).
+    pub(crate) count: u64,
+    /// This node's clock when the newest one was merged.
+    pub(crate) merged_at_ms: i64,
+}
+
+impl HelloSeen {
+    pub(crate) fn merge(&mut self, wall_ms: i64, now_ms: i64) {
+        if wall_ms > self.newest_ms || self.count == 0 {
+            self.newest_ms = wall_ms;
+            self.count += 1;
+            self.merged_at_ms = now_ms;
+        }
+    }
+}
+
+/// A live peer whose hellos stopped for this long is not waited for: it is dead and
+/// chitchat's failure detector has not said so yet (a node first learned of through
+/// others' copies of its state looks live for several seconds). Hellos come every
+/// [`SWEEP_EVERY`].
+const HELLO_SILENCE_MS: i64 = 3_000;
+
+/// Hellos from one peer that arrive after a sync point prove the stream is live even when
+/// the peer's clock is behind this node's (the clock rule of [`Readiness`] would wait for
+/// it to catch up).
+const FRESH_HELLOS: u64 = 3;
+
+/// When a node is ready (DESIGN.md §4, ARCHITECTURE.md "Readiness"). Pure: the sweep feeds
+/// it what it sees, so the rules are unit-tested.
+///
+/// - A node is *caught up* once, for every live peer that holds the cluster key, it has
+///   merged a hello published at or after the sync point (this node's start, or the end of
+///   its last isolation), or [`FRESH_HELLOS`] hellos of that peer merged since the sync
+///   point. Peers that fail the MAC check (another cluster key) never count; nor do peers
+///   whose hellos have been silent for [`HELLO_SILENCE_MS`] (dead, not yet detected).
+/// - A node whose seeds are only itself (or none) and that has seen no peer with the key
+///   for `bootstrap_grace` is a fleet of one, caught up.
+/// - A caught-up node stays caught up while at least one peer is live (a new peer does not
+///   make it unready); cut off from every peer for `isolated_unready_after`, it is not
+///   caught up until it syncs again with fresh hellos.
+#[derive(Debug)]
+pub(crate) struct Readiness {
+    started_ms: i64,
+    solo_allowed: bool,
+    bootstrap_grace_ms: i64,
+    isolated_unready_ms: Option<i64>,
+    sync_after_ms: i64,
+    /// Hello counts per peer at the sync point.
+    baseline: HashMap<String, u64>,
+    isolated_since_ms: Option<i64>,
+    caught_up: bool,
+}
+
+impl Readiness {
+    pub(crate) fn new(
+        started_ms: i64,
+        solo_allowed: bool,
+        bootstrap_grace: Duration,
+        isolated_unready_after: Option<Duration>,
+    ) -> Readiness {
+        Readiness {
+            started_ms,
+            solo_allowed,
+            bootstrap_grace_ms: bootstrap_grace.as_millis() as i64,
+            isolated_unready_ms: isolated_unready_after.map(|d| d.as_millis() as i64),
+            sync_after_ms: started_ms,
+            baseline: HashMap::new(),
+            isolated_since_ms: None,
+            caught_up: false,
+        }
+    }
+
+    fn fresh(&self, peer: &str, hellos: &HashMap<String, HelloSeen>) -> bool {
+        hellos.get(peer).is_some_and(|h| {
+            let since = h.count - self.baseline.get(peer).copied().unwrap_or(0);
+            h.newest_ms >= self.sync_after_ms && since > 0 || since >= FRESH_HELLOS
+        })
+    }
+
+    /// Whether the node is caught up now, given the members it sees and the hellos merged.
+    pub(crate) fn evaluate(
+        &mut self,
+        now_ms: i64,
+        me: &str,
+        members: &[Member],
+        hellos: &HashMap<String, HelloSeen>,
+    ) -> bool {
+        let peers: Vec<&str> = members
+            .iter()
+            .filter(|m| m.node_id != me && m.live && m.verified)
+            .map(|m| m.node_id.as_str())
+            .collect();
+        let caught_up = if peers.is_empty() {
+            let peer_known = members.iter().any(|m| m.node_id != me && m.verified);
+            if self.caught_up {
+                let since = *self.isolated_since_ms.get_or_insert(now_ms);
+                self.isolated_unready_ms
+                    .is_none_or(|grace| now_ms - since < grace)
+            } else {
+                self.solo_allowed
+                    && !peer_known
+                    && now_ms - self.started_ms >= self.bootstrap_grace_ms
+            }
+        } else {
+            self.isolated_since_ms = None;
+            let silent = |p: &&str| {
+                hellos
+                    .get(*p)
+                    .is_some_and(|h| now_ms - h.merged_at_ms >= HELLO_SILENCE_MS)
+            };
+            let mut waited = peers.iter().filter(|p| !silent(p)).peekable();
+            self.caught_up || waited.peek().is_some() && waited.all(|p| self.fresh(p, hellos))
+        };
+        if !caught_up && peers.is_empty() {
+            // Whatever peer shows up next must prove it is current from here on.
+            self.sync_after_ms = now_ms;
+            self.baseline = hellos.iter().map(|(k, h)| (k.clone(), h.count)).collect();
+        }
+        self.caught_up = caught_up;
+        caught_up
+    }
+}
+
+/// How often relays, closed-epoch removal and readiness are re-evaluated, and the hello
+/// republished.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
+/// How long a node whose only seed is itself waits for a peer before it decides it is a
+/// fleet of one: long enough for peers that seed it to find it after it restarted (they
+/// gossip to their seeds and to nodes they saw die every round or two).
+const BOOTSTRAP_GRACE_MIN: Duration = Duration::from_secs(3);
+const BOOTSTRAP_GRACE_ROUNDS: u32 = 30;
 /// Most remote values merged in one durable batch.
 const REMOTE_BATCH_MAX: usize = 4096;
 
@@ -124,6 +269,7 @@ fn snapshot(shared: &Shared) -> Vec<(GossipKey, String)> {
             }
         }
     }
+    out.push((GossipKey::Hello, tally_gossip::encode_hello(now)));
     let mut pubs = Vec::new();
     pubs.extend(state.limit_records().cloned().map(Publication::Limit));
     pubs.extend(state.entity_records().cloned().map(Publication::Entity));
@@ -164,18 +310,24 @@ pub(crate) async fn start(
     )
     .await?;
     let (pub_tx, mut pub_rx) = mpsc::unbounded_channel::<Publication>();
-    // With no seeds other than itself, a node has nobody to catch up with.
-    let ready = config.seeds.iter().all(|s| {
+    // With no seeds other than itself, a node may be the first of its fleet.
+    let solo_allowed = config.seeds.iter().all(|s| {
         s.parse::<SocketAddr>()
             .is_ok_and(|a| a == config.advertise || a == config.listen)
     });
+    let mut readiness = Readiness::new(
+        shared.clock.now_ms(),
+        solo_allowed,
+        BOOTSTRAP_GRACE_MIN.max(config.interval * BOOTSTRAP_GRACE_ROUNDS),
+        config.isolated_unready_after,
+    );
     if shared
         .cluster
         .set(ClusterHandle {
             gossip,
             publish: pub_tx,
-            ready: AtomicBool::new(ready),
-            config,
+            caught_up: AtomicBool::new(false),
+            hellos: parking_lot::Mutex::new(HashMap::new()),
         })
         .is_err()
     {
@@ -183,7 +335,6 @@ pub(crate) async fn start(
     }
 
     // Incoming: batch what is available and hand it to the writer.
-    let s = shared.clone();
     tokio::spawn(async move {
         while let Some(first) = in_rx.recv().await {
             let mut items = vec![first];
@@ -193,7 +344,6 @@ pub(crate) async fn start(
                     Err(_) => break,
                 }
             }
-            s.remote_pending.fetch_add(items.len(), Ordering::SeqCst);
             if writer.send(Op::Remote { items }).is_err() {
                 return;
             }
@@ -214,25 +364,27 @@ pub(crate) async fn start(
         }
     });
 
-    // Sweep: relays, closed epochs, readiness.
+    // Sweep: hello, relays, closed epochs, readiness.
     let s = shared.clone();
     tokio::spawn(async move {
-        let mut first_live_peer: Option<Instant> = None;
         loop {
             tokio::time::sleep(SWEEP_EVERY).await;
             let Some(c) = s.cluster.get() else { return };
+            let now = s.clock.now_ms();
+            c.gossip
+                .publish(vec![(GossipKey::Hello, tally_gossip::encode_hello(now))])
+                .await;
             let members = c.gossip.members().await;
             sweep(&s, c, &members).await;
-            if !c.ready.load(Ordering::Relaxed) {
-                let live_peer = members.iter().any(|m| m.live && m.node_id != s.node_id);
-                if live_peer {
-                    let since = *first_live_peer.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= c.config.interval * 5
-                        && s.remote_pending.load(Ordering::SeqCst) == 0
-                    {
-                        c.ready.store(true, Ordering::Relaxed);
-                        tracing::info!("caught up with the fleet: ready");
-                    }
+            let hellos = c.hellos.lock().clone();
+            let caught_up = readiness.evaluate(now, &s.node_id, &members, &hellos);
+            if caught_up != c.caught_up.swap(caught_up, Ordering::Relaxed) {
+                if caught_up {
+                    tracing::info!("caught up with the fleet: ready");
+                } else {
+                    tracing::warn!(
+                        "cut off from every peer of the fleet: not ready until it syncs again; check the network between nodes"
+                    );
                 }
             }
         }
@@ -318,4 +470,179 @@ async fn sweep(shared: &Shared, c: &ClusterHandle, members: &[Member]) {
     c.gossip.publish(relays).await;
     c.gossip.publish_missing(missing).await;
     c.gossip.unpublish(stale).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_795_327_200_000;
+
+    fn member(id: &str, live: bool, verified: bool) -> Member {
+        Member {
+            node_id: id.into(),
+            gossip_addr: "127.0.0.1:1".parse().unwrap(),
+            live,
+            generation: 1,
+            newest_value_age: None,
+            verified,
+        }
+    }
+
+    /// Hellos (publisher, newest hello, count), merged just now as far as the tests go.
+    fn hellos(entries: &[(&str, i64, u64)]) -> HashMap<String, HelloSeen> {
+        entries
+            .iter()
+            .map(|&(id, newest_ms, count)| {
+                let h = HelloSeen {
+                    newest_ms,
+                    count,
+                    merged_at_ms: i64::MAX / 2, // never silent in these tests
+                };
+                (id.to_string(), h)
+            })
+            .collect()
+    }
+
+    fn readiness(solo: bool) -> Readiness {
+        Readiness::new(
+            T0,
+            solo,
+            Duration::from_secs(3),
+            Some(Duration::from_secs(10)),
+        )
+    }
+
+    #[test]
+    fn hello_seen_counts_distinct_newer_hellos() {
+        let mut h = HelloSeen::default();
+        h.merge(5, 100);
+        h.merge(5, 200);
+        h.merge(4, 300);
+        let want = HelloSeen {
+            newest_ms: 5,
+            count: 1,
+            merged_at_ms: 100,
+        };
+        assert_eq!(h, want);
+        h.merge(9, 400);
+        let want = HelloSeen {
+            newest_ms: 9,
+            count: 2,
+            merged_at_ms: 400,
+        };
+        assert_eq!(h, want);
+    }
+
+    #[test]
+    fn a_fleet_of_one_waits_out_the_bootstrap_grace() {
+        let me = [member("a", true, true)];
+        let mut r = readiness(true);
+        assert!(!r.evaluate(T0 + 2_999, "a", &me, &HashMap::new()));
+        assert!(r.evaluate(T0 + 3_000, "a", &me, &HashMap::new()));
+        // A node with seeds that are not itself never is one.
+        let mut r = readiness(false);
+        assert!(!r.evaluate(T0 + 60_000, "a", &me, &HashMap::new()));
+    }
+
+    #[test]
+    fn a_peer_with_another_key_neither_counts_nor_blocks() {
+        let seen = [member("a", true, true), member("x", true, false)];
+        let mut r = readiness(true);
+        assert!(r.evaluate(T0 + 3_000, "a", &seen, &HashMap::new()));
+        // Seeded by others, a node that only meets a peer with the wrong key never syncs.
+        let mut r = readiness(false);
+        assert!(!r.evaluate(T0 + 60_000, "x", &seen[1..], &HashMap::new()));
+        let bad = [member("x", true, true), member("a", true, false)];
+        assert!(!r.evaluate(T0 + 60_000, "x", &bad, &HashMap::new()));
+    }
+
+    #[test]
+    fn catching_up_needs_a_fresh_hello_from_every_live_peer() {
+        let seen = [
+            member("a", true, true),
+            member("b", true, true),
+            member("c", true, true),
+            member("d", false, true),
+        ];
+        let mut r = readiness(true);
+        // A self-seeded node that meets peers inside the grace must sync with them.
+        assert!(!r.evaluate(T0 + 500, "a", &seen, &HashMap::new()));
+        // b's hello predates this node's start: it does not prove b is current.
+        let h = hellos(&[("b", T0 - 1, 1), ("c", T0 + 400, 1)]);
+        assert!(!r.evaluate(T0 + 4_000, "a", &seen, &h));
+        let h = hellos(&[("b", T0 + 600, 2), ("c", T0 + 400, 1)]);
+        assert!(r.evaluate(T0 + 4_500, "a", &seen, &h));
+        // A dead peer first known through others' copies looks live to chitchat for a
+        // while; once its hellos are silent it is not waited for.
+        let mut r2 = readiness(false);
+        let mut h2 = hellos(&[("b", T0 + 600, 2), ("c", T0 + 400, 1)]);
+        h2.insert(
+            "d".into(),
+            HelloSeen {
+                newest_ms: T0 - 9_000,
+                count: 1,
+                merged_at_ms: T0 + 1_000,
+            },
+        );
+        let d_live = [&seen[..3], &[member("d", true, true)]].concat();
+        assert!(!r2.evaluate(T0 + 3_999, "a", &d_live, &h2));
+        assert!(r2.evaluate(T0 + 4_000, "a", &d_live, &h2));
+        // A dead peer first known through others' copies looks live to chitchat for a
+        // while; once its hellos are silent it is not waited for.
+        let mut r2 = readiness(false);
+        let mut h2 = h.clone();
+        let d_hello = HelloSeen {
+            newest_ms: T0 - 9_000,
+            count: 1,
+            merged_at_ms: T0 + 1_000,
+        };
+        h2.insert("d".into(), d_hello);
+        let d_live = [&seen[..3], &[member("d", true, true)]].concat();
+        assert!(!r2.evaluate(T0 + 3_999, "a", &d_live, &h2));
+        assert!(r2.evaluate(T0 + 4_000, "a", &d_live, &h2));
+        // Once caught up, a newcomer does not make the node unready.
+        let more = [seen.as_slice(), &[member("e", true, true)]].concat();
+        assert!(r.evaluate(T0 + 5_000, "a", &more, &h));
+    }
+
+    #[test]
+    fn a_peer_whose_clock_is_behind_syncs_by_counting_hellos() {
+        let seen = [member("a", true, true), member("b", true, true)];
+        let mut r = readiness(false);
+        let behind = T0 - 60_000;
+        let h = hellos(&[("b", behind, 2)]);
+        assert!(!r.evaluate(T0 + 100, "a", &seen, &h));
+        // Hellos are counted from the sync point (here the start, when none were merged).
+        let h = hellos(&[("b", behind + 1_500, FRESH_HELLOS)]);
+        assert!(r.evaluate(T0 + 1_600, "a", &seen, &h));
+    }
+
+    #[test]
+    fn isolation_makes_a_node_unready_until_it_syncs_again() {
+        let alive = [member("a", true, true), member("b", true, true)];
+        let cut = [member("a", true, true), member("b", false, true)];
+        let mut r = readiness(false);
+        let h = hellos(&[("b", T0 + 100, 1)]);
+        assert!(r.evaluate(T0 + 200, "a", &alive, &h));
+        assert!(r.evaluate(T0 + 1_000, "a", &cut, &h));
+        assert!(r.evaluate(T0 + 10_999, "a", &cut, &h), "within the grace");
+        assert!(!r.evaluate(T0 + 11_000, "a", &cut, &h));
+        assert!(!r.evaluate(T0 + 20_000, "a", &cut, &h));
+        // Back, b must prove it is current after the isolation: an old hello does not.
+        assert!(!r.evaluate(T0 + 20_500, "a", &alive, &h));
+        let h = hellos(&[("b", T0 + 20_600, 2)]);
+        assert!(r.evaluate(T0 + 21_000, "a", &alive, &h));
+        // After another isolation, hellos are counted from its end (b's clock is behind).
+        assert!(r.evaluate(T0 + 22_000, "a", &cut, &h));
+        assert!(!r.evaluate(T0 + 40_000, "a", &cut, &h));
+        let h = hellos(&[("b", T0, 2 + FRESH_HELLOS - 1)]);
+        assert!(!r.evaluate(T0 + 40_500, "a", &alive, &h));
+        let h = hellos(&[("b", T0, 2 + FRESH_HELLOS)]);
+        assert!(r.evaluate(T0 + 41_000, "a", &alive, &h));
+        // Without the grace setting, an isolated node stays ready.
+        let mut r = Readiness::new(T0, false, Duration::from_secs(3), None);
+        assert!(r.evaluate(T0 + 200, "a", &alive, &h));
+        assert!(r.evaluate(T0 + 999_000, "a", &cut, &h));
+    }
 }

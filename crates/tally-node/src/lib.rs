@@ -177,8 +177,6 @@ pub(crate) struct Shared {
     pub(crate) config: NodeConfig,
     pub(crate) node_id: String,
     pub(crate) cluster: std::sync::OnceLock<cluster::ClusterHandle>,
-    /// Remote values handed to the writer and not yet merged.
-    pub(crate) remote_pending: std::sync::atomic::AtomicUsize,
 }
 
 /// A running node. Cheap to clone; all clones share one state and one writer.
@@ -252,7 +250,6 @@ impl Node {
             node_id,
             config,
             cluster: std::sync::OnceLock::new(),
-            remote_pending: std::sync::atomic::AtomicUsize::new(0),
         });
         let queue = Arc::new(Semaphore::new(shared.config.queue_records_max));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -306,7 +303,7 @@ impl Node {
         }
         CheckReply {
             allowed: d.allowed,
-            stale: !self.ready(),
+            stale: !self.caught_up(),
             limits,
         }
     }
@@ -507,12 +504,18 @@ impl Node {
         cluster::start(self.shared.clone(), self.tx.clone(), config).await
     }
 
-    /// Caught up with the fleet (always, for a node without peers to wait for).
-    pub fn ready(&self) -> bool {
+    /// Caught up with the fleet (always, for a node without gossip): checks say `stale`
+    /// when not.
+    pub fn caught_up(&self) -> bool {
         self.shared
             .cluster
             .get()
-            .is_none_or(|c| c.ready.load(std::sync::atomic::Ordering::Relaxed))
+            .is_none_or(|c| c.caught_up.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Ready to take traffic (`/readyz`): caught up with the fleet.
+    pub fn ready(&self) -> bool {
+        self.caught_up()
     }
 
     /// The fleet as this node sees it; `None` when not clustered.

@@ -206,13 +206,7 @@ pub(crate) fn run(shared: Arc<Shared>, mut store: Store, rx: Receiver<Op>) {
             Op::Config { change, reply, .. } => {
                 let _ = reply.send(apply_config(&shared, &mut store, change));
             }
-            Op::Remote { items } => {
-                let n = items.len();
-                apply_remote(&shared, &mut store, items);
-                shared
-                    .remote_pending
-                    .fetch_sub(n, std::sync::atomic::Ordering::SeqCst);
-            }
+            Op::Remote { items } => apply_remote(&shared, &mut store, items),
             Op::Records { records, reply, .. } => {
                 let mut group = match store.batch() {
                     Ok(batch) => Group {
@@ -423,6 +417,7 @@ fn publish(shared: &Shared, p: Publication) {
 /// ignored: this node's slots come only from its own disk.
 fn apply_remote(shared: &Shared, store: &mut Store, items: Vec<Incoming>) {
     let now = shared.clock.now_ms();
+    let mut hellos = Vec::new();
     let (slots, records) = {
         let state = shared.state.read();
         let me = state.node_id();
@@ -430,6 +425,10 @@ fn apply_remote(shared: &Shared, store: &mut Store, items: Vec<Incoming>) {
         let mut records = Vec::new();
         for item in items {
             let record = match item {
+                Incoming::Hello { origin, wall_ms } => {
+                    hellos.push((origin, wall_ms));
+                    continue;
+                }
                 Incoming::Slot {
                     origin,
                     limit,
@@ -452,6 +451,7 @@ fn apply_remote(shared: &Shared, store: &mut Store, items: Vec<Incoming>) {
         (slots, records)
     };
     if slots.is_empty() && records.is_empty() {
+        note_hellos(shared, hellos);
         return;
     }
     let result = (|| {
@@ -481,5 +481,20 @@ fn apply_remote(shared: &Shared, store: &mut Store, items: Vec<Incoming>) {
     drop(state);
     for p in republish {
         publish(shared, p);
+    }
+    note_hellos(shared, hellos);
+}
+
+/// Notes hellos once everything delivered before them is merged (readiness).
+fn note_hellos(shared: &Shared, hellos: Vec<(String, i64)>) {
+    if hellos.is_empty() {
+        return;
+    }
+    if let Some(c) = shared.cluster.get() {
+        let now = shared.clock.now_ms();
+        let mut seen = c.hellos.lock();
+        for (origin, wall_ms) in hellos {
+            seen.entry(origin).or_default().merge(wall_ms, now);
+        }
     }
 }

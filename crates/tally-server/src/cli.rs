@@ -125,6 +125,10 @@ pub struct ServeArgs {
     /// How long a write waits for queue space before 503 [default: 2000].
     #[arg(long, env = "TALLY_QUEUE_WAIT_MS", value_name = "MS")]
     pub queue_wait_ms: Option<u64>,
+    /// How long a node cut off from every peer stays ready (/readyz 200) before it reports
+    /// 503 until it syncs again; 0 keeps it ready while isolated [default: 10].
+    #[arg(long, env = "TALLY_ISOLATED_UNREADY_SECS", value_name = "SECS")]
+    pub isolated_unready_secs: Option<u64>,
     /// Log format [default: text]; logs go to stderr, filtered by RUST_LOG.
     #[arg(long, env = "TALLY_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,

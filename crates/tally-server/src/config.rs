@@ -35,6 +35,8 @@ pub const DEFAULT_BATCH_RECORDS_MAX: usize = 4_096;
 pub const DEFAULT_QUEUE_RECORDS_MAX: usize = 65_536;
 /// Default time a request waits for queue space before it is refused with 503.
 pub const DEFAULT_QUEUE_WAIT_MS: u64 = 2_000;
+/// Default time a node cut off from every peer stays ready.
+pub const DEFAULT_ISOLATED_UNREADY_SECS: u64 = 10;
 
 /// Upper bounds on tuning values: far above any sensible setting, low enough that a typo
 /// (an extra few zeros) is reported instead of silently stalling or exhausting memory.
@@ -43,6 +45,7 @@ const DEDUP_WINDOW_SECS_MAX: u64 = 366 * 86_400;
 const BATCH_RECORDS_MAX_MAX: usize = 1 << 20;
 const QUEUE_RECORDS_MAX_MAX: usize = 1 << 24;
 const QUEUE_WAIT_MS_MAX: u64 = 600_000;
+const ISOLATED_UNREADY_SECS_MAX: u64 = 30 * 86_400;
 /// Ids (node id, cluster id) follow the API's id pattern `[A-Za-z0-9._:-]{1,128}`.
 const ID_LEN_MAX: usize = 128;
 
@@ -87,6 +90,8 @@ pub struct ServeConfig {
     pub batch_records_max: usize,
     pub queue_records_max: usize,
     pub queue_wait_ms: u64,
+    /// Seconds a node cut off from every peer stays ready; 0 = while isolated.
+    pub isolated_unready_secs: u64,
     pub log_format: LogFormat,
 }
 
@@ -112,6 +117,7 @@ impl fmt::Debug for ServeConfig {
             .field("batch_records_max", &self.batch_records_max)
             .field("queue_records_max", &self.queue_records_max)
             .field("queue_wait_ms", &self.queue_wait_ms)
+            .field("isolated_unready_secs", &self.isolated_unready_secs)
             .field("log_format", &self.log_format)
             .finish()
     }
@@ -138,6 +144,7 @@ impl Default for ServeConfig {
             batch_records_max: DEFAULT_BATCH_RECORDS_MAX,
             queue_records_max: DEFAULT_QUEUE_RECORDS_MAX,
             queue_wait_ms: DEFAULT_QUEUE_WAIT_MS,
+            isolated_unready_secs: DEFAULT_ISOLATED_UNREADY_SECS,
             log_format: LogFormat::Text,
         }
     }
@@ -164,6 +171,7 @@ struct FileConfig {
     batch_records_max: Option<usize>,
     queue_records_max: Option<usize>,
     queue_wait_ms: Option<u64>,
+    isolated_unready_secs: Option<u64>,
     log_format: Option<String>,
 }
 
@@ -336,6 +344,13 @@ impl ServeConfig {
             file.queue_wait_ms,
             parse_number,
         )?;
+        let isolated_unready_secs = pick(
+            "isolated_unready_secs",
+            args.isolated_unready_secs,
+            env,
+            file.isolated_unready_secs,
+            parse_number,
+        )?;
         let log_format = pick(
             "log_format",
             args.log_format,
@@ -362,6 +377,7 @@ impl ServeConfig {
             batch_records_max: batch_records_max.unwrap_or(defaults.batch_records_max),
             queue_records_max: queue_records_max.unwrap_or(defaults.queue_records_max),
             queue_wait_ms: queue_wait_ms.unwrap_or(defaults.queue_wait_ms),
+            isolated_unready_secs: isolated_unready_secs.unwrap_or(defaults.isolated_unready_secs),
             log_format: log_format.unwrap_or(defaults.log_format),
         };
         config.validate()?;
@@ -419,6 +435,12 @@ impl ServeConfig {
             QUEUE_RECORDS_MAX_MAX as u64,
         )?;
         check_range("queue_wait_ms", self.queue_wait_ms, 0, QUEUE_WAIT_MS_MAX)?;
+        check_range(
+            "isolated_unready_secs",
+            self.isolated_unready_secs,
+            0,
+            ISOLATED_UNREADY_SECS_MAX,
+        )?;
         if self.queue_records_max < self.batch_records_max {
             bail!(
                 "queue_records_max ({}) is smaller than batch_records_max ({}): a batch is \

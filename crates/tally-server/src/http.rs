@@ -784,7 +784,9 @@ async fn cluster(State(s): App, headers: HeaderMap) -> ApiResult {
                 json!({
                     "node_id": m.node_id,
                     "gossip_addr": m.gossip_addr.to_string(),
-                    "live": m.live,
+                    // A node whose values fail the MAC (another cluster key) talks to
+                    // chitchat but takes no part in the fleet.
+                    "live": m.live && m.verified,
                     "generation": m.generation,
                     // Gossip lag where known: how long ago a value from it was accepted.
                     "newest_value_age_ms": m.newest_value_age.map(|d| d.as_millis() as u64),

@@ -158,5 +158,7 @@ pub fn cluster_config(cfg: &ServeConfig) -> anyhow::Result<Option<ClusterConfig>
         key,
         interval: Duration::from_millis(cfg.gossip_interval_ms),
         transport: tally_gossip::udp_transport(),
+        isolated_unready_after: (cfg.isolated_unready_secs > 0)
+            .then(|| Duration::from_secs(cfg.isolated_unready_secs)),
     }))
 }

@@ -145,6 +145,7 @@ pub async fn run(cfg: Arc<HostConfig>) -> turmoil::Result {
         key: ClusterKey::new(CLUSTER_KEY)?,
         interval: cfg.interval,
         transport: Arc::new(SimTransport(cfg.parked.clone())),
+        isolated_unready_after: Some(Duration::from_secs(10)),
     })
     .await?;
     let listener =
