@@ -7,10 +7,13 @@
 //! another denial holds it, this denial is counted in `skipped` and not kept, so a check
 //! never waits. The entries are allocated once and overwritten in place, so once the ring
 //! has gone round, recording copies a few short strings into buffers that already have
-//! room for them and allocates nothing.
+//! room for them and allocates nothing. Copying them is still about 500 instructions
+//! (BENCHMARKS.md), so in a storm of denials (a gateway retrying a spent budget) at most
+//! [`KEPT_PER_MS_MAX`] denials per millisecond are copied; the others cost two atomic
+//! operations and are counted in `skipped`.
 
 use parking_lot::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use tally_core::Amounts;
 
@@ -18,6 +21,9 @@ use tally_core::Amounts;
 pub const DENIALS_MAX: usize = 512;
 /// Denying limit ids kept per denial; `denied_by_more` counts the rest.
 pub const DENIED_BY_MAX: usize = 16;
+/// Denials copied into the ring per millisecond at most (8 000/s): more than a person
+/// reads, and the ring then still spans the last 64 ms of a storm.
+pub const KEPT_PER_MS_MAX: u32 = 8;
 
 /// One denied check, as it was asked.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -39,8 +45,12 @@ pub struct Denial {
 #[derive(Debug)]
 pub struct DenialRing {
     ring: Mutex<Ring>,
-    /// Denials not kept because the ring was busy.
+    /// Denials not kept because the ring was busy or the millisecond's quota was spent.
     skipped: AtomicU64,
+    /// The millisecond `kept_in_ms` counts for. Both are updated without a lock, so two
+    /// threads may briefly disagree: the quota is approximate, never the ring's contents.
+    window_ms: AtomicI64,
+    kept_in_ms: AtomicU32,
 }
 
 #[derive(Debug)]
@@ -61,6 +71,8 @@ impl Default for DenialRing {
                 seq: 0,
             }),
             skipped: AtomicU64::new(0),
+            window_ms: AtomicI64::new(i64::MIN),
+            kept_in_ms: AtomicU32::new(0),
         }
     }
 }
@@ -95,7 +107,8 @@ fn refill_pairs<'a>(dst: &mut Vec<(String, String)>, src: &[(&'a str, &'a str)])
 }
 
 impl DenialRing {
-    /// Keeps a denial unless the ring is busy (then counts it in [`DenialRing::skipped`]).
+    /// Keeps a denial unless the ring is busy or [`KEPT_PER_MS_MAX`] denials were already
+    /// kept in `at_ms` (then counts it in [`DenialRing::skipped`]).
     pub fn record<'a>(
         &self,
         at_ms: i64,
@@ -103,6 +116,15 @@ impl DenialRing {
         denied_by: impl Iterator<Item = &'a str>,
         estimate: Amounts,
     ) {
+        if self.window_ms.load(Ordering::Relaxed) == at_ms {
+            if self.kept_in_ms.fetch_add(1, Ordering::Relaxed) >= KEPT_PER_MS_MAX {
+                self.skipped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        } else {
+            self.window_ms.store(at_ms, Ordering::Relaxed);
+            self.kept_in_ms.store(1, Ordering::Relaxed);
+        }
         let Some(mut ring) = self.ring.try_lock() else {
             self.skipped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -148,7 +170,7 @@ impl DenialRing {
             .collect()
     }
 
-    /// Denials not kept because the ring was busy when they happened.
+    /// Denials not kept because the ring was busy or the millisecond's quota was spent.
     pub fn skipped(&self) -> u64 {
         self.skipped.load(Ordering::Relaxed)
     }
@@ -217,17 +239,20 @@ mod tests {
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         for i in 1..=DENIALS_MAX as u64 {
             ring.record(
-                0,
+                i as i64,
                 &[("team", "eng"), ("model", "gpt-4o")],
                 many.iter().copied(),
                 amounts(i),
             );
         }
         // The next denial overwrites the oldest slot with fewer attributes and ids.
-        record(&ring, 9, &["only"]);
+        record(&ring, 9_999, &["only"]);
         let newest = &ring.recent(1)[0];
         assert_eq!(newest.seq, DENIALS_MAX as u64 + 1);
-        assert_eq!(newest.attributes, [("virtual_key".into(), "vk-9".into())]);
+        assert_eq!(
+            newest.attributes,
+            [("virtual_key".into(), "vk-9999".into())]
+        );
         assert_eq!(newest.denied_by, ["only"]);
         assert_eq!(newest.denied_by_more, 0);
         let older = &ring.recent(2)[1];
@@ -245,5 +270,19 @@ mod tests {
         assert!(ring.recent(10).is_empty());
         record(&ring, 2, &["a"]);
         assert_eq!(ring.recent(10)[0].seq, 1);
+    }
+
+    #[test]
+    fn a_storm_keeps_a_bounded_sample_per_millisecond() {
+        let ring = DenialRing::default();
+        for _ in 0..20 {
+            record(&ring, 7, &["a"]);
+        }
+        assert_eq!(ring.recent(100).len(), KEPT_PER_MS_MAX as usize);
+        assert_eq!(ring.skipped(), 20 - u64::from(KEPT_PER_MS_MAX));
+        // The next millisecond has its own quota.
+        record(&ring, 8, &["a"]);
+        assert_eq!(ring.recent(1)[0].at_ms, 8);
+        assert_eq!(ring.recent(100).len(), KEPT_PER_MS_MAX as usize + 1);
     }
 }

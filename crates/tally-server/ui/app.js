@@ -16,7 +16,7 @@
 (() => {
   const TOKEN_KEY = 'tally.token';
   const POLL_MS = 2000; // the update interval when fetches are cheap
-  const POLL_MAX_MS = 30000;
+  const POLL_MAX_MS = 60000;
   const PAGE_SIZE = 50;
   const RELATED_MAX = 10;
   const PARENT_DEPTH_MAX = 8; // entity chains are bounded like scopes
@@ -523,7 +523,8 @@
     const arr = Array.isArray(body) ? body : (body && (body.history || body.periods || body.epochs)) || [];
     return arr
       .map((p) => ({ start: p.period_start ?? p.start, end: p.resets_at ?? p.period_end ?? p.end, used: Number(p.used ?? p.usage ?? p.total) }))
-      .filter((p) => p.start && Number.isFinite(p.used));
+      .filter((p) => p.start && Number.isFinite(p.used))
+      .sort((a, b) => new Date(a.start) - new Date(b.start)); // oldest first, whatever the order sent
   }
 
   function limitView(id) {
