@@ -1354,8 +1354,19 @@ fn operations() {
         assert_eq!(v["node_id"], json!(id));
         let nodes = v["nodes"].as_array().expect("nodes array");
         assert_eq!(nodes.len(), 1, "{v}");
-        assert_keys(&nodes[0], &["node_id", "gossip_addr", "live", "generation"]);
+        assert_keys(
+            &nodes[0],
+            &[
+                "node_id",
+                "gossip_addr",
+                "live",
+                "generation",
+                "newest_value_age_ms",
+            ],
+        );
         assert_eq!(nodes[0]["node_id"], json!(id), "{v}");
+        // A lone node has no peer whose gossip could lag.
+        assert_eq!(nodes[0]["newest_value_age_ms"], Value::Null, "{v}");
         assert_eq!(nodes[0]["live"], json!(true), "{v}");
         assert!(nodes[0]["generation"].is_u64(), "{v}");
         nodes[0]["generation"].clone()

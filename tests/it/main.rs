@@ -14,6 +14,7 @@
 //! - `hostile`: thousands of slow connections, trickled headers and bodies (I8, bounds).
 //! - `proxies`: forward-auth, usage from access-log lines, envoyproxy/ratelimit import
 //!   (I2, I8).
+//! - `ui`: what `/ui` serves and its headers; `/v1/whoami` and `/v1/denials` (I8).
 
 mod api;
 mod cli;
@@ -23,3 +24,4 @@ mod disk_full;
 mod hostile;
 mod periods;
 mod proxies;
+mod ui;

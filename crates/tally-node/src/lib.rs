@@ -12,6 +12,7 @@
 
 pub mod clock;
 mod cluster;
+pub mod denials;
 pub mod metrics;
 mod writer;
 
@@ -30,6 +31,7 @@ use tokio::sync::{Semaphore, oneshot};
 
 pub use clock::{Clock, SystemClock};
 pub use cluster::ClusterConfig;
+pub use denials::{DENIALS_MAX, Denial};
 pub use metrics::Metrics;
 pub use tally_gossip::{ClusterKey, GossipStats, Member};
 /// The fault-injecting disk a node can run on instead of `data_dir` ([`NodeConfig::disk`]).
@@ -249,6 +251,7 @@ pub struct EntityDetails {
 pub(crate) struct Shared {
     pub(crate) state: RwLock<State>,
     pub(crate) metrics: Metrics,
+    pub(crate) denials: denials::DenialRing,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: NodeConfig,
     pub(crate) node_id: String,
@@ -325,6 +328,7 @@ impl Node {
         let shared = Arc::new(Shared {
             state: RwLock::new(state),
             metrics: Metrics::default(),
+            denials: denials::DenialRing::default(),
             clock: config.clock.clone(),
             node_id,
             config,
@@ -370,17 +374,34 @@ impl Node {
         let mut d = Decision::default();
         let state = self.shared.state.read();
         state.check_into(attributes, estimate, now, &mut d);
-        let limits = d.limits.iter().map(|s| report(&state, s)).collect();
+        let limits: Vec<LimitReport> = d.limits.iter().map(|s| report(&state, s)).collect();
         drop(state);
         Metrics::add(&self.shared.metrics.checks_total, 1);
         if !d.allowed {
             Metrics::add(&self.shared.metrics.checks_denied_total, 1);
+            self.shared.denials.record(
+                now,
+                attributes,
+                limits.iter().filter(|l| l.denied).map(|l| l.id.as_str()),
+                estimate,
+            );
         }
         CheckReply {
             allowed: d.allowed,
             stale: !self.caught_up(),
             limits,
         }
+    }
+
+    /// Up to `max` of the most recent denied checks, newest first (memory only, at most
+    /// [`DENIALS_MAX`]).
+    pub fn recent_denials(&self, max: usize) -> Vec<Denial> {
+        self.shared.denials.recent(max)
+    }
+
+    /// Denied checks not kept in the ring because it was busy at that instant.
+    pub fn denials_skipped(&self) -> u64 {
+        self.shared.denials.skipped()
     }
 
     /// Every limit applying to `attributes`, with usage now.

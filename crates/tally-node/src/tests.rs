@@ -284,3 +284,55 @@ async fn history_is_kept_for_the_retention_then_dropped() {
     assert_eq!(slots.iter().filter(|(l, _, _)| l == "h").count(), 50);
     assert_eq!(slots.iter().filter(|(l, _, _)| l == "d").count(), 3);
 }
+
+#[tokio::test]
+async fn denied_checks_are_kept_in_memory_newest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(TestClock(AtomicI64::new(T0)));
+    let node = Node::open(config(dir.path(), &clock)).unwrap();
+    node.put_limit("b", limit(Metric::Cost, 100, "1d"))
+        .await
+        .unwrap();
+    node.put_limit("t", limit(Metric::Tokens, 50, "1d"))
+        .await
+        .unwrap();
+    let ask = |tokens| Amounts {
+        cost: tally_core::Micros(10),
+        tokens,
+        requests: 1,
+    };
+    // Allowed checks leave nothing behind.
+    assert!(node.check(&[("team", "eng")], ask(50)).allowed);
+    assert!(node.recent_denials(10).is_empty());
+
+    assert!(
+        !node
+            .check(&[("team", "eng"), ("model", "m<1>")], ask(51))
+            .allowed
+    );
+    clock.0.store(T0 + 5, Ordering::SeqCst);
+    assert!(!node.check(&[("team", "eng")], ask(60)).allowed);
+    let got = node.recent_denials(10);
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        (got[0].seq, got[0].at_ms, got[0].estimate),
+        (2, T0 + 5, ask(60))
+    );
+    assert_eq!(got[0].attributes, [("team".into(), "eng".into())]);
+    assert_eq!(got[0].denied_by, ["t"]);
+    assert_eq!((got[1].seq, got[1].at_ms), (1, T0));
+    assert_eq!(
+        got[1].attributes,
+        [
+            ("team".into(), "eng".into()),
+            ("model".into(), "m<1>".into())
+        ]
+    );
+    assert_eq!(node.recent_denials(1), got[..1]);
+    assert_eq!(node.denials_skipped(), 0);
+    // Memory only: a restarted node starts with an empty ring.
+    node.shutdown().await;
+    drop(node);
+    let node = Node::open(config(dir.path(), &clock)).unwrap();
+    assert!(node.recent_denials(10).is_empty());
+}

@@ -283,10 +283,15 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Params<
 
 // ----- auth --------------------------------------------------------------------------
 
-pub(crate) fn authorize(state: &AppState, headers: &HeaderMap, need: Role) -> Result<(), ApiError> {
+/// The role of the request's token, if it has at least `need`.
+pub(crate) fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    need: Role,
+) -> Result<Role, ApiError> {
     let auth = &state.auth;
     if auth.admin_token.is_none() && auth.client_token.is_none() {
-        return Ok(()); // loopback-only node without tokens (DESIGN.md §4)
+        return Ok(Role::Admin); // loopback-only node without tokens (DESIGN.md §4)
     }
     let unauthenticated = |m: &str| ApiError {
         status: StatusCode::UNAUTHORIZED,
@@ -318,7 +323,7 @@ pub(crate) fn authorize(state: &AppState, headers: &HeaderMap, need: Role) -> Re
             message: "this token's role may not do this; an admin token is needed".into(),
         });
     }
-    Ok(())
+    Ok(role)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -1016,6 +1021,8 @@ async fn cluster(State(s): App, headers: HeaderMap) -> ApiResult {
                     // chitchat but takes no part in the fleet.
                     "live": m.live && m.verified,
                     "generation": m.generation,
+                    // Gossip lag where known: how long ago a value from it was accepted.
+                    "newest_value_age_ms": m.newest_value_age.map(|d| d.as_millis() as u64),
                 })
             })
             .collect(),
@@ -1024,6 +1031,7 @@ async fn cluster(State(s): App, headers: HeaderMap) -> ApiResult {
             "gossip_addr": s.gossip_addr,
             "live": true,
             "generation": s.started_ms,
+            "newest_value_age_ms": null,
         })],
     };
     ok(json!({"node_id": s.node.node_id(), "nodes": nodes}))
@@ -1061,6 +1069,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/usage", post(usage))
         .route("/v1/usage/batch", post(usage_batch))
         .merge(crate::proxies::routes())
+        .merge(crate::ui::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(no_route)
         .with_state(state)

@@ -3,7 +3,8 @@
 //!
 //! Codemap: `cli` parses arguments (clap), `config` resolves `tally serve` settings from
 //! flags, environment, file and defaults, `client` implements the client commands over
-//! HTTP, `serve` runs a node. Only this crate knows HTTP and JSON.
+//! HTTP, `serve` runs a node, `ui` serves the dashboard at `/ui` and the endpoints
+//! only it needs. Only this crate knows HTTP and JSON.
 
 pub mod cli;
 pub mod client;
@@ -14,3 +15,4 @@ pub mod logging;
 pub mod metrics;
 pub mod proxies;
 pub mod serve;
+pub mod ui;
