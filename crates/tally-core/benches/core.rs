@@ -22,6 +22,8 @@ fn state_with_limits(total: usize) -> State {
             period: "1M".parse().unwrap(),
             calendar_aligned: true,
             timezone: "UTC".into(),
+            mode: Default::default(),
+            members: Vec::new(),
         };
         let rec = s.prepare_limit_put(id, input, NOW).unwrap();
         s.apply_limit(rec, NOW);

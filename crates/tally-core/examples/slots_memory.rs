@@ -27,6 +27,8 @@ fn main() {
             period: "1M".parse().expect("valid period"),
             calendar_aligned: true,
             timezone: "UTC".into(),
+            mode: Default::default(),
+            members: Vec::new(),
         };
         let rec = s
             .prepare_limit_put(&format!("limit-{i}"), input, NOW)

@@ -1,7 +1,13 @@
 //! The one place values become bytes: config records and reset registers for the store
-//! (and, later, gossip). bincode 2 with its standard configuration; every decode checks
-//! that the whole input was consumed, so a truncated or padded value is an error, not a
-//! silently different record.
+//! and gossip. bincode 2 with its standard configuration; every decode checks that the
+//! whole input was consumed, so a truncated or padded value is an error, not a silently
+//! different record.
+//!
+//! Replicated records go through [`Record`]. A limit's hard-mode fields (`mode`,
+//! `members`) are a trailing extension that only hard limits carry: a soft limit encodes
+//! exactly as before hard mode existed, so stored data and nodes of the previous version
+//! still read it; a node of the previous version refuses a hard limit's record (trailing
+//! bytes) rather than misreading it.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -31,10 +37,85 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     Ok(value)
 }
 
+/// A replicated record: its bytes in the store and in gossip.
+pub trait Record: Sized {
+    fn to_bytes(&self) -> Vec<u8>;
+    fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError>;
+}
+
+macro_rules! plain_record {
+    ($($t:ty),*) => {$(
+        impl Record for $t {
+            fn to_bytes(&self) -> Vec<u8> {
+                encode(self)
+            }
+            fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
+                decode(bytes)
+            }
+        }
+    )*};
+}
+plain_record!(
+    crate::config::EntityRecord,
+    crate::config::ResetRegister,
+    crate::config::DecommissionRecord
+);
+
+/// The hard-mode part of a limit record, after its plain bytes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LimitExtension {
+    /// 1: this layout. Newer layouts take new numbers.
+    layout: u8,
+    mode: crate::config::Mode,
+    members: Vec<crate::config::Member>,
+}
+
+impl Record for crate::config::LimitRecord {
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out = encode(self);
+        if let Some(spec) = self
+            .spec
+            .as_ref()
+            .filter(|s| s.input.mode != crate::config::Mode::Soft || !s.input.members.is_empty())
+        {
+            out.extend(encode(&LimitExtension {
+                layout: 1,
+                mode: spec.input.mode,
+                members: spec.input.members.clone(),
+            }));
+        }
+        out
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let (mut rec, read): (crate::config::LimitRecord, usize) =
+            bincode::serde::decode_from_slice(bytes, config())
+                .map_err(|e| DecodeError(e.to_string()))?;
+        if read < bytes.len() {
+            let ext: LimitExtension = decode(&bytes[read..])?;
+            if ext.layout != 1 {
+                return Err(DecodeError(format!(
+                    "limit extension layout {} is from a newer tally",
+                    ext.layout
+                )));
+            }
+            let spec = rec
+                .spec
+                .as_mut()
+                .ok_or_else(|| DecodeError("a tombstone with hard-mode fields".into()))?;
+            spec.input.mode = ext.mode;
+            spec.input.members = ext.members;
+        }
+        Ok(rec)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{EntityRecord, LimitInput, LimitRecord, LimitSpec, ResetRegister};
+    use crate::config::{
+        EntityRecord, LimitInput, LimitRecord, LimitSpec, Member, Mode, ResetRegister,
+    };
     use crate::hlc::{Hlc, Version};
     use crate::units::Metric;
     use proptest::prelude::*;
@@ -47,14 +128,28 @@ mod tests {
                 id,
                 version: Version { hlc: Hlc(hlc), node: "n1".into() },
                 spec: (!tomb).then(|| LimitSpec {
-                    input: LimitInput { scope, metric: Metric::Tokens, max, period: "3M".parse().unwrap(), calendar_aligned: true, timezone: "Europe/Berlin".into() },
+                    input: LimitInput::soft(scope, Metric::Tokens, max, "3M".parse().unwrap(), true, "Europe/Berlin"),
                     anchor_ms: anchor,
                     spec_gen: Hlc(hlc / 2),
                 }),
             };
-            let bytes = encode(&rec);
-            prop_assert_eq!(decode::<LimitRecord>(&bytes).unwrap(), rec);
-            prop_assert!(decode::<LimitRecord>(&bytes[..bytes.len() - 1]).is_err());
+            let bytes = rec.to_bytes();
+            // A soft limit's bytes are the plain encoding, as before hard mode.
+            prop_assert_eq!(&bytes, &encode(&rec));
+            prop_assert_eq!(LimitRecord::from_bytes(&bytes).unwrap(), rec.clone());
+            prop_assert!(LimitRecord::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+            // Hard: the extension round-trips, and a reader of the plain form refuses it.
+            if let Some(spec) = &rec.spec {
+                let mut hard = rec.clone();
+                let input = &mut hard.spec.as_mut().unwrap().input;
+                input.mode = Mode::Hard;
+                input.members = (0..(max % 5 + 1)).map(|i| Member { node: format!("n{i}"), weight: (i as u32) + 1 }).collect();
+                let bytes = hard.to_bytes();
+                prop_assert_eq!(LimitRecord::from_bytes(&bytes).unwrap(), hard);
+                prop_assert!(decode::<LimitRecord>(&bytes).is_err());
+                prop_assert!(LimitRecord::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+                let _ = spec;
+            }
         }
 
         #[test]

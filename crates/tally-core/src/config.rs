@@ -17,7 +17,55 @@ pub type Scope = BTreeMap<String, String>;
 /// How long a tombstone is kept before it may be forgotten (DESIGN.md §2).
 pub const TOMBSTONE_RETENTION_MS: i64 = 7 * 24 * 3_600_000;
 
+/// How a limit is enforced (DESIGN.md I6, I7).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+pub enum Mode {
+    /// Each node enforces on the usage it knows: overshoot is bounded by the spend rate
+    /// times the propagation delay, and two sides of a partition may each spend the budget.
+    #[default]
+    Soft,
+    /// An escrow: each node spends only rights it holds (its share of `max`, plus what
+    /// others granted it, minus what it granted away), so `Σ used <= max` on every side of
+    /// any partition (see [`crate::rights`]).
+    Hard,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Soft => "soft",
+            Mode::Hard => "hard",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "soft" => Some(Mode::Soft),
+            "hard" => Some(Mode::Hard),
+            _ => None,
+        }
+    }
+}
+
+/// A node holding a share of a hard limit's rights, in proportion to its weight.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Member {
+    pub node: String,
+    pub weight: u32,
+}
+
+/// Most members of a hard limit (a row of grants must stay a small gossip value).
+pub const MEMBERS_MAX: usize = 64;
+/// Largest weight of a member.
+pub const WEIGHT_MAX: u32 = 1_000_000;
+
 /// What an admin writes for a limit.
+///
+/// `mode` and `members` are not part of the serde form: records encode them as a
+/// trailing extension (`codec::Record`), so a soft limit has exactly the bytes it
+/// had before hard mode existed and nodes of either version read each other's.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LimitInput {
     pub scope: Scope,
@@ -27,6 +75,34 @@ pub struct LimitInput {
     pub period: Period,
     pub calendar_aligned: bool,
     pub timezone: String,
+    #[serde(skip)]
+    pub mode: Mode,
+    /// Hard limits: who holds rights, sorted by node id (frozen into the generation).
+    #[serde(skip)]
+    pub members: Vec<Member>,
+}
+
+impl LimitInput {
+    /// A soft limit (no members).
+    pub fn soft(
+        scope: Scope,
+        metric: Metric,
+        max: u64,
+        period: Period,
+        calendar_aligned: bool,
+        timezone: impl Into<String>,
+    ) -> LimitInput {
+        LimitInput {
+            scope,
+            metric,
+            max,
+            period,
+            calendar_aligned,
+            timezone: timezone.into(),
+            mode: Mode::Soft,
+            members: Vec::new(),
+        }
+    }
 }
 
 /// A limit as replicated: the input plus when its counting started.
@@ -42,11 +118,15 @@ pub struct LimitSpec {
 
 impl LimitInput {
     /// Whether replacing `self` with `other` changes what the counters mean (a reset).
+    /// A change of mode or members is one too: a hard limit's allocation is a function of
+    /// its members, frozen into the generation so every node computes the same shares.
     pub fn same_counting(&self, other: &LimitInput) -> bool {
         self.metric == other.metric
             && self.period == other.period
             && self.calendar_aligned == other.calendar_aligned
             && self.timezone == other.timezone
+            && self.mode == other.mode
+            && self.members == other.members
     }
 }
 
@@ -127,6 +207,8 @@ pub enum ConfigError {
     },
     #[error("an entity cannot name its own dimension {0:?} as a parent")]
     SelfDimension(String),
+    #[error("{0}")]
+    Members(String),
 }
 
 /// Checks every name and value of a scope-like map.
@@ -162,6 +244,51 @@ impl LimitInput {
             });
         }
         crate::period::PeriodSpec::new(self.period, self.calendar_aligned, &self.timezone, 0)?;
-        Ok(())
+        self.validate_members()
     }
+
+    fn validate_members(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Members(m));
+        match self.mode {
+            Mode::Soft if !self.members.is_empty() => {
+                bad("members apply to hard limits only; add \"mode\": \"hard\"".into())
+            }
+            Mode::Soft => Ok(()),
+            Mode::Hard => {
+                if self.members.is_empty() {
+                    return bad("a hard limit needs at least one member".into());
+                }
+                if self.members.len() > MEMBERS_MAX {
+                    return bad(format!(
+                        "members has {} entries; at most {MEMBERS_MAX} are allowed",
+                        self.members.len()
+                    ));
+                }
+                for m in &self.members {
+                    validate_id(&m.node, "member node id")?;
+                    if m.weight == 0 || m.weight > WEIGHT_MAX {
+                        return bad(format!(
+                            "member {}: weight must be between 1 and {WEIGHT_MAX}",
+                            m.node
+                        ));
+                    }
+                }
+                if !self.members.windows(2).all(|w| w[0].node < w[1].node) {
+                    return bad("members must be distinct node ids, sorted".into());
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// An operator's statement that a node is gone for good (a partition looks like a crash,
+/// so only an operator may say this): its unspent rights of hard limits pass to
+/// `successor`, nobody grants to it any more, and it may not serve again under that id.
+/// Last writer wins; a decommission is never undone.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DecommissionRecord {
+    pub node: String,
+    pub successor: String,
+    pub version: Version,
 }

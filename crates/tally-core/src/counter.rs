@@ -27,11 +27,14 @@ impl fmt::Display for Epoch {
 /// Interned origin node id.
 pub type OriginIdx = u32;
 
-/// The slots of one (limit, epoch).
+/// The slots of one (limit, epoch), and for hard limits the grant rows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EpochCounter {
     slots: Vec<(OriginIdx, u64)>,
     total: u64,
+    /// (from, to, rights `from` has granted `to` in total): each entry grows only and
+    /// merges by maximum (`rights.rs`). Few: most epochs have none.
+    grants: Vec<(OriginIdx, OriginIdx, u64)>,
 }
 
 impl EpochCounter {
@@ -75,11 +78,64 @@ impl EpochCounter {
         &self.slots
     }
 
-    /// Merges every slot of `other` into this one.
+    /// Merges every slot and grant of `other` into this one.
     pub fn merge_all(&mut self, other: &EpochCounter) {
         for &(o, v) in &other.slots {
             self.merge(o, v);
         }
+        for &(f, t, v) in &other.grants {
+            self.merge_grant(f, t, v);
+        }
+    }
+
+    /// Raises `from`'s grant to `to` to `value` if that is higher. Returns whether it
+    /// changed.
+    pub fn merge_grant(&mut self, from: OriginIdx, to: OriginIdx, value: u64) -> bool {
+        match self
+            .grants
+            .iter_mut()
+            .find(|(f, t, _)| *f == from && *t == to)
+        {
+            Some((_, _, cur)) if *cur >= value => false,
+            Some((_, _, cur)) => {
+                *cur = value;
+                true
+            }
+            None if value == 0 => false,
+            None => {
+                self.grants.push((from, to, value));
+                true
+            }
+        }
+    }
+
+    /// What `from` has granted `to` in total.
+    pub fn grant(&self, from: OriginIdx, to: OriginIdx) -> u64 {
+        self.grants
+            .iter()
+            .find(|(f, t, _)| *f == from && *t == to)
+            .map_or(0, |g| g.2)
+    }
+
+    /// Σ granted to `to`.
+    pub fn received(&self, to: OriginIdx) -> u64 {
+        self.grants
+            .iter()
+            .filter(|g| g.1 == to)
+            .fold(0u64, |a, g| a.saturating_add(g.2))
+    }
+
+    /// Σ granted by `from`.
+    pub fn given(&self, from: OriginIdx) -> u64 {
+        self.grants
+            .iter()
+            .filter(|g| g.0 == from)
+            .fold(0u64, |a, g| a.saturating_add(g.2))
+    }
+
+    /// Every (from, to, total granted).
+    pub fn grants(&self) -> &[(OriginIdx, OriginIdx, u64)] {
+        &self.grants
     }
 }
 
@@ -114,6 +170,16 @@ impl LimitCounters {
 
     pub fn merge(&mut self, epoch: Epoch, origin: OriginIdx, value: u64) -> bool {
         self.get_mut_or_default(epoch).merge(origin, value)
+    }
+
+    pub fn merge_grant(
+        &mut self,
+        epoch: Epoch,
+        from: OriginIdx,
+        to: OriginIdx,
+        value: u64,
+    ) -> bool {
+        self.get_mut_or_default(epoch).merge_grant(from, to, value)
     }
 
     pub fn epochs(&self) -> impl Iterator<Item = (Epoch, &EpochCounter)> {
@@ -181,6 +247,37 @@ mod tests {
             let before = sorted(&x);
             x.merge_all(&counter(&a));
             prop_assert_eq!(sorted(&x), before);
+        }
+
+        #[test]
+        fn grant_merge_is_commutative_idempotent_and_monotone(
+            a in proptest::collection::vec((0u32..3, 0u32..3, 0u64..1_000), 0..12),
+            b in proptest::collection::vec((0u32..3, 0u32..3, 0u64..1_000), 0..12),
+        ) {
+            let build = |g: &[(u32, u32, u64)]| {
+                let mut c = EpochCounter::default();
+                for &(f, t, v) in g {
+                    let before = c.grant(f, t);
+                    c.merge_grant(f, t, v);
+                    assert_eq!(c.grant(f, t), before.max(v));
+                }
+                c
+            };
+            let (mut ab, mut ba) = (build(&a), build(&b));
+            ab.merge_all(&build(&b));
+            ba.merge_all(&build(&a));
+            for f in 0..3 {
+                for t in 0..3 {
+                    prop_assert_eq!(ab.grant(f, t), ba.grant(f, t));
+                    let want = a.iter().chain(&b).filter(|g| g.0 == f && g.1 == t).map(|g| g.2).max().unwrap_or(0);
+                    prop_assert_eq!(ab.grant(f, t), want);
+                }
+                prop_assert_eq!(ab.received(f), (0..3).map(|x| ab.grant(x, f)).sum::<u64>());
+                prop_assert_eq!(ab.given(f), (0..3).map(|x| ab.grant(f, x)).sum::<u64>());
+            }
+            let again = ab.clone();
+            ab.merge_all(&again);
+            prop_assert_eq!(ab, again);
         }
 
         #[test]

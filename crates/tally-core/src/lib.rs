@@ -10,14 +10,22 @@ pub mod config;
 pub mod counter;
 pub mod hlc;
 pub mod period;
+pub mod rights;
 pub mod scope;
 pub mod state;
 pub mod units;
 
-pub use config::{EntityRecord, LimitInput, LimitRecord, LimitSpec, ResetRegister, Scope};
+pub use config::{
+    DecommissionRecord, EntityRecord, LimitInput, LimitRecord, LimitSpec, Member, Mode,
+    ResetRegister, Scope,
+};
 pub use counter::{Epoch, EpochCounter, OriginIdx};
 pub use hlc::{Hlc, HlcClock, Version};
 pub use period::{Period, PeriodError, PeriodSpec, Unit, Window};
+pub use rights::Rights;
 pub use scope::LimitIdx;
-pub use state::{Decision, Increment, LimitCalendar, LimitStatus, LimitView, State, StateError};
+pub use state::{
+    Decision, DenyReason, GrantError, Holds, Increment, LimitCalendar, LimitStatus, LimitView,
+    NoHolds, State, StateError,
+};
 pub use units::{Amounts, Metric, Micros};

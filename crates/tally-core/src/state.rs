@@ -11,12 +11,13 @@ use std::collections::HashMap;
 use foldhash::fast::FixedState;
 
 use crate::config::{
-    ConfigError, EntityRecord, LimitInput, LimitRecord, LimitSpec, ResetRegister, Scope,
-    TOMBSTONE_RETENTION_MS, validate_scope,
+    ConfigError, DecommissionRecord, EntityRecord, LimitInput, LimitRecord, LimitSpec, Member,
+    Mode, ResetRegister, Scope, TOMBSTONE_RETENTION_MS, validate_scope,
 };
 use crate::counter::{Epoch, EpochCounter, LimitCounters, OriginIdx};
 use crate::hlc::{Hlc, HlcClock, Version};
 use crate::period::{PeriodSpec, Window};
+use crate::rights::Rights;
 use crate::scope::{Attrs, IdxBuf, LimitIdx, ScopeIndex, pair_hash};
 use crate::units::{Amounts, Metric};
 
@@ -59,6 +60,14 @@ struct Compiled {
     scope: Vec<(Box<str>, Box<str>, u64)>,
     /// The window of the last `tick`; checks recompute when `now` is outside it.
     cached: Window,
+    /// Hard limits: who holds rights (sorted by node id). Empty for soft limits.
+    members: Box<[Member]>,
+}
+
+impl Compiled {
+    fn hard(&self) -> bool {
+        !self.members.is_empty()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -83,6 +92,64 @@ pub struct LimitStatus {
     pub resets_at_ms: i64,
     /// This limit alone would deny the request.
     pub denied: bool,
+    pub mode: Mode,
+    /// Hard limits: the rights this node may still spend before this request (negative:
+    /// debt), after what it holds for reservations and writes in flight. 0 for soft.
+    pub free: i64,
+    /// Why a hard limit denies.
+    pub reason: Option<DenyReason>,
+}
+
+/// Why a hard limit denies a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DenyReason {
+    /// The budget is spent, as far as this node knows.
+    Budget,
+    /// This node holds too few rights now; others may grant it more.
+    Rights,
+}
+
+impl DenyReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::Budget => "budget",
+            DenyReason::Rights => "rights",
+        }
+    }
+}
+
+/// What a node holds back from the free rights of hard limits (reservations, writes in
+/// flight), and whether it may spend rights at all now (a fence after an unclean
+/// restart, or after being decommissioned). The node keeps these in memory; the state
+/// only asks.
+pub trait Holds {
+    fn held(&self, limit: LimitIdx, epoch: Epoch) -> u64;
+    fn fenced(&self) -> bool {
+        false
+    }
+}
+
+/// Nothing held, not fenced.
+pub struct NoHolds;
+
+impl Holds for NoHolds {
+    fn held(&self, _: LimitIdx, _: Epoch) -> u64 {
+        0
+    }
+}
+
+/// Why a grant was not made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GrantError {
+    #[error("{0} is not a live hard limit")]
+    NotHard(String),
+    #[error("a node never grants to itself")]
+    ToSelf,
+    #[error("node {0} is decommissioned")]
+    Decommissioned(String),
+    #[error("only {free} rights are free, {amount} asked")]
+    TooFew { free: i128, amount: u64 },
 }
 
 /// The answer to a check.
@@ -110,6 +177,10 @@ pub struct LimitView<'a> {
     /// Per-origin slot values of the current epoch (the baseline belongs to no node).
     pub nodes: Vec<(&'a str, u64)>,
     pub baseline: u64,
+    /// Hard limits: every node's rights in the current epoch (members, and nodes that
+    /// used, gave or received any), sorted by node id; its free rights are
+    /// `Rights::free(0)` plus what it adopted from decommissioned nodes, in `adopted`.
+    pub rights: Vec<(&'a str, Rights, i128)>,
 }
 
 /// How a live limit's periods fall, and which epochs count what it counts now.
@@ -166,6 +237,8 @@ pub struct State {
     clock: HlcClock,
     /// Earliest end of any cached window: `tick` has nothing to do before it.
     next_tick_ms: i64,
+    /// Decommissioned nodes (LWW by version; never undone).
+    decommissions: HashMap<String, DecommissionRecord, FixedState>,
 }
 
 impl State {
@@ -183,6 +256,7 @@ impl State {
             parents: HashMap::default(),
             clock: HlcClock::default(),
             next_tick_ms: i64::MIN,
+            decommissions: HashMap::default(),
         }
     }
 
@@ -351,6 +425,10 @@ impl State {
                     .collect(),
                 period,
                 cached,
+                members: match i.mode {
+                    Mode::Hard => i.members.clone().into_boxed_slice(),
+                    Mode::Soft => Box::default(),
+                },
             })
         });
         slot.record = Some(rec);
@@ -820,7 +898,13 @@ impl State {
         out.dedup();
     }
 
-    fn status(&self, limit: LimitIdx, now_ms: i64, requested: Amounts) -> LimitStatus {
+    fn status(
+        &self,
+        limit: LimitIdx,
+        now_ms: i64,
+        requested: Amounts,
+        holds: &dyn Holds,
+    ) -> LimitStatus {
         let slot = &self.limits[limit as usize];
         let c = slot.live.as_ref().expect("applicable limits are live");
         let (w, epoch, baseline) = Self::epoch_at(slot, c, now_ms);
@@ -828,10 +912,29 @@ impl State {
         let metric = c.metric;
         let max = c.max;
         let want = requested.of(metric);
-        let denied = if want == 0 {
+        let over_budget = if want == 0 {
             used >= max
         } else {
             used.saturating_add(want) > max
+        };
+        let (mode, free, reason) = if c.hard() {
+            let free = self.free_of(slot, c, epoch, baseline, self.me, holds.held(limit, epoch));
+            let short = if want == 0 {
+                free <= 0
+            } else {
+                free < i128::from(want)
+            };
+            let reason = if over_budget {
+                Some(DenyReason::Budget)
+            } else if short || holds.fenced() {
+                Some(DenyReason::Rights)
+            } else {
+                None
+            };
+            let free = i64::try_from(free).unwrap_or(if free < 0 { i64::MIN } else { i64::MAX });
+            (Mode::Hard, free, reason)
+        } else {
+            (Mode::Soft, 0, None)
         };
         LimitStatus {
             limit,
@@ -842,8 +945,285 @@ impl State {
             epoch,
             period_start_ms: w.start_ms,
             resets_at_ms: w.end_ms,
-            denied,
+            denied: over_budget || reason.is_some(),
+            mode,
+            free,
+            reason,
         }
+    }
+
+    // ----- hard limits ---------------------------------------------------------------
+
+    /// `node`'s rights in a hard limit's epoch (module `rights`).
+    fn rights_in(
+        &self,
+        slot: &LimitSlot,
+        c: &Compiled,
+        epoch: Epoch,
+        baseline: u64,
+        node: &str,
+    ) -> Rights {
+        let alloc = crate::rights::alloc(c.max.saturating_sub(baseline), &c.members, node);
+        let (Some(o), Some(ctr)) = (self.origins.get(node), slot.counters.get(epoch)) else {
+            return Rights {
+                alloc,
+                ..Rights::default()
+            };
+        };
+        Rights {
+            alloc,
+            received: ctr.received(o),
+            given: ctr.given(o),
+            used: ctr.slot(o),
+        }
+    }
+
+    /// What `node` may spend: its own free rights after `held`, plus the remaining rights
+    /// of every decommissioned node whose rights pass to it. A decommissioned node itself
+    /// may spend nothing.
+    fn free_of(
+        &self,
+        slot: &LimitSlot,
+        c: &Compiled,
+        epoch: Epoch,
+        baseline: u64,
+        node: OriginIdx,
+        held: u64,
+    ) -> i128 {
+        let name = self.origins.name(node);
+        let own = self.rights_in(slot, c, epoch, baseline, name).free(held);
+        if self.decommissions.contains_key(name) {
+            return own.min(0);
+        }
+        own + self.adopted(slot, c, epoch, baseline, name)
+    }
+
+    /// Σ remaining rights of the nodes decommissioned in favour of `node`.
+    fn adopted(
+        &self,
+        slot: &LimitSlot,
+        c: &Compiled,
+        epoch: Epoch,
+        baseline: u64,
+        node: &str,
+    ) -> i128 {
+        if self.decommissions.is_empty() {
+            return 0;
+        }
+        self.decommissions
+            .keys()
+            .filter(|d| self.successor_of(d) == node)
+            .map(|d| self.rights_in(slot, c, epoch, baseline, d).free(0))
+            .sum()
+    }
+
+    /// Where a node's rights end up: itself, or the end of its chain of successors.
+    pub fn successor_of<'a>(&'a self, node: &'a str) -> &'a str {
+        let mut at = node;
+        for _ in 0..=self.decommissions.len() {
+            match self.decommissions.get(at) {
+                Some(r) if r.successor != at => at = &r.successor,
+                _ => return at,
+            }
+        }
+        at // a cycle of decommissions (concurrent operators): stop anywhere, stably
+    }
+
+    /// This node's free rights in a hard limit's epoch after `held`; `None` if the limit
+    /// is not a live hard limit.
+    pub fn hard_free(&self, limit: LimitIdx, epoch: Epoch, held: u64) -> Option<i128> {
+        let slot = self.limits.get(limit as usize)?;
+        let c = slot.live.as_ref().filter(|c| c.hard())?;
+        let baseline = self.baseline_of(slot, c, epoch);
+        Some(self.free_of(slot, c, epoch, baseline, self.me, held))
+    }
+
+    /// Every live hard limit with its current epoch at `now_ms` and its max.
+    pub fn hard_limits(&self, now_ms: i64) -> Vec<(LimitIdx, Epoch, u64)> {
+        self.limits
+            .iter()
+            .enumerate()
+            .filter_map(|(i, slot)| {
+                let c = slot.live.as_ref().filter(|c| c.hard())?;
+                let (_, epoch, _) = Self::epoch_at(slot, c, now_ms);
+                Some((i as LimitIdx, epoch, c.max))
+            })
+            .collect()
+    }
+
+    /// Whether a live limit is hard.
+    pub fn is_hard(&self, limit: LimitIdx) -> bool {
+        self.limits
+            .get(limit as usize)
+            .and_then(|s| s.live.as_ref())
+            .is_some_and(Compiled::hard)
+    }
+
+    /// The baseline an epoch of a live limit started with.
+    fn baseline_of(&self, slot: &LimitSlot, c: &Compiled, epoch: Epoch) -> u64 {
+        let (_, e, baseline) = Self::epoch_at(slot, c, epoch.period);
+        if e == epoch { baseline } else { 0 }
+    }
+
+    /// Every node's rights in an epoch of a hard limit, with what each could spend
+    /// (nothing held): members, and nodes that used, gave or received rights.
+    pub fn rights_table(&self, limit: LimitIdx, epoch: Epoch) -> Vec<(&str, Rights, i128)> {
+        let Some(slot) = self.limits.get(limit as usize) else {
+            return Vec::new();
+        };
+        let Some(c) = slot.live.as_ref().filter(|c| c.hard()) else {
+            return Vec::new();
+        };
+        let baseline = self.baseline_of(slot, c, epoch);
+        let mut names: Vec<&str> = c.members.iter().map(|m| m.node.as_str()).collect();
+        if let Some(ctr) = slot.counters.get(epoch) {
+            names.extend(ctr.slots().iter().map(|&(o, _)| self.origins.name(o)));
+            for &(f, t, _) in ctr.grants() {
+                names.push(self.origins.name(f));
+                names.push(self.origins.name(t));
+            }
+        }
+        names.sort_unstable();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|n| {
+                let r = self.rights_in(slot, c, epoch, baseline, n);
+                let free = match self.origins.get(n) {
+                    Some(o) => self.free_of(slot, c, epoch, baseline, o, 0),
+                    None if self.decommissions.contains_key(n) => 0,
+                    None => r.free(0) + self.adopted(slot, c, epoch, baseline, n),
+                };
+                (n, r, free)
+            })
+            .collect()
+    }
+
+    /// What `from` has granted `to` in total in an epoch.
+    pub fn grant(&self, limit: LimitIdx, epoch: Epoch, from: &str, to: &str) -> u64 {
+        let (Some(slot), Some(f), Some(t)) = (
+            self.limits.get(limit as usize),
+            self.origins.get(from),
+            self.origins.get(to),
+        ) else {
+            return 0;
+        };
+        slot.counters.get(epoch).map_or(0, |c| c.grant(f, t))
+    }
+
+    /// Every grant `from` made in an epoch, as (to, total).
+    pub fn grant_row(&self, limit: LimitIdx, epoch: Epoch, from: &str) -> Vec<(&str, u64)> {
+        let (Some(slot), Some(f)) = (self.limits.get(limit as usize), self.origins.get(from))
+        else {
+            return Vec::new();
+        };
+        let mut row: Vec<(&str, u64)> = slot
+            .counters
+            .get(epoch)
+            .map(|c| {
+                c.grants()
+                    .iter()
+                    .filter(|g| g.0 == f)
+                    .map(|&(_, t, v)| (self.origins.name(t), v))
+                    .collect()
+            })
+            .unwrap_or_default();
+        row.sort_unstable();
+        row
+    }
+
+    /// Raises `from`'s grant to `to` (max merge). Own grants come only from this node's
+    /// disk, like its slots.
+    pub fn merge_grant(
+        &mut self,
+        limit_id: &str,
+        epoch: Epoch,
+        from: &str,
+        to: &str,
+        value: u64,
+    ) -> bool {
+        let f = self.origins.intern(from);
+        let t = self.origins.intern(to);
+        let (_, slot) = self.slot_mut(limit_id);
+        slot.counters.merge_grant(epoch, f, t, value)
+    }
+
+    /// The new total of this node's grant to `to` if it gives `amount` more, checked
+    /// against its free rights after `held`.
+    pub fn prepare_grant(
+        &self,
+        limit: LimitIdx,
+        epoch: Epoch,
+        to: &str,
+        amount: u64,
+        held: u64,
+    ) -> Result<u64, GrantError> {
+        let id = || self.limit_id(limit).to_string();
+        if to == self.node_id {
+            return Err(GrantError::ToSelf);
+        }
+        if self.decommissions.contains_key(to) || self.decommissions.contains_key(&self.node_id) {
+            return Err(GrantError::Decommissioned(to.to_string()));
+        }
+        let free = self
+            .hard_free(limit, epoch, held)
+            .ok_or_else(|| GrantError::NotHard(id()))?;
+        if free < i128::from(amount) {
+            return Err(GrantError::TooFew { free, amount });
+        }
+        Ok(self
+            .grant(limit, epoch, &self.node_id, to)
+            .saturating_add(amount))
+    }
+
+    // ----- decommissions -------------------------------------------------------------
+
+    /// The record a decommission of `node` in favour of `successor` writes.
+    pub fn prepare_decommission(
+        &mut self,
+        node: &str,
+        successor: &str,
+        now_ms: i64,
+    ) -> Result<DecommissionRecord, ConfigError> {
+        crate::units::validate_id(node, "node id")?;
+        crate::units::validate_id(successor, "successor node id")?;
+        if node == successor {
+            return Err(ConfigError::Members(
+                "a node cannot be its own successor".into(),
+            ));
+        }
+        if self.decommissions.contains_key(successor) {
+            return Err(ConfigError::Members(format!(
+                "the successor {successor} is decommissioned itself"
+            )));
+        }
+        Ok(DecommissionRecord {
+            node: node.to_string(),
+            successor: successor.to_string(),
+            version: self.version(now_ms),
+        })
+    }
+
+    /// Applies a decommission record if newer (LWW). Returns whether it changed.
+    pub fn apply_decommission(&mut self, rec: DecommissionRecord) -> bool {
+        self.clock.observe(rec.version.hlc);
+        if self
+            .decommissions
+            .get(&rec.node)
+            .is_some_and(|r| r.version >= rec.version)
+        {
+            return false;
+        }
+        self.decommissions.insert(rec.node.clone(), rec);
+        true
+    }
+
+    pub fn decommission(&self, node: &str) -> Option<&DecommissionRecord> {
+        self.decommissions.get(node)
+    }
+
+    pub fn decommission_records(&self) -> impl Iterator<Item = &DecommissionRecord> {
+        self.decommissions.values()
     }
 
     /// May a request with these attributes and estimates proceed? Allowed iff for every
@@ -855,13 +1235,13 @@ impl State {
         d
     }
 
-    /// [`State::check`] into a reused decision, so a caller that keeps one allocates
-    /// nothing per check.
-    pub fn check_into(
+    /// [`State::check_into`] with this node's holds on hard limits taken into account.
+    pub fn check_held(
         &self,
         attributes: &[(&str, &str)],
         estimate: Amounts,
         now_ms: i64,
+        holds: &dyn Holds,
         out: &mut Decision,
     ) {
         let attrs = self.expand(attributes);
@@ -873,8 +1253,20 @@ impl State {
         let mut idx = IdxBuf::new();
         self.applicable(&attrs, &mut idx);
         out.limits
-            .extend(idx.iter().map(|i| self.status(i, now_ms, requested)));
+            .extend(idx.iter().map(|i| self.status(i, now_ms, requested, holds)));
         out.allowed = out.limits.iter().all(|l| !l.denied);
+    }
+
+    /// [`State::check`] into a reused decision, so a caller that keeps one allocates
+    /// nothing per check.
+    pub fn check_into(
+        &self,
+        attributes: &[(&str, &str)],
+        estimate: Amounts,
+        now_ms: i64,
+        out: &mut Decision,
+    ) {
+        self.check_held(attributes, estimate, now_ms, &NoHolds, out);
     }
 
     /// The increments to this node's slots that recording `amounts` at instant `at_ms`
@@ -928,7 +1320,7 @@ impl State {
         let idx = self.limit_idx(id)?;
         let slot = &self.limits[idx as usize];
         let c = slot.live.as_ref()?;
-        let status = self.status(idx, now_ms, Amounts::default());
+        let status = self.status(idx, now_ms, Amounts::default(), &NoHolds);
         let (_, epoch, baseline) = Self::epoch_at(slot, c, now_ms);
         let mut nodes: Vec<(&str, u64)> = slot
             .counters
@@ -947,6 +1339,7 @@ impl State {
             status,
             nodes,
             baseline,
+            rights: self.rights_table(idx, epoch),
         })
     }
 }

@@ -76,6 +76,22 @@ pub enum Incoming {
         origin: String,
         wall_ms: i64,
     },
+    /// Hard limits: `from`'s total grant of rights to `to` in (limit, epoch).
+    Grant {
+        from: String,
+        limit: String,
+        epoch: Epoch,
+        to: String,
+        value: u64,
+    },
+    /// Hard limits: `from` asks for rights in (limit, epoch).
+    Demand {
+        from: String,
+        limit: String,
+        epoch: Epoch,
+        demand: crate::values::Demand,
+    },
+    Decommission(tally_core::DecommissionRecord),
 }
 
 /// Counters for /metrics.
@@ -521,6 +537,23 @@ fn verify(key: &ClusterKey, raw: &Raw) -> Option<Incoming> {
             origin: raw.publisher.clone(),
             wall_ms: decode_hello(payload)?,
         }),
+        GossipKey::Grant { limit, epoch, to } => Some(Incoming::Grant {
+            from: raw.publisher.clone(),
+            limit,
+            epoch,
+            to,
+            value: decode_slot(payload)?,
+        }),
+        GossipKey::Demand { limit, epoch } => Some(Incoming::Demand {
+            from: raw.publisher.clone(),
+            limit,
+            epoch,
+            demand: crate::values::decode_demand(payload)?,
+        }),
+        GossipKey::Decommission(node) => {
+            let rec: tally_core::DecommissionRecord = decode_record(payload)?;
+            (rec.node == node).then_some(Incoming::Decommission(rec))
+        }
     }
 }
 

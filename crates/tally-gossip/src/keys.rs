@@ -8,6 +8,9 @@
 //! | `x/{limit}`                          | `ResetRegister`                  | any node         |
 //! | `e/{dimension}/{value}`              | `EntityRecord`                   | any node         |
 //! | `h`                                  | publisher's wall clock, ms       | the publisher    |
+//! | `g/{limit}/{period}/{reset}/{to}`    | rights granted to `to`, total u64| the grantor      |
+//! | `w/{limit}/{period}/{reset}`         | demand: `{donor} {want} {seq}`   | the asker        |
+//! | `k/{node}`                           | `DecommissionRecord`             | any node         |
 //!
 //! Limit ids and node ids match `[A-Za-z0-9._:-]{1,128}` and dimensions `[a-z0-9_]{1,32}`,
 //! so none contains `/`; an entity value may, so it comes last and keeps everything after
@@ -35,6 +38,13 @@ pub const RESET_PREFIX: &str = "x/";
 pub const ENTITY_PREFIX: &str = "e/";
 /// The publisher's hello: its wall clock when it last republished the key (readiness).
 pub const HELLO_KEY: &str = "h";
+/// Hard limits: the publisher's total grant of rights to a node in an epoch:
+/// `g/{limit}/{period}/{reset}/{to}`.
+pub const GRANT_PREFIX: &str = "g/";
+/// Hard limits: the publisher asks a donor for rights: `w/{limit}/{period}/{reset}`.
+pub const DEMAND_PREFIX: &str = "w/";
+/// A decommission record: `k/{node}`.
+pub const DECOMMISSION_PREFIX: &str = "k/";
 
 /// The meaning of one gossip key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -58,6 +68,16 @@ pub enum GossipKey {
     /// node's keys in version order, so whoever has merged a hello has merged everything
     /// its publisher published before it: that is how a node knows it caught up.
     Hello,
+    /// Hard limits: the publisher's total grant of rights to `to` in an epoch.
+    Grant {
+        limit: String,
+        epoch: Epoch,
+        to: String,
+    },
+    /// Hard limits: the publisher's current request for rights in an epoch.
+    Demand { limit: String, epoch: Epoch },
+    /// The decommission record of a node.
+    Decommission(String),
 }
 
 impl GossipKey {
@@ -82,6 +102,14 @@ impl GossipKey {
                 format!("{ENTITY_PREFIX}{dimension}/{value}")
             }
             GossipKey::Hello => HELLO_KEY.to_string(),
+            GossipKey::Grant { limit, epoch, to } => format!(
+                "{GRANT_PREFIX}{limit}/{}/{}/{to}",
+                epoch.period, epoch.reset
+            ),
+            GossipKey::Demand { limit, epoch } => {
+                format!("{DEMAND_PREFIX}{limit}/{}/{}", epoch.period, epoch.reset)
+            }
+            GossipKey::Decommission(node) => format!("{DECOMMISSION_PREFIX}{node}"),
         };
         debug_assert_eq!(
             GossipKey::parse(&key).as_ref(),
@@ -109,6 +137,21 @@ impl GossipKey {
                 limit: id(limit)?,
                 epoch: epoch(period, reset)?,
             })
+        } else if let Some(rest) = key.strip_prefix(GRANT_PREFIX) {
+            let [limit, period, reset, to] = split_exact(rest)?;
+            Some(GossipKey::Grant {
+                limit: id(limit)?,
+                epoch: epoch(period, reset)?,
+                to: id(to)?,
+            })
+        } else if let Some(rest) = key.strip_prefix(DEMAND_PREFIX) {
+            let [limit, period, reset] = split_exact(rest)?;
+            Some(GossipKey::Demand {
+                limit: id(limit)?,
+                epoch: epoch(period, reset)?,
+            })
+        } else if let Some(rest) = key.strip_prefix(DECOMMISSION_PREFIX) {
+            Some(GossipKey::Decommission(id(rest)?))
         } else if let Some(rest) = key.strip_prefix(LIMIT_PREFIX) {
             Some(GossipKey::Limit(id(rest)?))
         } else if let Some(rest) = key.strip_prefix(RESET_PREFIX) {
@@ -194,6 +237,28 @@ mod tests {
         check("x/monthly", Some(GossipKey::Reset("monthly".into())));
         check("h", Some(GossipKey::Hello));
         check(
+            "g/lim/5/1/node-2",
+            Some(GossipKey::Grant {
+                limit: "lim".into(),
+                epoch: Epoch {
+                    period: 5,
+                    reset: 1,
+                },
+                to: "node-2".into(),
+            }),
+        );
+        check(
+            "w/lim/5/1",
+            Some(GossipKey::Demand {
+                limit: "lim".into(),
+                epoch: Epoch {
+                    period: 5,
+                    reset: 1,
+                },
+            }),
+        );
+        check("k/node-2", Some(GossipKey::Decommission("node-2".into())));
+        check(
             "e/team/eng",
             Some(GossipKey::Entity {
                 dimension: "team".into(),
@@ -236,6 +301,13 @@ mod tests {
             "s/a/0",
             "s/a/0/0/",
             "s/a/0/0/0",
+            "g/a/0/0",
+            "g/a/0/0/",
+            "g/a/0/0/b/c",
+            "w/a/0",
+            "w/a/0/0/b",
+            "k/",
+            "k/a b",
             "s//0/0",
             "s/a//0",
             "s/a/0/",

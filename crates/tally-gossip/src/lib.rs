@@ -27,10 +27,11 @@ pub use chitchat::transport::{ChannelTransport, RecvOutcome, SendOutcome, Socket
 pub use chitchat::{ChitchatEnvelope, ChitchatMessage};
 pub use cluster::{Gossip, GossipConfig, GossipStats, Incoming, Member, udp_transport};
 pub use keys::{
-    ENTITY_PREFIX, GossipKey, HELLO_KEY, LIMIT_PREFIX, RELAY_PREFIX, RESET_PREFIX, SLOT_PREFIX,
+    DECOMMISSION_PREFIX, DEMAND_PREFIX, ENTITY_PREFIX, GRANT_PREFIX, GossipKey, HELLO_KEY,
+    LIMIT_PREFIX, RELAY_PREFIX, RESET_PREFIX, SLOT_PREFIX,
 };
 pub use mac::{ClusterKey, KeyError, MacError, open, seal};
 pub use values::{
-    PAYLOAD_BYTES_MAX, VALUE_BYTES_MAX, ValueError, decode_hello, decode_record, decode_slot,
-    encode_hello, encode_record, encode_slot,
+    Demand, PAYLOAD_BYTES_MAX, VALUE_BYTES_MAX, ValueError, decode_demand, decode_hello,
+    decode_record, decode_slot, encode_demand, encode_hello, encode_record, encode_slot,
 };

@@ -2,7 +2,7 @@
 //!
 //! - Slots (`s/…`, `r/…` keys): a `u64` in canonical decimal.
 //! - Config (`l/…` → `LimitRecord`, `x/…` → `ResetRegister`, `e/…` → `EntityRecord`): the
-//!   bytes of [`tally_core::codec::encode`] in base64url without padding. tally-core's codec
+//!   bytes of [`tally_core::codec::Record`] in base64url without padding. tally-core's codec
 //!   stays the one place values become bytes; this module only makes them text.
 //!
 //! Every value must stay far below chitchat's ~64 KB message budget: a value that does not
@@ -12,8 +12,7 @@
 //! doing any work. Whether a record matches the key it arrived under (same limit id, same
 //! entity) is the caller's check, since only it knows both.
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use tally_core::codec::Record;
 
 use crate::mac::SEAL_OVERHEAD_BYTES;
 use crate::text::{b64_decode, b64_encode, b64_len, parse_u64};
@@ -51,10 +50,41 @@ pub fn decode_slot(payload: &str) -> Option<u64> {
     parse_u64(payload)
 }
 
+/// A demand for rights: the donor asked, how much, and a sequence number that is new
+/// for every new request (a donor answers each sequence number once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Demand {
+    pub donor: String,
+    pub want: u64,
+    pub seq: u64,
+}
+
+/// `{donor} {want} {seq}`; node ids contain no space.
+pub fn encode_demand(d: &Demand) -> String {
+    format!("{} {} {}", d.donor, d.want, d.seq)
+}
+
+/// Inverse of [`encode_demand`]; `None` for anything it would not produce.
+pub fn decode_demand(payload: &str) -> Option<Demand> {
+    let mut parts = payload.split(' ');
+    let donor = parts.next()?;
+    tally_core::units::validate_id(donor, "node id").ok()?;
+    let want = parse_u64(parts.next()?)?;
+    let seq = parse_u64(parts.next()?)?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(Demand {
+        donor: donor.to_string(),
+        want,
+        seq,
+    })
+}
+
 /// A config record (`LimitRecord`, `EntityRecord`, `ResetRegister`) as a payload, or
 /// [`ValueError::TooLarge`] if its sealed value would exceed [`VALUE_BYTES_MAX`].
-pub fn encode_record<T: Serialize>(record: &T) -> Result<String, ValueError> {
-    let bytes = tally_core::codec::encode(record);
+pub fn encode_record<T: Record>(record: &T) -> Result<String, ValueError> {
+    let bytes = record.to_bytes();
     let sealed_bytes = b64_len(bytes.len()) + SEAL_OVERHEAD_BYTES;
     if sealed_bytes > VALUE_BYTES_MAX {
         return Err(ValueError::TooLarge {
@@ -69,12 +99,12 @@ pub fn encode_record<T: Serialize>(record: &T) -> Result<String, ValueError> {
 
 /// Inverse of [`encode_record`]; `None` for an oversized payload, bad base64, or bytes
 /// that are not exactly one `T`.
-pub fn decode_record<T: DeserializeOwned>(payload: &str) -> Option<T> {
+pub fn decode_record<T: Record>(payload: &str) -> Option<T> {
     if payload.len() > PAYLOAD_BYTES_MAX {
         return None;
     }
     let bytes = b64_decode(payload)?;
-    tally_core::codec::decode(&bytes).ok()
+    T::from_bytes(&bytes).ok()
 }
 
 #[cfg(test)]
@@ -106,6 +136,8 @@ mod tests {
                     period: "1M".parse().unwrap(),
                     calendar_aligned: true,
                     timezone: "Europe/Berlin".into(),
+                    mode: Default::default(),
+                    members: Vec::new(),
                 },
                 anchor_ms: -5,
                 spec_gen: Hlc(hlc / 3),

@@ -106,6 +106,7 @@ impl Embedded {
                 .collect(),
             amounts: amounts(),
             at_ms: None,
+            reservation: None,
         };
         match self.node.record(vec![record]).await {
             Ok(_) => 200,
@@ -172,6 +173,8 @@ pub async fn create_limits(
                         period,
                         calendar_aligned: false,
                         timezone: "UTC".to_owned(),
+                        mode: Default::default(),
+                        members: Vec::new(),
                     };
                     if let Err(error) = node.put_limit(&parts.id, input).await {
                         next.store(plan.total(), Ordering::Relaxed);

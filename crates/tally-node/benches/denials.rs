@@ -29,6 +29,8 @@ fn limit(scope: &[(&str, &str)], max: u64) -> LimitInput {
         period: "1M".parse().unwrap(),
         calendar_aligned: true,
         timezone: "UTC".into(),
+        mode: Default::default(),
+        members: Vec::new(),
     }
 }
 

@@ -27,6 +27,8 @@ fn limit(scope: &[(&str, &str)], max: u64) -> LimitInput {
         period: "1M".parse().expect("period"),
         calendar_aligned: true,
         timezone: "UTC".into(),
+        mode: Default::default(),
+        members: Vec::new(),
     }
 }
 

@@ -44,6 +44,8 @@ fn limit(period: &str) -> LimitInput {
         period: period.parse().expect("period"),
         calendar_aligned: true,
         timezone: "UTC".into(),
+        mode: Default::default(),
+        members: Vec::new(),
     }
 }
 
@@ -87,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
                     requests: 1,
                 },
                 at_ms: None,
+                reservation: None,
             })
             .collect();
         node.record(records).await?;

@@ -58,6 +58,9 @@ pub(crate) enum Publication {
     Limit(LimitRecord),
     Entity(EntityRecord),
     Reset(String, ResetRegister),
+    /// This node's total grant of a hard limit's rights: (limit, epoch, to, total).
+    Grant(String, Epoch, String, u64),
+    Decommission(tally_core::DecommissionRecord),
 }
 
 /// What the writer committed and gossip has not published yet, coalesced by gossip key:
@@ -103,6 +106,22 @@ impl Outbox {
                     q.config
                         .insert(GossipKey::Reset(id.clone()), Publication::Reset(id, r));
                 }
+                Publication::Grant(limit, epoch, to, total) => {
+                    let key = GossipKey::Grant {
+                        limit: limit.clone(),
+                        epoch,
+                        to: to.clone(),
+                    };
+                    // Grants only grow and the writer commits them in order.
+                    q.config
+                        .insert(key, Publication::Grant(limit, epoch, to, total));
+                }
+                Publication::Decommission(r) => {
+                    q.config.insert(
+                        GossipKey::Decommission(r.node.clone()),
+                        Publication::Decommission(r),
+                    );
+                }
             }
         }
         self.ready.notify_one();
@@ -141,6 +160,8 @@ pub(crate) struct ClusterHandle {
     /// Hellos merged so far, by publisher; written by the writer after it merged
     /// everything delivered before them.
     pub(crate) hellos: parking_lot::Mutex<HashMap<String, HelloSeen>>,
+    /// Hard limits: the newest demand for rights of each (asker, limit, epoch) heard.
+    pub(crate) demands: parking_lot::Mutex<HashMap<(String, String, Epoch), tally_gossip::Demand>>,
 }
 
 /// The hellos of one publisher merged so far.
@@ -282,7 +303,7 @@ const BOOTSTRAP_GRACE_ROUNDS: u32 = 30;
 /// Most remote values merged in one durable batch.
 const REMOTE_BATCH_MAX: usize = 4096;
 
-fn payload<T: serde::Serialize>(what: &str, rec: &T) -> Option<String> {
+fn payload<T: tally_core::codec::Record>(what: &str, rec: &T) -> Option<String> {
     match encode_record(rec) {
         Ok(p) => Some(p),
         Err(e) => {
@@ -318,6 +339,13 @@ fn publication_items(p: Publication) -> Vec<(GossipKey, String)> {
             .map(|p| (GossipKey::Reset(id), p))
             .into_iter()
             .collect(),
+        Publication::Grant(limit, epoch, to, total) => {
+            vec![(GossipKey::Grant { limit, epoch, to }, encode_slot(total))]
+        }
+        Publication::Decommission(r) => payload("decommission", &r)
+            .map(|p| (GossipKey::Decommission(r.node.clone()), p))
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -341,8 +369,15 @@ fn snapshot(shared: &Shared) -> Vec<(GossipKey, String)> {
             }
         }
     }
+    out.extend(own_grants(&state, now));
     out.push((GossipKey::Hello, tally_gossip::encode_hello(now)));
     let mut pubs = Vec::new();
+    pubs.extend(
+        state
+            .decommission_records()
+            .cloned()
+            .map(Publication::Decommission),
+    );
     pubs.extend(state.limit_records().cloned().map(Publication::Limit));
     pubs.extend(state.entity_records().cloned().map(Publication::Entity));
     pubs.extend(
@@ -352,6 +387,30 @@ fn snapshot(shared: &Shared) -> Vec<(GossipKey, String)> {
     );
     drop(state);
     out.extend(pubs.into_iter().flat_map(publication_items));
+    out
+}
+
+/// This node's grants of open epochs, as gossip items.
+fn own_grants(state: &tally_core::State, now: i64) -> Vec<(GossipKey, String)> {
+    let mut out = Vec::new();
+    for (limit, epoch, _) in state.counters() {
+        if !state.is_open(limit, epoch, now) {
+            continue;
+        }
+        let Some(idx) = state.limit_idx(limit) else {
+            continue;
+        };
+        for (to, total) in state.grant_row(idx, epoch, state.node_id()) {
+            out.push((
+                GossipKey::Grant {
+                    limit: limit.to_string(),
+                    epoch,
+                    to: to.to_string(),
+                },
+                encode_slot(total),
+            ));
+        }
+    }
     out
 }
 
@@ -399,6 +458,7 @@ pub(crate) async fn start(
             outbox: Outbox::default(),
             caught_up: AtomicBool::new(false),
             hellos: parking_lot::Mutex::new(HashMap::new()),
+            demands: parking_lot::Mutex::new(HashMap::new()),
         })
         .is_err()
     {
@@ -411,13 +471,37 @@ pub(crate) async fn start(
     // it from chitchat's state later (tally-gossip, `Gossip::start`).
     let in_flight = Arc::new(tokio::sync::Semaphore::new(REMOTE_BATCHES_IN_FLIGHT));
     let s = shared.clone();
+    let w = writer.clone();
     tokio::spawn(async move {
+        let writer = w;
         while let Some(first) = in_rx.recv().await {
             let mut items = vec![first];
             while items.len() < REMOTE_BATCH_MAX {
                 match in_rx.try_recv() {
                     Ok(i) => items.push(i),
                     Err(_) => break,
+                }
+            }
+            // Demands for rights are for the rights task, not for the disk.
+            if let Some(c) = s.cluster.get() {
+                let mut demands = None;
+                items.retain_mut(|i| match i {
+                    Incoming::Demand {
+                        from,
+                        limit,
+                        epoch,
+                        demand,
+                    } => {
+                        demands.get_or_insert_with(|| c.demands.lock()).insert(
+                            (std::mem::take(from), std::mem::take(limit), *epoch),
+                            demand.clone(),
+                        );
+                        false
+                    }
+                    _ => true,
+                });
+                if items.is_empty() {
+                    continue;
                 }
             }
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
@@ -432,6 +516,32 @@ pub(crate) async fn start(
                 .is_err()
             {
                 return;
+            }
+        }
+    });
+
+    // Hard limits: ask for rights when short, grant when asked (module `rights`).
+    let s = shared.clone();
+    let interval = config.interval;
+    tokio::spawn(async move {
+        let mut task = crate::rights::RightsTask::new(s.clock.now_ms());
+        let every = interval.max(Duration::from_millis(50));
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(c) = s.cluster.get() else { return };
+            let members = c.gossip.members().await;
+            let (publish, unpublish, grants) = task.round(&s, c, &members, every);
+            if !publish.is_empty() {
+                c.gossip.publish(publish).await;
+            }
+            if !unpublish.is_empty() {
+                c.gossip.unpublish(unpublish).await;
+            }
+            for op in grants {
+                s.writer_ops.fetch_add(1, Ordering::SeqCst);
+                if writer.send(op).is_err() {
+                    return;
+                }
             }
         }
     });
@@ -485,6 +595,7 @@ async fn sweep(shared: &Shared, c: &ClusterHandle, members: &[Member]) {
     let own_relay_keys = c.gossip.own_keys(tally_gossip::RELAY_PREFIX).await;
     let mut own_config_keys = c.gossip.own_keys(tally_gossip::LIMIT_PREFIX).await;
     own_config_keys.extend(c.gossip.own_keys(tally_gossip::ENTITY_PREFIX).await);
+    own_config_keys.extend(c.gossip.own_keys(tally_gossip::GRANT_PREFIX).await);
     let (relays, missing, stale) = {
         let published: HashSet<&str> = own_slot_keys.iter().map(String::as_str).collect();
         let state = shared.state.read();
@@ -538,6 +649,7 @@ async fn sweep(shared: &Shared, c: &ClusterHandle, members: &[Member]) {
                 Some(GossipKey::Entity { dimension, value }) => {
                     state.entity_record(&dimension, &value).is_none()
                 }
+                Some(GossipKey::Grant { limit, epoch, .. }) => !state.is_open(&limit, epoch, now),
                 _ => true,
             })
             .collect();

@@ -13,7 +13,9 @@
 pub mod clock;
 mod cluster;
 pub mod denials;
+mod escrow;
 pub mod metrics;
+mod rights;
 mod writer;
 
 use std::path::PathBuf;
@@ -24,7 +26,8 @@ use std::time::Duration;
 use parking_lot::RwLock;
 use tally_core::config::ConfigError;
 use tally_core::{
-    Amounts, Decision, LimitInput, LimitSpec, LimitStatus, Metric, Scope, State, StateError,
+    Amounts, Decision, DenyReason, LimitInput, LimitSpec, LimitStatus, Metric, Mode, Rights, Scope,
+    State, StateError,
 };
 use tally_store::{Location, Store, StoreError};
 use tokio::sync::{Semaphore, oneshot};
@@ -62,7 +65,17 @@ pub struct NodeConfig {
     /// Simulator and tests: keep the database on this fault-injecting disk instead of in
     /// `data_dir`.
     pub disk: Option<faults::Mount>,
+    /// Longest lifetime of a reservation on hard limits; also how long a node refuses to
+    /// spend rights after an unclean restart (its reservations were lost with memory).
+    pub reservation_ttl_max_ms: i64,
 }
+
+/// A reservation lives this long unless the check says otherwise.
+pub const RESERVATION_TTL_DEFAULT_MS: i64 = 120_000;
+/// Default cap on a reservation's lifetime (`--reservation-ttl-max-secs`).
+pub const RESERVATION_TTL_MAX_DEFAULT_MS: i64 = 300_000;
+/// Most reservations open at once on one node.
+pub const RESERVATIONS_MAX: usize = 1_000_000;
 
 /// Closed epochs are kept 35 days by default: a calendar month of history and some days
 /// to read it after the month ends.
@@ -89,6 +102,7 @@ impl NodeConfig {
             history_retention_ms: HISTORY_RETENTION_DEFAULT_MS,
             clock: Arc::new(SystemClock),
             disk: None,
+            reservation_ttl_max_ms: RESERVATION_TTL_MAX_DEFAULT_MS,
         }
     }
 
@@ -168,6 +182,18 @@ pub struct UsageRecord {
     pub amounts: Amounts,
     /// When the usage happened; `None` = now.
     pub at_ms: Option<i64>,
+    /// The reservation this usage settles (hard limits), if any.
+    pub reservation: Option<String>,
+}
+
+/// What became of one usage record.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RecordOutcome {
+    /// `false` if its id was already applied on this node (I2).
+    pub applied: bool,
+    /// Hard limits this record spent beyond the rights this node held, by limit id: the
+    /// only way `Σ used` passes `max` (usage is a fact and is always counted).
+    pub overrun: Vec<(String, u64)>,
 }
 
 /// One applicable limit in a check or record reply.
@@ -182,6 +208,20 @@ pub struct LimitReport {
     /// `None` for `never`.
     pub resets_at_ms: Option<i64>,
     pub denied: bool,
+    pub mode: Mode,
+    /// Hard limits: rights this node may still spend (after what it holds); 0 for soft.
+    pub free: i64,
+    /// Hard limits: why this limit denies.
+    pub reason: Option<DenyReason>,
+    /// Hard limits denied for `rights`: when asking again may succeed.
+    pub retry_after_ms: Option<u64>,
+}
+
+/// An open reservation on hard limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservationInfo {
+    pub id: String,
+    pub expires_at_ms: i64,
 }
 
 /// A check's answer.
@@ -191,6 +231,18 @@ pub struct CheckReply {
     /// The node has not caught up with the fleet yet (DESIGN.md §4 readiness).
     pub stale: bool,
     pub limits: Vec<LimitReport>,
+    /// When the check asked to reserve and was allowed.
+    pub reservation: Option<ReservationInfo>,
+}
+
+/// One node's share of a hard limit in the current epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRights {
+    pub node: String,
+    pub rights: Rights,
+    /// What it may spend (nothing held; with rights adopted from decommissioned nodes).
+    pub free: i64,
+    pub decommissioned: bool,
 }
 
 /// A limit with its current usage.
@@ -205,6 +257,8 @@ pub struct LimitDetails {
     pub epoch: tally_core::Epoch,
     /// Usage the epoch started with (a set-usage reset), not owned by any node.
     pub baseline: u64,
+    /// Hard limits: every node's rights now.
+    pub rights: Vec<NodeRights>,
 }
 
 /// Which epochs of a limit's history to read: those overlapping `[since_ms, until_ms)`,
@@ -260,6 +314,8 @@ pub(crate) struct Shared {
     pub(crate) storage: std::sync::atomic::AtomicU8,
     /// Ops handed to the writer that it has not finished (see [`Node::writer_idle`]).
     pub(crate) writer_ops: std::sync::atomic::AtomicUsize,
+    /// Holds on hard limits: reservations and writes in flight.
+    pub(crate) escrow: escrow::Escrow,
 }
 
 /// A running node. Cheap to clone; all clones share one state and one writer.
@@ -269,6 +325,21 @@ pub struct Node {
     queue: Arc<Semaphore>,
     tx: std::sync::mpsc::Sender<Op>,
 }
+
+/// How long a check denied for `rights` should wait before asking again: through the
+/// fence, or a round of asking and granting.
+fn retry_after(s: &LimitStatus, fenced_until_ms: i64, now_ms: i64) -> Option<u64> {
+    (s.reason == Some(DenyReason::Rights)).then(|| {
+        if fenced_until_ms > now_ms {
+            (fenced_until_ms - now_ms) as u64
+        } else {
+            RIGHTS_RETRY_AFTER_MS
+        }
+    })
+}
+
+/// A demand for rights is answered within a few gossip rounds while the fleet is healthy.
+pub const RIGHTS_RETRY_AFTER_MS: u64 = 1_000;
 
 fn report(state: &State, s: &LimitStatus) -> LimitReport {
     LimitReport {
@@ -280,6 +351,10 @@ fn report(state: &State, s: &LimitStatus) -> LimitReport {
         period_start_ms: s.period_start_ms,
         resets_at_ms: (s.resets_at_ms != i64::MAX).then_some(s.resets_at_ms),
         denied: s.denied,
+        mode: s.mode,
+        free: s.free,
+        reason: s.reason,
+        retry_after_ms: None,
     }
 }
 
@@ -319,7 +394,58 @@ impl Node {
             let o = state.origin_idx(&origin);
             state.merge_slot(&limit, epoch, o, value);
         }
+        for (limit, epoch, to, total) in recovered.own_grants {
+            state.merge_grant(&limit, epoch, &node_id, &to, total);
+        }
+        for (from, limit, epoch, to, total) in recovered.peer_grants {
+            state.merge_grant(&limit, epoch, &from, &to, total);
+        }
+        for rec in recovered.decommissions {
+            state.apply_decommission(rec);
+        }
         state.tick(now);
+        let mut escrow = escrow::Inner::default();
+        match &recovered.clean_shutdown {
+            Some(rows) => {
+                escrow.mark_pending = true;
+                let mut open: std::collections::BTreeMap<&str, (Vec<escrow::Item>, i64)> =
+                    Default::default();
+                for (id, limit, period, reset, amount, expires) in rows {
+                    if *expires <= now {
+                        continue;
+                    }
+                    if let Some(l) = state.limit_idx(limit) {
+                        let e = open.entry(id.as_str()).or_default();
+                        e.0.push((
+                            l,
+                            tally_core::Epoch {
+                                period: *period,
+                                reset: *reset,
+                            },
+                            *amount,
+                        ));
+                        e.1 = *expires;
+                    }
+                }
+                for (id, (items, expires)) in open {
+                    escrow.insert(id.to_string(), items, expires);
+                }
+            }
+            None if !recovered.fresh => {
+                // The last run stopped without a clean shutdown: reservations it granted
+                // were lost with its memory and their clients may still spend them.
+                escrow.fenced_until_ms = now + config.reservation_ttl_max_ms;
+                if state.hard_limits(now).is_empty() {
+                    tracing::info!("the last run did not stop cleanly");
+                } else {
+                    tracing::warn!(
+                        fence_ms = config.reservation_ttl_max_ms,
+                        "the last run did not stop cleanly: hard limits are not spent on this node until the reservations it may have granted have expired (--reservation-ttl-max-secs); other nodes may grant it rights after that"
+                    );
+                }
+            }
+            None => {}
+        }
         tracing::info!(
             node = %node_id, limits, entities, resets, own_slots = own, peer_slots = peer,
             dedup_ids = recovered.dedup_ids, dedup_index_bytes = recovered.dedup_bytes, path = %store.path().display(),
@@ -335,6 +461,7 @@ impl Node {
             cluster: std::sync::OnceLock::new(),
             storage: std::sync::atomic::AtomicU8::new(StorageHealth::Ok as u8),
             writer_ops: std::sync::atomic::AtomicUsize::new(0),
+            escrow: escrow::Escrow(parking_lot::Mutex::new(escrow)),
         });
         let queue = Arc::new(Semaphore::new(shared.config.queue_records_max));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -370,11 +497,72 @@ impl Node {
 
     /// May a request proceed? Reads memory only.
     pub fn check(&self, attributes: &[(&str, &str)], estimate: Amounts) -> CheckReply {
+        self.check_reserve(attributes, estimate, None)
+            .expect("a check without a reservation does not fail")
+    }
+
+    /// [`Node::check`] that, with `reserve` (a lifetime in ms, capped by
+    /// [`NodeConfig::reservation_ttl_max_ms`]) and when allowed, holds the estimate on
+    /// every applicable hard limit until the reservation is settled by usage, cancelled or
+    /// expires. Memory only. Fails only when too many reservations are open.
+    pub fn check_reserve(
+        &self,
+        attributes: &[(&str, &str)],
+        estimate: Amounts,
+        reserve: Option<i64>,
+    ) -> Result<CheckReply, NodeError> {
         let now = self.now_ms();
         let mut d = Decision::default();
         let state = self.shared.state.read();
-        state.check_into(attributes, estimate, now, &mut d);
-        let limits: Vec<LimitReport> = d.limits.iter().map(|s| report(&state, s)).collect();
+        // The escrow is locked only if a hard limit applies (state → escrow order).
+        let holds = LazyHolds {
+            escrow: &self.shared.escrow,
+            guard: std::cell::OnceCell::new(),
+            now_ms: now,
+        };
+        state.check_held(attributes, estimate, now, &holds, &mut d);
+        let mut reservation = None;
+        let mut limits: Vec<LimitReport> = d.limits.iter().map(|s| report(&state, s)).collect();
+        if let Some(mut esc) = holds.guard.into_inner() {
+            for (r, s) in limits.iter_mut().zip(&d.limits) {
+                r.retry_after_ms = retry_after(s, esc.fenced_until_ms, now);
+                if s.reason == Some(DenyReason::Rights) {
+                    let want = estimate.of(s.metric).max(1);
+                    let short = i128::from(want) - i128::from(s.free.max(0));
+                    esc.note_shortfall(s.limit, short.clamp(1, i128::from(u64::MAX)) as u64);
+                }
+            }
+            if let (true, Some(ttl)) = (d.allowed, reserve) {
+                if esc.open_reservations() >= RESERVATIONS_MAX {
+                    return Err(NodeError::Unavailable(format!(
+                        "{RESERVATIONS_MAX} reservations are open on this node; settle or cancel some, or reserve with a shorter ttl_s"
+                    )));
+                }
+                let expires = now + ttl.clamp(1, self.shared.config.reservation_ttl_max_ms);
+                let items: Vec<escrow::Item> = d
+                    .limits
+                    .iter()
+                    .filter(|s| s.mode == Mode::Hard)
+                    .map(|s| (s.limit, s.epoch, estimate.of(s.metric)))
+                    .collect();
+                for &(l, _, a) in &items {
+                    esc.note_spent(l, a);
+                }
+                let id = esc.reserve(&self.shared.node_id, items, expires);
+                reservation = Some(ReservationInfo {
+                    id,
+                    expires_at_ms: expires,
+                });
+            }
+        } else if let (true, Some(ttl)) = (d.allowed, reserve) {
+            // No hard limit applies: nothing to hold, and nothing to remember (settling an
+            // id this node does not hold is a no-op).
+            let expires = now + ttl.clamp(1, self.shared.config.reservation_ttl_max_ms);
+            reservation = Some(ReservationInfo {
+                id: format!("{}~{expires:x}~0", self.shared.node_id),
+                expires_at_ms: expires,
+            });
+        }
         drop(state);
         Metrics::add(&self.shared.metrics.checks_total, 1);
         if !d.allowed {
@@ -386,11 +574,23 @@ impl Node {
                 estimate,
             );
         }
-        CheckReply {
+        Ok(CheckReply {
             allowed: d.allowed,
             stale: !self.caught_up(),
             limits,
-        }
+            reservation,
+        })
+    }
+
+    /// Releases an open reservation; whether it was open.
+    pub fn cancel_reservation(&self, id: &str) -> bool {
+        let _state = self.shared.state.read();
+        self.shared.escrow.0.lock().cancel(id)
+    }
+
+    /// Reservations open now.
+    pub fn open_reservations(&self) -> usize {
+        self.shared.escrow.0.lock().open_reservations()
     }
 
     /// Up to `max` of the most recent denied checks, newest first (memory only, at most
@@ -428,6 +628,18 @@ impl Node {
         &self,
         records: Vec<UsageRecord>,
     ) -> (Result<Vec<bool>, NodeError>, Vec<UsageRecord>) {
+        let (r, records) = self.record_outcomes(records).await;
+        (
+            r.map(|o| o.into_iter().map(|o| o.applied).collect()),
+            records,
+        )
+    }
+
+    /// [`Node::record_returning`] with what became of each record, overruns included.
+    pub async fn record_outcomes(
+        &self,
+        records: Vec<UsageRecord>,
+    ) -> (Result<Vec<RecordOutcome>, NodeError>, Vec<UsageRecord>) {
         if let Err(e) = self.validate_records(&records) {
             return (Err(e), records);
         }
@@ -500,8 +712,20 @@ impl Node {
             .map_err(|_| NodeError::Unavailable("the node is shutting down".into()))?
     }
 
-    /// Creates or replaces a limit; durable when this returns.
-    pub async fn put_limit(&self, id: &str, input: LimitInput) -> Result<LimitDetails, NodeError> {
+    /// Creates or replaces a limit; durable when this returns. A hard limit without
+    /// members keeps those of the hard limit it replaces, or else gets every live node of
+    /// the fleet that holds the cluster key (this node alone when not clustered), weight 1.
+    pub async fn put_limit(
+        &self,
+        id: &str,
+        mut input: LimitInput,
+    ) -> Result<LimitDetails, NodeError> {
+        if input.mode == Mode::Hard && input.members.is_empty() {
+            input.members = match self.limit_spec(id) {
+                Some(s) if s.input.mode == Mode::Hard => s.input.members,
+                _ => self.default_members().await,
+            };
+        }
         input.validate(id)?;
         self.change(ConfigChange::PutLimit(id.to_string(), input))
             .await?;
@@ -562,6 +786,20 @@ impl Node {
             nodes: v.nodes.iter().map(|(n, u)| (n.to_string(), *u)).collect(),
             epoch: v.status.epoch,
             baseline: v.baseline,
+            rights: v
+                .rights
+                .iter()
+                .map(|(n, r, free)| NodeRights {
+                    node: n.to_string(),
+                    rights: *r,
+                    free: i64::try_from(*free).unwrap_or(if *free < 0 {
+                        i64::MIN
+                    } else {
+                        i64::MAX
+                    }),
+                    decommissioned: state.decommission(n).is_some(),
+                })
+                .collect(),
         })
     }
 
@@ -704,6 +942,60 @@ impl Node {
         }
     }
 
+    /// Who holds a new hard limit's rights when its members are not given: every live
+    /// verified node of the fleet and this one, weight 1, sorted.
+    async fn default_members(&self) -> Vec<tally_core::Member> {
+        let mut ids: Vec<String> = match self.members().await {
+            Some(fleet) => fleet
+                .into_iter()
+                .filter(|m| m.live && m.verified)
+                .map(|m| m.node_id)
+                .collect(),
+            None => Vec::new(),
+        };
+        ids.push(self.shared.node_id.clone());
+        ids.sort();
+        ids.dedup();
+        let state = self.shared.state.read();
+        ids.retain(|n| state.decommission(n).is_none());
+        ids.truncate(tally_core::config::MEMBERS_MAX);
+        ids.into_iter()
+            .map(|node| tally_core::Member { node, weight: 1 })
+            .collect()
+    }
+
+    /// Says that `node` is gone for good: its unspent rights of hard limits pass to
+    /// `successor` (default: this node). Durable when this returns; never undone.
+    pub async fn decommission(
+        &self,
+        node: &str,
+        successor: Option<&str>,
+    ) -> Result<tally_core::DecommissionRecord, NodeError> {
+        let successor = successor.unwrap_or(&self.shared.node_id).to_string();
+        if successor == node {
+            return Err(NodeError::InvalidArgument(format!(
+                "{node} cannot be its own successor; send this to another node, or name a successor"
+            )));
+        }
+        self.change(ConfigChange::Decommission(node.to_string(), successor))
+            .await?;
+        self.shared
+            .state
+            .read()
+            .decommission(node)
+            .cloned()
+            .ok_or_else(|| NodeError::Unavailable("the decommission was not applied".into()))
+    }
+
+    /// Whether this node was decommissioned (it may not spend hard limits again).
+    pub fn decommissioned(&self) -> Option<tally_core::DecommissionRecord> {
+        self.shared
+            .state
+            .read()
+            .decommission(&self.shared.node_id)
+            .cloned()
+    }
+
     /// The fleet as this node sees it; `None` when not clustered.
     pub async fn members(&self) -> Option<Vec<Member>> {
         Some(self.shared.cluster.get()?.gossip.members().await)
@@ -755,6 +1047,27 @@ pub(crate) fn validate_records(
         }
     }
     Ok(())
+}
+
+/// The escrow as the state sees it during one check: locked at the first hard limit.
+struct LazyHolds<'a> {
+    escrow: &'a escrow::Escrow,
+    guard: std::cell::OnceCell<parking_lot::MutexGuard<'a, escrow::Inner>>,
+    now_ms: i64,
+}
+
+impl tally_core::Holds for LazyHolds<'_> {
+    fn held(&self, limit: tally_core::LimitIdx, epoch: tally_core::Epoch) -> u64 {
+        self.guard
+            .get_or_init(|| self.escrow.0.lock())
+            .held(limit, epoch)
+    }
+
+    fn fenced(&self) -> bool {
+        self.guard
+            .get_or_init(|| self.escrow.0.lock())
+            .fenced(self.now_ms)
+    }
 }
 
 fn generate_node_id() -> String {

@@ -16,6 +16,13 @@ pub struct Metrics {
     pub queue_rejected_total: AtomicU64,
     pub dedup_expired_total: AtomicU64,
     pub history_slots_dropped_total: AtomicU64,
+    /// Hard limits: usage recorded beyond the rights the node held.
+    pub hard_overrun_total: AtomicU64,
+    /// Hard limits: rights this node granted to others.
+    pub rights_granted_total: AtomicU64,
+    /// Hard limits: rights this node asked others for (sum of what it asked).
+    pub rights_asked_total: AtomicU64,
+    pub reservations_expired_total: AtomicU64,
 }
 
 impl Metrics {

@@ -27,6 +27,8 @@ fn limit(metric: Metric, max: u64, period: &str) -> LimitInput {
         period: period.parse().unwrap(),
         calendar_aligned: true,
         timezone: "UTC".into(),
+        mode: Default::default(),
+        members: Vec::new(),
     }
 }
 
@@ -40,6 +42,7 @@ fn rec(id: &str, micros: u64) -> UsageRecord {
             requests: 1,
         },
         at_ms: None,
+        reservation: None,
     }
 }
 

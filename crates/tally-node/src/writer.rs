@@ -39,9 +39,10 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tally_gossip::Incoming;
 
 use crate::cluster::Publication;
+use crate::escrow::Reservation;
 use crate::{
-    EpochHistory, HistoryQuery, LimitHistory, Metrics, NodeError, Shared, StorageHealth,
-    UsageRecord,
+    EpochHistory, HistoryQuery, LimitHistory, Metrics, NodeError, RecordOutcome, Shared,
+    StorageHealth, UsageRecord,
 };
 
 pub(crate) enum ConfigChange {
@@ -53,11 +54,14 @@ pub(crate) enum ConfigChange {
     Reset(String, u64),
     PutEntity(String, String, Scope),
     DeleteEntity(String, String),
+    /// (node, successor).
+    Decommission(String, String),
 }
 
 /// Where a records op's answer goes: per record, applied or already seen; and the records
 /// themselves, handed back so the caller can reuse them and frees them on its own thread.
-pub(crate) type RecordsReply = oneshot::Sender<(Result<Vec<bool>, NodeError>, Vec<UsageRecord>)>;
+pub(crate) type RecordsReply =
+    oneshot::Sender<(Result<Vec<RecordOutcome>, NodeError>, Vec<UsageRecord>)>;
 
 pub(crate) enum Op {
     Records {
@@ -88,6 +92,15 @@ pub(crate) enum Op {
     Maintain {
         reply: oneshot::Sender<Result<(), NodeError>>,
         _permit: OwnedSemaphorePermit,
+    },
+    /// Hard limits: give `amount` of this node's free rights to `to` (the rights task,
+    /// answering a demand). Durable before it is published; the new total, or why not.
+    Grant {
+        limit: String,
+        epoch: Epoch,
+        to: String,
+        amount: u64,
+        reply: Option<oneshot::Sender<Result<u64, NodeError>>>,
     },
 }
 
@@ -190,7 +203,7 @@ impl Deferred {
 
 /// A records op waiting for its commit: where the answer goes, per record applied or
 /// already seen, and the records.
-type Reply = (RecordsReply, Vec<bool>, Vec<UsageRecord>);
+type Reply = (RecordsReply, Vec<RecordOutcome>, Vec<UsageRecord>);
 
 /// A group of record ops being committed together.
 struct Group<'a> {
@@ -200,10 +213,14 @@ struct Group<'a> {
     replies: Vec<Reply>,
     records: usize,
     shared: &'a Shared,
+    /// Hard limits: what this group holds in the escrow until it commits (its records'
+    /// spending), and the reservations its records settle (restored if it fails).
+    holds: Vec<(LimitIdx, Epoch, u64)>,
+    taken: Vec<(String, Reservation)>,
 }
 
 impl Group<'_> {
-    fn add(&mut self, records: &[UsageRecord]) -> Result<Vec<bool>, StoreError> {
+    fn add(&mut self, records: &[UsageRecord]) -> Result<Vec<RecordOutcome>, StoreError> {
         let now = self.shared.clock.now_ms();
         let window = self.shared.config.dedup_window_ms;
         let state = self.shared.state.read();
@@ -212,7 +229,11 @@ impl Group<'_> {
         for r in records {
             // The batch also knows the ids it holds, so a repeat inside one group is caught.
             if self.batch.dedup_contains(&r.id, now)? {
-                applied.push(false);
+                if let Some(id) = &r.reservation {
+                    // Counted before: the reservation has nothing left to settle.
+                    self.shared.escrow.0.lock().cancel(id);
+                }
+                applied.push(RecordOutcome::default());
                 continue;
             }
             let attrs: Vec<(&str, &str)> = r
@@ -235,16 +256,74 @@ impl Group<'_> {
                 };
                 self.pending.insert(key, current.saturating_add(inc.delta));
             }
+            let overrun = self.settle(&state, r, &incs);
             // A record is accepted while its `at` is inside the window (`at > now -
             // window`), and `at` may be ahead of now: the id must be remembered for as long
             // as a retry of the same record could still be accepted (I2).
             let at = r.at_ms.unwrap_or(now);
             self.batch.dedup_insert(&r.id, at.max(now) + window)?;
-            applied.push(true);
+            applied.push(RecordOutcome {
+                applied: true,
+                overrun,
+            });
         }
         debug_assert_eq!(applied.len(), records.len());
         self.records += records.len();
         Ok(applied)
+    }
+
+    /// Hard limits: settles the record's reservation and holds what it spends until the
+    /// commit; what it spends beyond this node's free rights is its overrun. Nothing to
+    /// do (and no lock taken) for a record that touches no hard limit.
+    fn settle(&mut self, state: &State, r: &UsageRecord, incs: &[Increment]) -> Vec<(String, u64)> {
+        let hard = incs.iter().any(|i| state.is_hard(i.limit));
+        if !hard && r.reservation.is_none() {
+            return Vec::new();
+        }
+        let mut esc = self.shared.escrow.0.lock();
+        let reservation = r.reservation.as_ref().and_then(|id| {
+            let res = esc.take(id)?;
+            for &(l, e, a) in &res.items {
+                esc.release(l, e, a);
+            }
+            Some((id.clone(), res))
+        });
+        let mut overrun = Vec::new();
+        for inc in incs.iter().filter(|i| state.is_hard(i.limit)) {
+            let held = esc.held(inc.limit, inc.epoch);
+            let free = state.hard_free(inc.limit, inc.epoch, held).unwrap_or(0);
+            let over = i128::from(inc.delta) - free.clamp(0, i128::from(inc.delta));
+            if over > 0 {
+                overrun.push((state.limit_id(inc.limit).to_string(), over as u64));
+            }
+            esc.hold(inc.limit, inc.epoch, inc.delta);
+            self.holds.push((inc.limit, inc.epoch, inc.delta));
+            if reservation.is_none() {
+                esc.note_spent(inc.limit, inc.delta);
+            }
+        }
+        if let Some(taken) = reservation {
+            self.taken.push(taken);
+        }
+        overrun
+    }
+
+    /// Gives back what the group held and, when it failed, the reservations it took.
+    fn unhold(
+        shared: &Shared,
+        holds: &[(LimitIdx, Epoch, u64)],
+        restore: Vec<(String, Reservation)>,
+    ) {
+        if holds.is_empty() && restore.is_empty() {
+            return;
+        }
+        let mut esc = shared.escrow.0.lock();
+        for &(l, e, a) in holds {
+            esc.release(l, e, a);
+        }
+        for (id, r) in restore {
+            esc.insert(id, r.items, r.expires_at_ms);
+        }
     }
 
     /// Commits; on success applies to memory, publishes and acknowledges. On failure the
@@ -277,6 +356,8 @@ impl Group<'_> {
                         );
                         state.merge_slot_idx(limit, epoch, me, value);
                     }
+                    // Under the state's write lock: a check sees the usage or the hold.
+                    Group::unhold(self.shared, &self.holds, Vec::new());
                     // Only a node in a fleet has anyone to tell.
                     self.shared.cluster.get().map(|_| {
                         self.pending
@@ -297,9 +378,16 @@ impl Group<'_> {
                     started.elapsed().as_micros() as u64,
                 );
                 for (reply, applied, records) in self.replies {
-                    let n = applied.iter().filter(|a| **a).count() as u64;
+                    let n = applied.iter().filter(|a| a.applied).count() as u64;
                     Metrics::add(&m.records_applied_total, n);
                     Metrics::add(&m.records_duplicate_total, applied.len() as u64 - n);
+                    let over: u64 = applied
+                        .iter()
+                        .flat_map(|a| a.overrun.iter().map(|o| o.1))
+                        .sum();
+                    if over > 0 {
+                        Metrics::add(&m.hard_overrun_total, over);
+                    }
                     let _ = reply.send((Ok(applied), records));
                 }
                 Ok(())
@@ -307,6 +395,7 @@ impl Group<'_> {
             Err(e) => {
                 Metrics::add(&m.commit_errors_total, 1);
                 tracing::warn!(error = %e, records = self.records, "group commit failed; nothing of it was acknowledged");
+                Group::unhold(self.shared, &self.holds, self.taken);
                 Err((e, self.replies))
             }
         }
@@ -354,6 +443,7 @@ pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
             cursor: SweepCursor::default(),
         },
     };
+    w.clear_shutdown_mark();
     let mut carry: Option<Op> = None;
     loop {
         let first = match carry.take() {
@@ -370,6 +460,7 @@ pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
         };
         match first {
             Op::Shutdown { reply } => {
+                w.mark_clean_shutdown();
                 // Close the database before replying, so the caller may reopen it at once.
                 drop(w);
                 tracing::info!("writer stopped: everything acknowledged is committed");
@@ -402,6 +493,19 @@ pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
                 let ops = w.records(records, reply, &rx, &mut carry);
                 w.done(ops);
             }
+            Op::Grant {
+                limit,
+                epoch,
+                to,
+                amount,
+                reply,
+            } => {
+                let result = w.grant(&limit, epoch, &to, amount);
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+                w.done(1);
+            }
         }
         if w.last.tick.elapsed() >= MAINTENANCE_EVERY {
             let _ = w.maintain(false);
@@ -410,6 +514,111 @@ pub(crate) fn run(shared: Arc<Shared>, store: Store, rx: Receiver<Op>) {
 }
 
 impl Writer {
+    /// Removes the last run's clean-shutdown mark before this run spends hard limits: from
+    /// now on a crash must look like one. Until it is gone, hard limits are not spent.
+    fn clear_shutdown_mark(&mut self) {
+        if !self.shared.escrow.0.lock().mark_pending {
+            return;
+        }
+        let result = self.store().and_then(|store| {
+            let mut b = store.batch().map_err(|e| unavailable(&e))?;
+            b.clear_clean_shutdown().map_err(|e| unavailable(&e))?;
+            b.commit().map_err(|e| unavailable(&e))
+        });
+        match result {
+            Ok(()) => self.shared.escrow.0.lock().mark_pending = false,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not clear the clean-shutdown mark; hard limits are not spent until it is cleared (retried every maintenance pass)")
+            }
+        }
+    }
+
+    /// Stores the open reservations and marks a clean shutdown, so the next start needs no
+    /// fence.
+    fn mark_clean_shutdown(&mut self) {
+        let shared = self.shared.clone();
+        let rows = {
+            let state = shared.state.read();
+            let esc = shared.escrow.0.lock();
+            if esc.mark_pending {
+                // This run never cleared the last mark: it is still there.
+                return;
+            }
+            esc.snapshot(|l| state.limit_id(l).to_string())
+        };
+        let result = self.store().and_then(|store| {
+            let mut b = store.batch().map_err(|e| unavailable(&e))?;
+            b.put_clean_shutdown(&rows).map_err(|e| unavailable(&e))?;
+            b.commit().map_err(|e| unavailable(&e))
+        });
+        match result {
+            Ok(()) => tracing::info!(reservations = rows.len(), "clean shutdown marked"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not mark a clean shutdown; the next start fences hard limits")
+            }
+        }
+    }
+
+    /// Gives `amount` of this node's free rights of a hard limit to `to`: durable, then
+    /// in memory, then published. Held in the escrow while it commits, so a check never
+    /// spends what is being given.
+    fn grant(
+        &mut self,
+        limit: &str,
+        epoch: Epoch,
+        to: &str,
+        amount: u64,
+    ) -> Result<u64, NodeError> {
+        let shared = self.shared.clone();
+        let (idx, total) = {
+            let state = shared.state.read();
+            let idx = state
+                .limit_idx(limit)
+                .ok_or_else(|| NodeError::NotFound(format!("no limit with id {limit:?}")))?;
+            let mut esc = shared.escrow.0.lock();
+            if esc.fenced(shared.clock.now_ms()) {
+                return Err(NodeError::Unavailable("this node is fenced".into()));
+            }
+            let held = esc.held(idx, epoch);
+            let total = state
+                .prepare_grant(idx, epoch, to, amount, held)
+                .map_err(|e| NodeError::Conflict(e.to_string()))?;
+            esc.hold(idx, epoch, amount);
+            (idx, total)
+        };
+        let result = self.store().and_then(|store| {
+            let mut b = store.batch().map_err(|e| unavailable(&e))?;
+            b.put_own_grant(limit, epoch, to, total)
+                .map_err(|e| unavailable(&e))?;
+            b.commit()
+                .map_err(|e| {
+                    let msg = unavailable(&e);
+                    (msg, e)
+                })
+                .map_err(|(m, _)| m)
+        });
+        {
+            let mut state = shared.state.write();
+            if result.is_ok() {
+                let me = shared.node_id.clone();
+                state.merge_grant(limit, epoch, &me, to, total);
+            }
+            shared.escrow.0.lock().release(idx, epoch, amount);
+        }
+        match result {
+            Ok(()) => {
+                Metrics::add(&shared.metrics.rights_granted_total, amount);
+                tracing::debug!(%limit, %epoch, %to, amount, total, "rights granted");
+                publish(
+                    &shared,
+                    Publication::Grant(limit.to_string(), epoch, to.to_string(), total),
+                );
+                Ok(total)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// `n` ops handed to the writer are finished (see `Node::writer_idle`).
     fn done(&self, n: usize) {
         let before = self.shared.writer_ops.fetch_sub(n, Ordering::SeqCst);
@@ -559,6 +768,8 @@ impl Writer {
                 replies: Vec::new(),
                 records: 0,
                 shared: &shared,
+                holds: Vec::new(),
+                taken: Vec::new(),
             },
             Err(e) => {
                 self.failed(&e);
@@ -599,7 +810,10 @@ impl Writer {
             }
         }
         let result = match failed {
-            Some(e) => Err((e, group.replies)),
+            Some(e) => {
+                Group::unhold(&shared, &group.holds, group.taken);
+                Err((e, group.replies))
+            }
             None => group.commit(),
         };
         if let Err((e, replies)) = result {
@@ -644,6 +858,14 @@ impl Writer {
         self.last.tick = Instant::now();
         let now_ms = self.shared.clock.now_ms();
         self.shared.state.write().tick(now_ms);
+        {
+            let _state = self.shared.state.read();
+            let n = self.shared.escrow.0.lock().expire(now_ms);
+            Metrics::add(&self.shared.metrics.reservations_expired_total, n as u64);
+        }
+        if self.shared.escrow.0.lock().mark_pending {
+            self.clear_shutdown_mark();
+        }
         if !matches!(self.disk, Disk::Open(_)) {
             // Look for room (after a full disk) even when no write comes.
             self.store()?;
@@ -794,8 +1016,21 @@ fn reconcile(shared: &Shared, store: &Store) -> Result<(), StoreError> {
         let o = state.origin_idx(&origin);
         state.merge_slot(&limit, epoch, o, value);
     }
+    let mut grants = Vec::new();
+    for (limit, epoch, to, total) in r.own_grants {
+        if state.merge_grant(&limit, epoch, &node_id, &to, total) {
+            grants.push(Publication::Grant(limit, epoch, to, total));
+        }
+    }
+    for (from, limit, epoch, to, total) in r.peer_grants {
+        state.merge_grant(&limit, epoch, &from, &to, total);
+    }
+    for rec in r.decommissions {
+        state.apply_decommission(rec);
+    }
     state.tick(now);
     drop(state);
+    pubs.extend(grants);
     if !slots.is_empty() {
         tracing::info!(
             slots = slots.len(),
@@ -814,6 +1049,7 @@ enum ConfigRecord {
     Limit(LimitRecord),
     Entity(EntityRecord),
     Reset(String, ResetRegister),
+    Decommission(tally_core::DecommissionRecord),
 }
 
 impl ConfigRecord {
@@ -822,6 +1058,7 @@ impl ConfigRecord {
             ConfigRecord::Limit(r) => Incoming::Limit(r),
             ConfigRecord::Entity(r) => Incoming::Entity(r),
             ConfigRecord::Reset(id, r) => Incoming::Reset(id, r),
+            ConfigRecord::Decommission(r) => Incoming::Decommission(r),
         }
     }
 
@@ -830,6 +1067,7 @@ impl ConfigRecord {
             ConfigRecord::Limit(r) => b.put_limit(r),
             ConfigRecord::Entity(r) => b.put_entity(r),
             ConfigRecord::Reset(id, r) => b.put_reset(id, r),
+            ConfigRecord::Decommission(r) => b.put_decommission(r),
         }
     }
 
@@ -843,6 +1081,9 @@ impl ConfigRecord {
             ConfigRecord::Reset(id, r) => {
                 state.reset_register(id).is_some_and(|c| !r.supersedes(c))
             }
+            ConfigRecord::Decommission(r) => state
+                .decommission(&r.node)
+                .is_some_and(|c| c.version >= r.version),
         }
     }
 
@@ -859,6 +1100,9 @@ impl ConfigRecord {
             ConfigRecord::Reset(id, r) => state
                 .apply_reset(&id, r.clone())
                 .then_some(Publication::Reset(id, r)),
+            ConfigRecord::Decommission(r) => state
+                .apply_decommission(r.clone())
+                .then_some(Publication::Decommission(r)),
         }
     }
 
@@ -875,6 +1119,10 @@ impl ConfigRecord {
             ConfigRecord::Reset(id, r) => {
                 tracing::info!(limit = %id, baseline = r.baseline, reset = %r.reset.hlc, "limit reset")
             }
+            ConfigRecord::Decommission(r) => tracing::warn!(
+                node = %r.node, successor = %r.successor,
+                "node decommissioned: its unspent rights of hard limits pass to its successor; it may not spend hard limits again"
+            ),
         }
     }
 }
@@ -914,6 +1162,10 @@ fn apply_config(
             ConfigChange::DeleteEntity(d, v) => state
                 .prepare_entity_delete(&d, &v, now)
                 .map(ConfigRecord::Entity)
+                .map_err(Into::into),
+            ConfigChange::Decommission(node, successor) => state
+                .prepare_decommission(&node, &successor, now)
+                .map(ConfigRecord::Decommission)
                 .map_err(Into::into),
         };
         prepared.map_err(|e| (e, None))?
@@ -958,6 +1210,7 @@ fn apply_remote(
 ) -> Result<(), (StoreError, Vec<Incoming>)> {
     let now = shared.clock.now_ms();
     let mut hellos = Vec::new();
+    let mut grants = Vec::new();
     let (slots, records) = {
         let state = shared.state.read();
         let me = state.node_id();
@@ -965,6 +1218,25 @@ fn apply_remote(
         let mut records = Vec::new();
         for item in items {
             let record = match item {
+                Incoming::Grant {
+                    from,
+                    limit,
+                    epoch,
+                    to,
+                    value,
+                } => {
+                    // Own grants come only from this node's disk, like its slots.
+                    let known = state
+                        .limit_idx(&limit)
+                        .map_or(0, |l| state.grant(l, epoch, &from, &to));
+                    if from != me && value > known {
+                        grants.push((from, limit, epoch, to, value));
+                    }
+                    continue;
+                }
+                // Demands are read by the rights task, never stored.
+                Incoming::Demand { .. } => continue,
+                Incoming::Decommission(r) => ConfigRecord::Decommission(r),
                 Incoming::Hello { origin, wall_ms } => {
                     hellos.push((origin, wall_ms));
                     continue;
@@ -990,7 +1262,7 @@ fn apply_remote(
         }
         (slots, records)
     };
-    if slots.is_empty() && records.is_empty() {
+    if slots.is_empty() && records.is_empty() && grants.is_empty() {
         note_hellos(shared, hellos);
         return Ok(());
     }
@@ -998,6 +1270,9 @@ fn apply_remote(
         let mut b = store.batch()?;
         for (origin, limit, epoch, value) in &slots {
             b.merge_peer_slot(origin, limit, *epoch, *value)?;
+        }
+        for (from, limit, epoch, to, value) in &grants {
+            b.merge_peer_grant(from, limit, *epoch, to, *value)?;
         }
         for r in &records {
             r.persist(&mut b)?;
@@ -1016,6 +1291,17 @@ fn apply_remote(
                 value,
             })
             .chain(records.into_iter().map(ConfigRecord::into_incoming))
+            .chain(
+                grants
+                    .into_iter()
+                    .map(|(from, limit, epoch, to, value)| Incoming::Grant {
+                        from,
+                        limit,
+                        epoch,
+                        to,
+                        value,
+                    }),
+            )
             .collect();
         return Err((e, items));
     }
@@ -1023,6 +1309,9 @@ fn apply_remote(
     for (origin, limit, epoch, value) in slots {
         let o = state.origin_idx(&origin);
         state.merge_slot(&limit, epoch, o, value);
+    }
+    for (from, limit, epoch, to, value) in grants {
+        state.merge_grant(&limit, epoch, &from, &to, value);
     }
     let republish: Vec<Publication> = records
         .into_iter()

@@ -345,6 +345,8 @@ fn rule(
         period,
         calendar_aligned: true,
         timezone: "UTC".into(),
+        mode: Default::default(),
+        members: Vec::new(),
     };
     let id = rules::rule_id(domain, at);
     input

@@ -322,6 +322,7 @@ impl RateLimiter {
                             ..Amounts::default()
                         },
                         at_ms: None,
+                        reservation: None,
                     };
                     Some((i, rec))
                 })

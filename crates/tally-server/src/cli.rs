@@ -44,8 +44,31 @@ pub enum Command {
     Usage(UsageArgs),
     /// Show the node's health, readiness and cluster membership.
     Status(StatusArgs),
+    /// Manage the nodes of a fleet (decommission one that is gone for good).
+    Nodes(NodesArgs),
     /// Turn another system's config into tally limits.
     Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    #[command(flatten)]
+    pub client: ClientOpts,
+    #[command(subcommand)]
+    pub command: NodesCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesCommand {
+    /// Say that a node is gone for good: its unspent rights of hard limits pass to a
+    /// successor. Never undone; the node may not spend hard limits again under this id.
+    Decommission {
+        /// The node id (as `tally status` lists it).
+        id: String,
+        /// The node that takes over its rights [default: the node this command talks to].
+        #[arg(long, value_name = "NODE")]
+        successor: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -147,6 +170,10 @@ pub struct ServeArgs {
     /// [default: 35].
     #[arg(long, env = "TALLY_HISTORY_RETENTION_DAYS", value_name = "DAYS")]
     pub history_retention_days: Option<u64>,
+    /// Longest lifetime of a reservation on hard limits, and how long a node that did not
+    /// stop cleanly refuses to spend hard limits after it restarts [default: 300].
+    #[arg(long, env = "TALLY_RESERVATION_TTL_MAX_SECS", value_name = "SECS")]
+    pub reservation_ttl_max_secs: Option<u64>,
     /// Most usage records committed in one transaction [default: 4096].
     #[arg(long, env = "TALLY_BATCH_RECORDS_MAX", value_name = "N")]
     pub batch_records_max: Option<usize>,
@@ -264,6 +291,34 @@ pub struct LimitPut {
     /// IANA time zone for calendar-aligned periods [default: UTC].
     #[arg(long, value_name = "TZ")]
     pub timezone: Option<String>,
+    /// soft: each node enforces on what it knows; hard: never overspent, even across a
+    /// partition (an escrow of rights) [default: soft].
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
+    /// Hard limits: a node that holds rights, NODE or NODE:WEIGHT, repeatable
+    /// [default: the live nodes of the fleet, weight 1].
+    #[arg(long = "member", value_name = "NODE[:WEIGHT]", value_parser = parse_member)]
+    pub members: Vec<(String, u32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    Soft,
+    Hard,
+}
+
+/// `NODE` or `NODE:WEIGHT` (node ids may contain `:`, so the weight is the part after the
+/// last one, when it is a number).
+fn parse_member(s: &str) -> Result<(String, u32), String> {
+    match s.rsplit_once(':') {
+        Some((node, w)) if !w.is_empty() && w.bytes().all(|b| b.is_ascii_digit()) => {
+            let weight: u32 = w
+                .parse()
+                .map_err(|_| format!("weight {w:?} is too large"))?;
+            Ok((node.to_string(), weight))
+        }
+        _ => Ok((s.to_string(), 1)),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -329,6 +384,13 @@ pub struct CheckArgs {
     /// Estimated tokens [default: 0].
     #[arg(long, value_name = "N")]
     pub tokens: Option<u64>,
+    /// Hold the estimate on the hard limits that apply, when allowed (settle it with
+    /// `tally usage --reservation ID`).
+    #[arg(long)]
+    pub reserve: bool,
+    /// Lifetime of the reservation in seconds [default: 120].
+    #[arg(long, value_name = "SECS", requires = "reserve")]
+    pub ttl_s: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -350,6 +412,9 @@ pub struct UsageArgs {
     /// Requests made [default: 1].
     #[arg(long, value_name = "N")]
     pub requests: Option<u64>,
+    /// The reservation (from `tally check --reserve`) this usage settles.
+    #[arg(long, value_name = "ID")]
+    pub reservation: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 
 use crate::cli::{
     CheckArgs, ClientOpts, Command, Decimal, EntitiesArgs, EntitiesCommand, EntityRef, LimitPut,
-    LimitsArgs, LimitsCommand, MetricArg, StatusArgs, UsageArgs,
+    LimitsArgs, LimitsCommand, MetricArg, ModeArg, NodesArgs, NodesCommand, StatusArgs, UsageArgs,
 };
 
 /// Whole-request timeout: generous, since a usage record waits for a durable commit.
@@ -59,6 +59,7 @@ pub enum View {
     Deleted(String),
     Check,
     Usage,
+    Decommissioned,
 }
 
 /// A reply: status code and body (JSON, or a JSON string holding a non-JSON body).
@@ -133,6 +134,23 @@ pub fn plan(command: &Command) -> anyhow::Result<(&ClientOpts, Request, View)> {
             (client, request, view)
         }
         Command::Check(args) => (&args.client, check_request(args)?, View::Check),
+        Command::Nodes(NodesArgs { client, command }) => match command {
+            NodesCommand::Decommission { id, successor } => {
+                let mut body = json!({});
+                if let Some(s) = successor {
+                    body["successor"] = json!(s);
+                }
+                (
+                    client,
+                    Request {
+                        method: Method::Post,
+                        path: format!("/v1/nodes/{}/decommission", encode(id)),
+                        body: Some(body),
+                    },
+                    View::Decommissioned,
+                )
+            }
+        },
         Command::Usage(args) => (&args.client, usage_request(args)?, View::Usage),
         Command::Serve(_) | Command::Status(_) | Command::Import(_) => {
             bail!("internal: plan() covers request/reply commands only")
@@ -261,6 +279,19 @@ pub fn limit_put_body(put: &LimitPut) -> anyhow::Result<Value> {
     if let Some(tz) = &put.timezone {
         body["timezone"] = json!(tz);
     }
+    if let Some(mode) = put.mode {
+        body["mode"] = json!(match mode {
+            ModeArg::Soft => "soft",
+            ModeArg::Hard => "hard",
+        });
+    }
+    if !put.members.is_empty() {
+        body["members"] = put
+            .members
+            .iter()
+            .map(|(node, weight)| json!({"node": node, "weight": weight}))
+            .collect();
+    }
     Ok(body)
 }
 
@@ -272,6 +303,12 @@ pub fn check_request(args: &CheckArgs) -> anyhow::Result<Request> {
     }
     if let Some(tokens) = args.tokens {
         body["tokens"] = json!(tokens);
+    }
+    if args.reserve {
+        body["reserve"] = json!(true);
+    }
+    if let Some(ttl) = args.ttl_s {
+        body["ttl_s"] = json!(ttl);
     }
     Ok(Request {
         method: Method::Post,
@@ -294,6 +331,9 @@ pub fn usage_request(args: &UsageArgs) -> anyhow::Result<Request> {
     }
     if let Some(requests) = args.requests {
         body["requests"] = json!(requests);
+    }
+    if let Some(r) = &args.reservation {
+        body["reservation"] = json!(r);
     }
     Ok(Request {
         method: Method::Post,
@@ -502,6 +542,11 @@ pub fn render(view: &View, body: &Value) -> String {
         View::Deleted(what) => format!("deleted {what}\n"),
         View::Check => render_check(body),
         View::Usage => render_usage(body),
+        View::Decommissioned => format!(
+            "decommissioned {}: its unspent rights of hard limits pass to {}\n",
+            text(&body["node"]),
+            text(&body["successor"])
+        ),
     }
 }
 
@@ -742,8 +787,36 @@ pub fn render_limit(l: &Value) -> String {
     ] {
         kv.row(vec![key.to_owned(), value]);
     }
+    if l["mode"].as_str() == Some("hard") {
+        kv.row(vec!["mode".to_owned(), "hard".to_owned()]);
+    }
     let mut out = kv.render();
-    if let Some(nodes) = l["nodes"].as_object().filter(|n| !n.is_empty()) {
+    if let Some(rights) = l["rights"].as_object().filter(|n| !n.is_empty()) {
+        let mut table = Table::new(&[
+            "NODE",
+            ">ALLOCATED",
+            ">RECEIVED",
+            ">GIVEN",
+            ">USED",
+            ">FREE",
+        ]);
+        for (node, r) in rights {
+            let mut name = node.clone();
+            if r["decommissioned"].as_bool() == Some(true) {
+                name.push_str(" (decommissioned)");
+            }
+            table.row(vec![
+                name,
+                format_amount(&r["allocated"]),
+                format_amount(&r["received"]),
+                format_amount(&r["given"]),
+                format_amount(&r["used"]),
+                format_amount(&r["free"]),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&table.render());
+    } else if let Some(nodes) = l["nodes"].as_object().filter(|n| !n.is_empty()) {
         let mut table = Table::new(&["NODE", ">USED"]);
         for (node, used) in nodes {
             table.row(vec![node.clone(), format_amount(used)]);
@@ -810,6 +883,27 @@ pub fn render_check(body: &Value) -> String {
         out.push_str(" (stale: the node has not caught up with its peers yet)");
     }
     out.push('\n');
+    if let Some(id) = body["reservation"]["id"].as_str() {
+        let _ = writeln!(
+            out,
+            "reservation {id} until {}",
+            text(&body["reservation"]["expires_at"])
+        );
+    }
+    for l in array(body, "limits") {
+        if let Some(reason) = l["reason"].as_str() {
+            let retry = l["retry_after_ms"]
+                .as_u64()
+                .map(|ms| format!("; retry in {ms} ms"))
+                .unwrap_or_default();
+            let why = if reason == "rights" {
+                "this node holds too few rights now"
+            } else {
+                "the budget is spent"
+            };
+            let _ = writeln!(out, "{}: {why}{retry}", text(&l["id"]));
+        }
+    }
     out.push_str(&limit_status_table(array(body, "limits"), Some(denied)));
     out
 }
@@ -821,6 +915,15 @@ pub fn render_usage(body: &Value) -> String {
     } else {
         "not applied: this id was already recorded on this node\n".to_owned()
     };
+    if let Some(over) = body["overrun"].as_object() {
+        for (id, v) in over {
+            let _ = writeln!(
+                out,
+                "overrun on hard limit {id}: {} beyond the rights this node held",
+                format_amount(v)
+            );
+        }
+    }
     out.push_str(&limit_status_table(array(body, "limits"), None));
     out
 }

@@ -32,6 +32,10 @@ pub const DEFAULT_DEDUP_WINDOW_SECS: u64 = 86_400;
 /// Default time closed periods are kept as history (a calendar month, and some days to
 /// read it after the month ends).
 pub const DEFAULT_HISTORY_RETENTION_DAYS: u64 = 35;
+/// Default cap on a reservation's lifetime, seconds.
+pub const DEFAULT_RESERVATION_TTL_MAX_SECS: u64 = 300;
+/// Largest cap on a reservation's lifetime: a day (it is also the fence after a crash).
+pub const RESERVATION_TTL_MAX_SECS_MAX: u64 = 86_400;
 /// Default largest number of usage records the writer commits in one transaction.
 pub const DEFAULT_BATCH_RECORDS_MAX: usize = 4_096;
 /// Default capacity of the writer's queue, in records.
@@ -95,6 +99,7 @@ pub struct ServeConfig {
     pub gossip_interval_ms: u64,
     pub dedup_window_secs: u64,
     pub history_retention_days: u64,
+    pub reservation_ttl_max_secs: u64,
     pub batch_records_max: usize,
     pub queue_records_max: usize,
     pub queue_wait_ms: u64,
@@ -131,6 +136,7 @@ impl fmt::Debug for ServeConfig {
             .field("gossip_interval_ms", &self.gossip_interval_ms)
             .field("dedup_window_secs", &self.dedup_window_secs)
             .field("history_retention_days", &self.history_retention_days)
+            .field("reservation_ttl_max_secs", &self.reservation_ttl_max_secs)
             .field("batch_records_max", &self.batch_records_max)
             .field("queue_records_max", &self.queue_records_max)
             .field("queue_wait_ms", &self.queue_wait_ms)
@@ -163,6 +169,7 @@ impl Default for ServeConfig {
             gossip_interval_ms: DEFAULT_GOSSIP_INTERVAL_MS,
             dedup_window_secs: DEFAULT_DEDUP_WINDOW_SECS,
             history_retention_days: DEFAULT_HISTORY_RETENTION_DAYS,
+            reservation_ttl_max_secs: DEFAULT_RESERVATION_TTL_MAX_SECS,
             batch_records_max: DEFAULT_BATCH_RECORDS_MAX,
             queue_records_max: DEFAULT_QUEUE_RECORDS_MAX,
             queue_wait_ms: DEFAULT_QUEUE_WAIT_MS,
@@ -195,6 +202,7 @@ struct FileConfig {
     gossip_interval_ms: Option<u64>,
     dedup_window_secs: Option<u64>,
     history_retention_days: Option<u64>,
+    reservation_ttl_max_secs: Option<u64>,
     batch_records_max: Option<usize>,
     queue_records_max: Option<usize>,
     queue_wait_ms: Option<u64>,
@@ -361,6 +369,13 @@ impl ServeConfig {
             file.history_retention_days,
             parse_number,
         )?;
+        let reservation_ttl_max_secs = pick(
+            "reservation_ttl_max_secs",
+            args.reservation_ttl_max_secs,
+            env,
+            file.reservation_ttl_max_secs,
+            parse_number,
+        )?;
         let batch_records_max = pick(
             "batch_records_max",
             args.batch_records_max,
@@ -442,6 +457,8 @@ impl ServeConfig {
             dedup_window_secs: dedup_window_secs.unwrap_or(defaults.dedup_window_secs),
             history_retention_days: history_retention_days
                 .unwrap_or(defaults.history_retention_days),
+            reservation_ttl_max_secs: reservation_ttl_max_secs
+                .unwrap_or(defaults.reservation_ttl_max_secs),
             batch_records_max: batch_records_max.unwrap_or(defaults.batch_records_max),
             queue_records_max: queue_records_max.unwrap_or(defaults.queue_records_max),
             queue_wait_ms: queue_wait_ms.unwrap_or(defaults.queue_wait_ms),
@@ -499,6 +516,12 @@ impl ServeConfig {
             self.history_retention_days,
             1,
             HISTORY_RETENTION_DAYS_MAX,
+        )?;
+        check_range(
+            "reservation_ttl_max_secs",
+            self.reservation_ttl_max_secs,
+            1,
+            RESERVATION_TTL_MAX_SECS_MAX,
         )?;
         if self.history_retention_days * 86_400 < self.dedup_window_secs {
             bail!(

@@ -11,12 +11,12 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tally_core::units::{self, ATTRIBUTES_MAX, Micros};
-use tally_core::{Amounts, LimitInput, Metric, Period, Scope};
+use tally_core::{Amounts, LimitInput, Metric, Mode, Period, Scope};
 use tally_node::{
     HISTORY_EPOCHS_MAX, HistoryQuery, LimitDetails, LimitHistory, LimitReport, Node, NodeError,
     UsageRecord,
@@ -363,6 +363,22 @@ fn write_reports(j: &mut Json, reports: &[LimitReport]) {
             Some(ms) => j.time(ms),
             None => j.raw("null"),
         };
+        if r.mode == Mode::Hard {
+            // Soft entries keep exactly their six fields.
+            j.raw(",\"mode\":\"hard\",\"free\":");
+            if r.free < 0 {
+                j.raw("-");
+            }
+            j.amount(r.metric, r.free.unsigned_abs());
+            j.raw(",\"reason\":");
+            match r.reason {
+                Some(reason) => j.str(reason.as_str()),
+                None => j.raw("null"),
+            };
+            if let Some(ms) = r.retry_after_ms {
+                j.raw(",\"retry_after_ms\":").raw(&ms.to_string());
+            }
+        }
         j.raw("}");
     }
     j.raw("]");
@@ -385,7 +401,7 @@ fn view_json(d: &LimitDetails) -> Value {
         .iter()
         .map(|(n, v)| (n.clone(), amount(m, *v)))
         .collect();
-    json!({
+    let mut v = json!({
         "id": d.report.id,
         "scope": d.input.scope,
         "metric": m.as_str(),
@@ -398,7 +414,46 @@ fn view_json(d: &LimitDetails) -> Value {
         "period_start": if never { Value::Null } else { rfc3339(d.report.period_start_ms) },
         "resets_at": d.report.resets_at_ms.map_or(Value::Null, rfc3339),
         "nodes": nodes,
-    })
+    });
+    if d.input.mode == Mode::Hard {
+        // A soft limit's view is exactly as before hard mode existed.
+        let members: Vec<Value> = d
+            .input
+            .members
+            .iter()
+            .map(|mb| json!({"node": mb.node, "weight": mb.weight}))
+            .collect();
+        let rights: serde_json::Map<String, Value> = d
+            .rights
+            .iter()
+            .map(|r| {
+                (
+                    r.node.clone(),
+                    json!({
+                        "allocated": amount(m, r.rights.alloc),
+                        "received": amount(m, r.rights.received),
+                        "given": amount(m, r.rights.given),
+                        "used": amount(m, r.rights.used),
+                        "free": signed_amount(m, r.free),
+                        "decommissioned": r.decommissioned,
+                    }),
+                )
+            })
+            .collect();
+        v["mode"] = json!("hard");
+        v["members"] = Value::Array(members);
+        v["rights"] = Value::Object(rights);
+    }
+    v
+}
+
+/// A signed amount (free rights may be negative: debt).
+fn signed_amount(metric: Metric, v: i64) -> Value {
+    match (metric, v < 0) {
+        (Metric::Cost, false) => json!(Micros(v as u64).to_usd()),
+        (Metric::Cost, true) => json!(-Micros(v.unsigned_abs()).to_usd()),
+        _ => json!(v),
+    }
 }
 
 pub(crate) fn check_id(id: &str, what: &'static str) -> Result<(), ApiError> {
@@ -477,6 +532,71 @@ struct LimitBody {
     calendar_aligned: bool,
     #[serde(default = "utc")]
     timezone: String,
+    mode: Option<String>,
+    members: Option<Vec<MemberBody>>,
+}
+
+/// A member of a hard limit: a node id, or `{"node": id, "weight": n}`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum MemberBody {
+    Node(String),
+    Weighted(Obj<WeightedMember>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightedMember {
+    node: String,
+    weight: u32,
+}
+
+/// `mode` and `members` of a limit body, checked.
+fn limit_mode(
+    mode: Option<&str>,
+    members: Option<Vec<MemberBody>>,
+) -> Result<(Mode, Vec<tally_core::Member>), ApiError> {
+    let mode = match mode {
+        None => Mode::Soft,
+        Some(m) => Mode::parse(m)
+            .ok_or_else(|| ApiError::invalid(format!("mode {m:?} must be soft or hard")))?,
+    };
+    let Some(members) = members else {
+        return Ok((mode, Vec::new()));
+    };
+    if members.len() > tally_core::config::MEMBERS_MAX {
+        return Err(ApiError::invalid(format!(
+            "members has {} entries; at most {} are allowed",
+            members.len(),
+            tally_core::config::MEMBERS_MAX
+        )));
+    }
+    let mut out: Vec<tally_core::Member> = members
+        .into_iter()
+        .map(|m| match m {
+            MemberBody::Node(node) => tally_core::Member { node, weight: 1 },
+            MemberBody::Weighted(Obj(w)) => tally_core::Member {
+                node: w.node,
+                weight: w.weight,
+            },
+        })
+        .collect();
+    for m in &out {
+        check_id(&m.node, "member node id")?;
+    }
+    out.sort_by(|a, b| a.node.cmp(&b.node));
+    if let Some(w) = out.windows(2).find(|w| w[0].node == w[1].node) {
+        return Err(ApiError::invalid(format!(
+            "member {} is listed twice",
+            w[0].node
+        )));
+    }
+    if mode == Mode::Soft && !out.is_empty() {
+        return Err(ApiError::invalid(
+            "members apply to hard limits only; add \"mode\": \"hard\"",
+        ));
+    }
+    Ok((mode, out))
 }
 
 fn utc() -> String {
@@ -503,6 +623,7 @@ async fn put_limit(
         .period
         .parse()
         .map_err(|e: tally_core::PeriodError| ApiError::invalid(e.to_string()))?;
+    let (mode, members) = limit_mode(b.mode.as_deref(), b.members)?;
     let input = LimitInput {
         scope: b.scope,
         metric,
@@ -510,6 +631,8 @@ async fn put_limit(
         period,
         calendar_aligned: b.calendar_aligned,
         timezone: b.timezone,
+        mode,
+        members,
     };
     let d = s.node.put_limit(&id, input).await?;
     ok(view_json(&d))
@@ -808,6 +931,9 @@ struct CheckBody<'a> {
     attributes: Attributes<'a>,
     cost: Option<f64>,
     tokens: Option<u64>,
+    #[serde(default)]
+    reserve: bool,
+    ttl_s: Option<u64>,
 }
 
 /// Request attributes borrowed from the body where they need no unescaping (a check
@@ -867,7 +993,18 @@ async fn check(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
         requests: 1,
     };
     let attrs: Vec<(&str, &str)> = b.attributes.0.iter().map(|(k, v)| (&**k, &**v)).collect();
-    let r = s.node.check(&attrs, estimate);
+    let reserve = match (b.reserve, b.ttl_s) {
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "ttl_s applies only with \"reserve\": true",
+            ));
+        }
+        (false, None) => None,
+        (true, Some(0)) => return Err(ApiError::invalid("ttl_s must be at least 1")),
+        (true, Some(t)) => Some(i64::try_from(t.saturating_mul(1000)).unwrap_or(i64::MAX)),
+        (true, None) => Some(tally_node::RESERVATION_TTL_DEFAULT_MS),
+    };
+    let r = s.node.check_reserve(&attrs, estimate, reserve)?;
     let mut j = Json::with_capacity(reply_capacity(r.limits.len()));
     j.raw("{\"allowed\":").bool(r.allowed);
     j.raw(",\"stale\":").bool(r.stale);
@@ -880,6 +1017,12 @@ async fn check(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
     }
     j.raw("],\"limits\":");
     write_reports(&mut j, &r.limits);
+    if let Some(res) = &r.reservation {
+        j.raw(",\"reservation\":{\"id\":").str(&res.id);
+        j.raw(",\"node\":").str(s.node.node_id());
+        j.raw(",\"expires_at\":").time(res.expires_at_ms);
+        j.raw("}");
+    }
     j.raw("}");
     json_reply(j)
 }
@@ -894,10 +1037,14 @@ struct UsageBody<'a> {
     tokens: Option<u64>,
     requests: Option<u64>,
     at: Option<String>,
+    reservation: Option<String>,
 }
 
 fn usage_record(b: UsageBody<'_>) -> Result<UsageRecord, ApiError> {
     check_id(&b.id, "record id")?;
+    if let Some(r) = &b.reservation {
+        check_reservation_id(r)?;
+    }
     b.attributes.validate()?;
     let at_ms = match &b.at {
         Some(at) => Some(
@@ -921,14 +1068,15 @@ fn usage_record(b: UsageBody<'_>) -> Result<UsageRecord, ApiError> {
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect(),
         at_ms,
+        reservation: b.reservation,
     })
 }
 
 async fn usage(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
     authorize(&s, &headers, Role::Client)?;
     let rec = usage_record(parse_json(&body)?)?;
-    let (applied, records) = s.node.record_returning(vec![rec]).await;
-    let applied = applied?;
+    let (outcomes, records) = s.node.record_outcomes(vec![rec]).await;
+    let outcome = outcomes?.swap_remove(0);
     // The writer hands the record back with its answer.
     let pairs: Vec<(&str, &str)> = records
         .first()
@@ -939,11 +1087,90 @@ async fn usage(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
         .collect();
     let statuses = s.node.statuses(&pairs);
     let mut j = Json::with_capacity(reply_capacity(statuses.len()));
-    j.raw("{\"applied\":").bool(applied[0]);
+    j.raw("{\"applied\":").bool(outcome.applied);
     j.raw(",\"limits\":");
     write_reports(&mut j, &statuses);
+    write_overrun(&mut j, &statuses, &outcome.overrun);
     j.raw("}");
     json_reply(j)
+}
+
+/// `"overrun": {limit: amount}` of a usage reply, when the record spent hard limits
+/// beyond this node's rights.
+fn write_overrun(j: &mut Json, statuses: &[LimitReport], overrun: &[(String, u64)]) {
+    if overrun.is_empty() {
+        return;
+    }
+    j.raw(",\"overrun\":{");
+    for (i, (id, v)) in overrun.iter().enumerate() {
+        if i > 0 {
+            j.raw(",");
+        }
+        let metric = statuses
+            .iter()
+            .find(|l| &l.id == id)
+            .map_or(Metric::Requests, |l| l.metric);
+        j.str(id).raw(":").amount(metric, *v);
+    }
+    j.raw("}");
+}
+
+/// Reservation ids are this node's: `{node id}~{hex}~{hex}`.
+fn check_reservation_id(id: &str) -> Result<(), ApiError> {
+    let ok = id.len() <= 200
+        && id.split('~').collect::<Vec<_>>().as_slice().len() == 3
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._:-~".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "reservation {id:?} is not a reservation id this API gave"
+        )))
+    }
+}
+
+async fn cancel_reservation(
+    State(s): App,
+    headers: HeaderMap,
+    Params(id): Params<String>,
+) -> ApiResult {
+    authorize(&s, &headers, Role::Client)?;
+    check_reservation_id(&id)?;
+    if s.node.cancel_reservation(&id) {
+        ok(json!({"released": true}))
+    } else {
+        Err(ApiError::not_found(format!(
+            "no open reservation {id:?} on this node: it was settled, released or expired (reservations are held by the node that made them)"
+        )))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecommissionBody {
+    successor: Option<String>,
+}
+
+async fn decommission_node(
+    State(s): App,
+    headers: HeaderMap,
+    Params(id): Params<String>,
+    body: RawBody,
+) -> ApiResult {
+    authorize(&s, &headers, Role::Admin)?;
+    check_id(&id, "node id")?;
+    let b: DecommissionBody = if body.bytes.is_empty() {
+        DecommissionBody { successor: None }
+    } else {
+        parse_json(&body)?
+    };
+    if let Some(succ) = &b.successor {
+        check_id(succ, "successor node id")?;
+    }
+    let rec = s.node.decommission(&id, b.successor.as_deref()).await?;
+    ok(json!({"node": rec.node, "successor": rec.successor, "decommissioned": true}))
 }
 
 #[derive(Deserialize)]
@@ -971,15 +1198,31 @@ async fn usage_batch(State(s): App, headers: HeaderMap, body: RawBody) -> ApiRes
         })
         .collect::<Result<Vec<_>, _>>()?;
     let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
-    let applied = if records.is_empty() {
+    let outcomes = if records.is_empty() {
         Vec::new()
     } else {
-        s.node.record(records).await?
+        s.node.record_outcomes(records).await.0?
     };
     let results: Vec<Value> = ids
         .iter()
-        .zip(applied)
-        .map(|(id, a)| json!({"id": id, "applied": a}))
+        .zip(outcomes)
+        .map(|(id, o)| {
+            let mut v = json!({"id": id, "applied": o.applied});
+            if !o.overrun.is_empty() {
+                let metric_of = |l: &str| {
+                    s.node
+                        .limit_spec(l)
+                        .map_or(Metric::Requests, |x| x.input.metric)
+                };
+                let over: serde_json::Map<String, Value> = o
+                    .overrun
+                    .iter()
+                    .map(|(l, n)| (l.clone(), amount(metric_of(l), *n)))
+                    .collect();
+                v["overrun"] = Value::Object(over);
+            }
+            v
+        })
         .collect();
     ok(json!({ "results": results }))
 }
@@ -1068,6 +1311,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/check", post(check))
         .route("/v1/usage", post(usage))
         .route("/v1/usage/batch", post(usage_batch))
+        .route("/v1/reservations/{id}", delete(cancel_reservation))
+        .route("/v1/nodes/{id}/decommission", post(decommission_node))
         .merge(crate::proxies::routes())
         .merge(crate::ui::routes())
         .fallback(no_route)

@@ -47,6 +47,34 @@ pub async fn render(node: &Node) -> String {
     metric(
         o,
         "counter",
+        "tally_hard_overrun_total",
+        "Hard limits: usage recorded beyond the rights this node held (the only way a hard limit's total can pass its max).",
+        g(&m.hard_overrun_total),
+    );
+    metric(
+        o,
+        "counter",
+        "tally_rights_granted_total",
+        "Hard limits: rights this node granted to other nodes.",
+        g(&m.rights_granted_total),
+    );
+    metric(
+        o,
+        "counter",
+        "tally_rights_asked_total",
+        "Hard limits: rights this node asked other nodes for.",
+        g(&m.rights_asked_total),
+    );
+    metric(
+        o,
+        "counter",
+        "tally_reservations_expired_total",
+        "Hard limits: reservations released because they expired unsettled.",
+        g(&m.reservations_expired_total),
+    );
+    metric(
+        o,
+        "counter",
         "tally_commits_total",
         "Durable group commits of records.",
         g(&m.commits_total),
@@ -99,6 +127,13 @@ pub async fn render(node: &Node) -> String {
         "tally_queue_depth",
         "Records waiting for the writer.",
         node.queue_depth(),
+    );
+    metric(
+        o,
+        "gauge",
+        "tally_reservations_open",
+        "Hard limits: reservations open on this node.",
+        node.open_reservations(),
     );
     metric(
         o,

@@ -36,6 +36,7 @@ pub fn node_config(cfg: &ServeConfig) -> NodeConfig {
     n.node_id = cfg.node_id.clone();
     n.dedup_window_ms = cfg.dedup_window_secs as i64 * 1000;
     n.history_retention_ms = cfg.history_retention_days as i64 * 86_400_000;
+    n.reservation_ttl_max_ms = cfg.reservation_ttl_max_secs as i64 * 1000;
     n.batch_records_max = cfg.batch_records_max;
     n.queue_records_max = cfg.queue_records_max;
     n.queue_wait = Duration::from_millis(cfg.queue_wait_ms);

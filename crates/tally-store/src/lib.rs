@@ -32,8 +32,8 @@ use redb::{
     BackendError, Builder, Database, Durability, ReadableDatabase, ReadableTable, StorageBackend,
     TableDefinition, TableHandle,
 };
-use tally_core::codec::{self, DecodeError};
-use tally_core::{EntityRecord, Epoch, LimitRecord, ResetRegister};
+use tally_core::codec::{self, DecodeError, Record};
+use tally_core::{DecommissionRecord, EntityRecord, Epoch, LimitRecord, ResetRegister};
 
 pub use crate::history::{EpochRows, HistoryScan, SweepCursor};
 
@@ -48,6 +48,22 @@ const LIMITS: TableDefinition<&str, &[u8]> = TableDefinition::new("limits");
 const ENTITIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("entities");
 const RESETS: TableDefinition<&str, &[u8]> = TableDefinition::new("resets");
 const DEDUP_LOG: TableDefinition<u64, &[u8]> = dedup::LOG;
+/// Hard limits: (limit id, period, reset, to) → this node's total grant of rights to `to`.
+const OWN_GRANTS: TableDefinition<(&str, i64, u64, &str), u64> = TableDefinition::new("own_grants");
+/// Hard limits: (from, limit id, period, reset, to) → `from`'s grant to `to` as last heard.
+const PEER_GRANTS: TableDefinition<(&str, &str, i64, u64, &str), u64> =
+    TableDefinition::new("peer_grants");
+/// node id → `DecommissionRecord`.
+const DECOMMISSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("decommissions");
+/// Written by a clean shutdown, removed by the next start: [`SHUTDOWN_KEY`] → the open
+/// reservations (see [`ReservationRow`]). Its absence on a used store means the last run
+/// did not stop cleanly.
+const SHUTDOWN: TableDefinition<&str, &[u8]> = TableDefinition::new("shutdown");
+const SHUTDOWN_KEY: &str = "reservations";
+
+/// An open reservation's hold on a hard limit, kept across a clean restart:
+/// (reservation id, limit id, period, reset, amount, expires at ms).
+pub type ReservationRow = (String, String, i64, u64, u64, i64);
 /// Schema 1 kept ids in a B-tree keyed by id (one random leaf written per record);
 /// read once to migrate.
 const V1_DEDUP: TableDefinition<&str, i64> = TableDefinition::new("dedup");
@@ -351,6 +367,16 @@ pub struct Recovered {
     pub dedup_ids: usize,
     /// Bytes of memory the dedup index holds.
     pub dedup_bytes: usize,
+    /// (limit id, epoch, to, total) of this node's grants.
+    pub own_grants: Vec<(String, Epoch, String, u64)>,
+    /// (from, limit id, epoch, to, total) of other nodes' grants.
+    pub peer_grants: Vec<(String, String, Epoch, String, u64)>,
+    pub decommissions: Vec<DecommissionRecord>,
+    /// The reservations a clean shutdown left; `None` if the last run did not stop
+    /// cleanly (or never ran).
+    pub clean_shutdown: Option<Vec<ReservationRow>>,
+    /// Nothing was ever written: no limit, entity, slot or grant.
+    pub fresh: bool,
 }
 
 /// The durable store of one node.
@@ -492,12 +518,13 @@ impl Store {
         let mut out = Recovered::default();
         for row in txn.open_table(LIMITS)?.iter()? {
             let (_, v) = row?;
-            out.limits.push(
-                codec::decode(v.value()).map_err(|source| StoreError::Corrupt {
-                    table: "limits",
-                    source,
-                })?,
-            );
+            out.limits
+                .push(LimitRecord::from_bytes(v.value()).map_err(|source| {
+                    StoreError::Corrupt {
+                        table: "limits",
+                        source,
+                    }
+                })?);
         }
         for row in txn.open_table(ENTITIES)?.iter()? {
             let (_, v) = row?;
@@ -532,6 +559,51 @@ impl Store {
                 v.value(),
             ));
         }
+        for row in txn.open_table(OWN_GRANTS)?.iter()? {
+            let (k, v) = row?;
+            let (limit, period, reset, to) = k.value();
+            out.own_grants.push((
+                limit.to_string(),
+                Epoch { period, reset },
+                to.to_string(),
+                v.value(),
+            ));
+        }
+        for row in txn.open_table(PEER_GRANTS)?.iter()? {
+            let (k, v) = row?;
+            let (from, limit, period, reset, to) = k.value();
+            out.peer_grants.push((
+                from.to_string(),
+                limit.to_string(),
+                Epoch { period, reset },
+                to.to_string(),
+                v.value(),
+            ));
+        }
+        for row in txn.open_table(DECOMMISSIONS)?.iter()? {
+            let (_, v) = row?;
+            out.decommissions
+                .push(DecommissionRecord::from_bytes(v.value()).map_err(|source| {
+                    StoreError::Corrupt {
+                        table: "decommissions",
+                        source,
+                    }
+                })?);
+        }
+        if let Some(v) = txn.open_table(SHUTDOWN)?.get(SHUTDOWN_KEY)? {
+            out.clean_shutdown =
+                Some(
+                    codec::decode(v.value()).map_err(|source| StoreError::Corrupt {
+                        table: "shutdown",
+                        source,
+                    })?,
+                );
+        }
+        out.fresh = out.limits.is_empty()
+            && out.entities.is_empty()
+            && out.own_slots.is_empty()
+            && out.peer_slots.is_empty()
+            && out.own_grants.is_empty();
         out.dedup_ids = self.dedup.len();
         out.dedup_bytes = self.dedup.heap_bytes();
         Ok(out)
@@ -631,6 +703,10 @@ fn ready_tables(db: &Database) -> Result<Option<(IdHasher, u64)>, StoreError> {
         dedup::FILTERS.name(),
         dedup::RUNS.name(),
         history::BASELINES.name(),
+        OWN_GRANTS.name(),
+        PEER_GRANTS.name(),
+        DECOMMISSIONS.name(),
+        SHUTDOWN.name(),
     ];
     let ready = all.iter().all(|name| present.iter().any(|p| p == name));
     Ok(ready.then_some((hasher, open_row)))
@@ -689,6 +765,10 @@ fn init_tables(db: &Database) -> Result<(IdHasher, u64), StoreError> {
     txn.open_table(dedup::FILTERS)?;
     txn.open_table(dedup::RUNS)?;
     txn.open_table(history::BASELINES)?;
+    txn.open_table(OWN_GRANTS)?;
+    txn.open_table(PEER_GRANTS)?;
+    txn.open_table(DECOMMISSIONS)?;
+    txn.open_table(SHUTDOWN)?;
     txn.commit()?;
     Ok((hasher, open_row))
 }
@@ -821,6 +901,69 @@ impl Batch<'_> {
     }
 
     /// Raises another origin's slot to `value` if higher (max merge, like memory).
+    /// Raises this node's total grant to `to` (never lowers it: grants only grow).
+    pub fn put_own_grant(
+        &mut self,
+        limit: &str,
+        epoch: Epoch,
+        to: &str,
+        total: u64,
+    ) -> Result<(), StoreError> {
+        let mut t = self.txn.open_table(OWN_GRANTS)?;
+        let old = t
+            .insert((limit, epoch.period, epoch.reset, to), total)?
+            .map(|v| v.value());
+        assert!(
+            old.is_none_or(|o| o <= total),
+            "own grant {limit} {epoch} to {to} would go down from {old:?} to {total}"
+        );
+        Ok(())
+    }
+
+    /// Keeps the larger of the stored and given grant of `from` to `to`; whether it rose.
+    pub fn merge_peer_grant(
+        &mut self,
+        from: &str,
+        limit: &str,
+        epoch: Epoch,
+        to: &str,
+        total: u64,
+    ) -> Result<bool, StoreError> {
+        let mut t = self.txn.open_table(PEER_GRANTS)?;
+        let key = (from, limit, epoch.period, epoch.reset, to);
+        let old = t.get(key)?.map_or(0, |v| v.value());
+        if total > old {
+            t.insert(key, total)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    pub fn put_decommission(&mut self, rec: &DecommissionRecord) -> Result<(), StoreError> {
+        self.txn
+            .open_table(DECOMMISSIONS)?
+            .insert(rec.node.as_str(), rec.to_bytes().as_slice())?;
+        Ok(())
+    }
+
+    /// Marks a clean shutdown, keeping the open reservations.
+    pub fn put_clean_shutdown(&mut self, rows: &[ReservationRow]) -> Result<(), StoreError> {
+        self.txn
+            .open_table(SHUTDOWN)?
+            .insert(SHUTDOWN_KEY, codec::encode(&rows).as_slice())?;
+        Ok(())
+    }
+
+    /// Removes the clean-shutdown mark: from now on this run is the one that must stop
+    /// cleanly. Whether there was one.
+    pub fn clear_clean_shutdown(&mut self) -> Result<bool, StoreError> {
+        Ok(self
+            .txn
+            .open_table(SHUTDOWN)?
+            .remove(SHUTDOWN_KEY)?
+            .is_some())
+    }
+
     pub fn merge_peer_slot(
         &mut self,
         origin: &str,
@@ -841,7 +984,7 @@ impl Batch<'_> {
     pub fn put_limit(&mut self, rec: &LimitRecord) -> Result<(), StoreError> {
         self.txn
             .open_table(LIMITS)?
-            .insert(rec.id.as_str(), codec::encode(rec).as_slice())?;
+            .insert(rec.id.as_str(), rec.to_bytes().as_slice())?;
         Ok(())
     }
 
@@ -935,6 +1078,8 @@ mod tests {
                     period: "1M".parse().unwrap(),
                     calendar_aligned: true,
                     timezone: "UTC".into(),
+                    mode: Default::default(),
+                    members: Vec::new(),
                 },
                 anchor_ms: 1,
                 spec_gen: Hlc(9),

@@ -132,6 +132,8 @@ fn input_of(def: &LimitDef) -> LimitInput {
         period: def.period.parse().expect("period"),
         calendar_aligned: def.aligned,
         timezone: def.timezone.to_string(),
+        mode: Default::default(),
+        members: Vec::new(),
     }
 }
 

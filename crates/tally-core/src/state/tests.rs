@@ -15,6 +15,8 @@ fn input(scope: &[(&str, &str)], metric: Metric, max: u64, period: &str) -> Limi
         period: period.parse().unwrap(),
         calendar_aligned: false,
         timezone: "UTC".into(),
+        mode: Default::default(),
+        members: Vec::new(),
     }
 }
 

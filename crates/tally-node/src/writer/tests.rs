@@ -46,6 +46,7 @@ fn rec(id: &str) -> UsageRecord {
             requests: 1,
         },
         at_ms: None,
+        reservation: None,
     }
 }
 
@@ -57,6 +58,8 @@ async fn with_limit(node: &Node) {
         period: "never".parse().unwrap(),
         calendar_aligned: false,
         timezone: "UTC".into(),
+        mode: Default::default(),
+        members: Vec::new(),
     };
     node.put_limit("reqs", input).await.unwrap();
 }

@@ -363,6 +363,8 @@ async fn a_domain_cap_with_a_rolling_period_applies_and_is_reported_honestly() {
         period: "5m".parse().unwrap(),
         calendar_aligned: false,
         timezone: "UTC".into(),
+        mode: Default::default(),
+        members: Vec::new(),
     };
     f.node.put_limit("another-cap", cap).await.unwrap();
     f.clock.0.store(T0 + 60_000, Ordering::SeqCst);

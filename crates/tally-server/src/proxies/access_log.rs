@@ -258,6 +258,7 @@ pub fn parse_line(line: &str) -> Result<UsageRecord, String> {
             requests: count(&requests, "requests", 1)?,
         },
         at_ms,
+        reservation: None,
     })
 }
 

@@ -223,6 +223,7 @@ pub async fn handle(
                 attributes: ask.attributes.clone(),
                 amounts: ask.estimate,
                 at_ms: None,
+                reservation: None,
             };
             recorded = Some(s.node.record(vec![rec]).await?[0]);
             limits = s.node.statuses(&attrs);
