@@ -7,6 +7,9 @@
 #      the exact count per origin node;
 #   1. partition: disconnect node 3 from the fleet's network, keep writing on both sides,
 #      reconnect, expect exact convergence;
+#   1b. a hard limit (max 3000 tokens) under the same partition: both sides spend with
+#      reservations until denied; the acknowledged total must be <= 3000 and >= 80% of
+#      it, with no overrun, and every node must converge to it after the heal;
 #   2. crash: SIGKILL node 2 while writers send records to all three nodes, restart it,
 #      retry the records whose outcome was unknown on the node they were sent to; every
 #      node must count exactly the distinct acknowledged records (none lost, none twice);
@@ -392,6 +395,53 @@ if [[ -n "$detected" ]]; then
     done
     note "partition: tally-1 saw tally-3 live again $(secs $(($(now_ms) - heal_start)))s after the heal"
 fi
+
+step "(1b) hard limit: partition tally-3, spend on both sides until denied, heal"
+HARD=e2e-hard
+code=$(req PUT tally-1 "/v1/limits/$HARD" admin "$TMP/hput" \
+    '{"scope":{"app":"hard"},"metric":"tokens","max":3000,"period":"never","mode":"hard"}')
+[[ "$code" == 200 ]] || fail "PUT hard limit: HTTP $code $(cat "$TMP/hput")"
+members=$(python3 -c 'import json,sys; print(",".join(m["node"] for m in json.load(open(sys.argv[1]))["members"]))' "$TMP/hput")
+[[ "$members" == "tally-1,tally-2,tally-3" ]] || fail "hard limit members: want the live fleet tally-1,tally-2,tally-3, got $members"
+for n in tally-1 tally-2 tally-3; do
+    deadline=$(($(now_ms) + 30000))
+    until [[ "$(req GET "$n" "/v1/limits/$HARD" client "$TMP/hget.$n")" == 200 ]]; do
+        (($(now_ms) < deadline)) || fail "hard limit not visible on $n after 30 s"
+        sleep 0.1
+    done
+done
+docker network disconnect "$NET" "${CID[tally-3]}" || fail "network disconnect failed"
+hard_start=$(now_ms)
+log "tally-3 disconnected; spending 100 tokens at a time on tally-1 (majority side) and tally-3 until denied"
+python3 "$HERE/hard_spend.py" http "http://127.0.0.1:${PORT[tally-1]}" "$TALLY_CLIENT_TOKEN" hard-1 100 40 \
+    >"$TMP/hard.1" 2>"$TMP/hard.1.err" &
+spend1=$!
+python3 "$HERE/hard_spend.py" exec "${CID[tally-3]}" "$TALLY_CLIENT_TOKEN" hard-3 100 5 \
+    >"$TMP/hard.3" 2>"$TMP/hard.3.err" || fail "spending on tally-3: $(cat "$TMP/hard.3.err")"
+wait "$spend1" || fail "spending on tally-1: $(cat "$TMP/hard.1.err")"
+acked1=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["acked"])' "$TMP/hard.1")
+acked3=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["acked"])' "$TMP/hard.3")
+over=$(python3 -c 'import json,sys; print(sum(json.load(open(f))["overrun"] for f in sys.argv[1:]))' "$TMP/hard.1" "$TMP/hard.3")
+note "hard limit under partition: tally-1 side acknowledged $acked1 ($(cat "$TMP/hard.1")), tally-3 side $acked3 ($(cat "$TMP/hard.3")) in $(secs $(($(now_ms) - hard_start)))s"
+((over == 0)) || fail "hard limit: $over tokens reported as overrun by reserved spending"
+total=$((acked1 + acked3))
+((total <= 3000)) || fail "hard limit overspent under partition: $total > 3000 acknowledged"
+((total * 10 >= 3000 * 8)) || fail "hard limit under-used: $total acknowledged < 80% of 3000"
+docker network connect --ip "${IP[tally-3]}" "$NET" "${CID[tally-3]}" || fail "network connect failed"
+deadline=$(($(now_ms) + 90000))
+while :; do
+    ok=1 line=""
+    for n in tally-1 tally-2 tally-3; do
+        code=$(req GET "$n" "/v1/limits/$HARD" client "$TMP/hview.$n")
+        used=$([[ "$code" == 200 ]] && json field "$TMP/hview.$n" used || echo "http_$code")
+        line+=" $n:$used"
+        [[ "$used" == "$total" ]] || ok=0
+    done
+    ((ok)) && break
+    (($(now_ms) < deadline)) || fail "hard limit: no convergence to $total 90 s after the heal; saw$line"
+    sleep 0.2
+done
+note "hard limit: healed; every node counts $total of 3000 (<= max, >= 80%)"
 
 step "(2) SIGKILL tally-2 under writes, restart"
 rm -f "$TMP/stop"

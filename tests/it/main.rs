@@ -11,6 +11,8 @@
 //!   full, writes resume once space is freed (I1, I2); run by `tests/disk_full.sh` (root).
 //! - `cluster`: fleets gossiping on loopback: replication, a crash under load, a node
 //!   removed for good, a wrong cluster key, readiness (I1, I3, I4).
+//! - `hard`: hard limits: reservations, overrun, restart and crash, rights moving to
+//!   the busy node of a fleet, decommission (I7, I8).
 //! - `hostile`: thousands of slow connections, trickled headers and bodies (I8, bounds).
 //! - `proxies`: forward-auth, usage from access-log lines, envoyproxy/ratelimit import
 //!   (I2, I8).
@@ -21,6 +23,7 @@ mod cli;
 mod cluster;
 mod crash;
 mod disk_full;
+mod hard;
 mod hostile;
 mod periods;
 mod proxies;

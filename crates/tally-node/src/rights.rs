@@ -38,9 +38,13 @@ pub(crate) const KEEP_SECS: f64 = 10.0;
 pub(crate) const ASK_AGAIN_MS: i64 = 2_000;
 /// Do not grant to a node that granted to this one this recently.
 pub(crate) const NO_REGRANT_MS: i64 = 5_000;
+/// A donor that left a demand unanswered is not asked again for this long (it may be
+/// cut off while still looking live).
+pub(crate) const SILENT_DONOR_MS: i64 = 10_000;
 
 struct Ask {
     key: String,
+    donor: String,
     at_ms: i64,
     /// What this node had received in total when it asked.
     received: u64,
@@ -53,6 +57,8 @@ pub(crate) struct RightsTask {
     answered: HashMap<(String, String, Epoch), u64>,
     /// Grants to this node: (limit, epoch, from) → (total, when it last rose).
     received: HashMap<(LimitIdx, Epoch, String), (u64, i64)>,
+    /// Donors that left a demand unanswered, and when.
+    silent: HashMap<String, i64>,
 }
 
 /// What one round decided: gossip to publish, keys to withdraw, grants for the writer.
@@ -67,6 +73,7 @@ impl RightsTask {
             asks: HashMap::new(),
             answered: HashMap::new(),
             received: HashMap::new(),
+            silent: HashMap::new(),
         }
     }
 
@@ -130,14 +137,23 @@ impl RightsTask {
                 continue;
             }
             if let Some(a) = self.asks.get(&(idx, epoch)) {
-                if now - a.at_ms < ASK_AGAIN_MS && received == a.received {
-                    continue; // still waiting for an answer
+                if received == a.received {
+                    if now.saturating_sub(a.at_ms) < ASK_AGAIN_MS {
+                        continue; // still waiting for an answer
+                    }
+                    self.silent.insert(a.donor.clone(), now);
                 }
             }
+            self.silent
+                .retain(|_, at| now.saturating_sub(*at) < SILENT_DONOR_MS);
             let donor = table
                 .iter()
                 .filter(|(n, _, f)| {
-                    *n != me && *f > 0 && live.contains(n) && state.decommission(n).is_none()
+                    *n != me
+                        && *f > 0
+                        && live.contains(n)
+                        && !self.silent.contains_key(*n)
+                        && state.decommission(n).is_none()
                 })
                 .max_by(|a, b| a.2.cmp(&b.2).then(b.0.cmp(a.0)));
             let Some((donor, _, _)) = donor else {
@@ -166,6 +182,7 @@ impl RightsTask {
                 (idx, epoch),
                 Ask {
                     key: key.encode(),
+                    donor: demand.donor.clone(),
                     at_ms: now,
                     received,
                 },
@@ -212,7 +229,7 @@ impl RightsTask {
                 if self
                     .received
                     .get(&(idx, *epoch, from.clone()))
-                    .is_some_and(|&(_, at)| now - at < NO_REGRANT_MS)
+                    .is_some_and(|&(_, at)| now.saturating_sub(at) < NO_REGRANT_MS)
                 {
                     continue;
                 }

@@ -564,6 +564,11 @@ fn limit_mode(
     let Some(members) = members else {
         return Ok((mode, Vec::new()));
     };
+    if members.is_empty() {
+        return Err(ApiError::invalid(
+            "members lists no node; omit it for the default (the live nodes of the fleet)",
+        ));
+    }
     if members.len() > tally_core::config::MEMBERS_MAX {
         return Err(ApiError::invalid(format!(
             "members has {} entries; at most {} are allowed",

@@ -738,3 +738,206 @@ fn closed_epochs_expire_after_the_retention() {
     assert!(!s.history_expired("d", day_k(6), now, keep));
     assert!(!s.history_expired("unknown", day_k(6), now, keep));
 }
+
+// ----- hard limits -------------------------------------------------------------------
+
+fn hard(max: u64, members: &[(&str, u32)]) -> LimitInput {
+    let mut i = input(&[], Metric::Tokens, max, "1d");
+    i.mode = Mode::Hard;
+    i.members = members
+        .iter()
+        .map(|&(node, weight)| Member {
+            node: node.into(),
+            weight,
+        })
+        .collect();
+    i
+}
+
+fn tokens(n: u64) -> Amounts {
+    Amounts {
+        cost: Micros(0),
+        tokens: n,
+        requests: 1,
+    }
+}
+
+struct Held(u64, bool);
+
+impl Holds for Held {
+    fn held(&self, _: LimitIdx, _: Epoch) -> u64 {
+        self.0
+    }
+    fn fenced(&self) -> bool {
+        self.1
+    }
+}
+
+fn decide(s: &State, want: u64, holds: &dyn Holds) -> LimitStatus {
+    let mut d = Decision::default();
+    s.check_held(&[], tokens(want), T0, holds, &mut d);
+    assert_eq!(d.limits.len(), 1);
+    d.limits[0].clone()
+}
+
+/// Three nodes share 100 by weights 1:1:2 (25/25/50); each spends only its share; a
+/// grant moves rights; every replica computes the same table (independent arithmetic).
+#[test]
+fn hard_limits_spend_only_held_rights() {
+    let members = [("a", 1), ("b", 1), ("c", 2)];
+    let mut a = State::new("a");
+    let rec = a.prepare_limit_put("h", hard(100, &members), T0).unwrap();
+    let mut b = State::new("b");
+    assert!(a.apply_limit(rec.clone(), T0));
+    assert!(b.apply_limit(rec, T0));
+    let l = a.limit_idx("h").unwrap();
+    let e = a.limit_view("h", T0).unwrap().status.epoch;
+
+    let st = decide(&a, 25, &NoHolds);
+    assert_eq!(
+        (st.denied, st.free, st.reason, st.mode),
+        (false, 25, None, Mode::Hard)
+    );
+    let st = decide(&a, 26, &NoHolds);
+    assert_eq!((st.denied, st.reason), (true, Some(DenyReason::Rights)));
+    // What is held for reservations is not free.
+    let st = decide(&a, 20, &Held(10, false));
+    assert_eq!(
+        (st.denied, st.free, st.reason),
+        (true, 15, Some(DenyReason::Rights))
+    );
+    // A fenced node spends nothing.
+    assert_eq!(
+        decide(&a, 1, &Held(0, true)).reason,
+        Some(DenyReason::Rights)
+    );
+
+    // a spends 20 (its slot), then c grants a 30 (c's row); b learns both by merge.
+    record(&mut a, &[], tokens(20), T0);
+    let ai = a.me();
+    let c_idx = a.origin_idx("c");
+    assert!(a.merge_grant("h", e, "c", "a", 30));
+    assert!(!a.merge_grant("h", e, "c", "a", 29), "grants only grow");
+    let bo = b.origin_idx("a");
+    b.merge_slot("h", e, bo, 20);
+    assert!(b.merge_grant("h", e, "c", "a", 30));
+    let _ = (ai, c_idx);
+    assert_eq!(a.hard_free(l, e, 0), Some(25 + 30 - 20));
+    let t = |s: &State| -> Vec<(String, Rights, i128)> {
+        s.rights_table(s.limit_idx("h").unwrap(), e)
+            .into_iter()
+            .map(|(n, r, f)| (n.to_string(), r, f))
+            .collect()
+    };
+    let want = vec![
+        (
+            "a".to_string(),
+            Rights {
+                alloc: 25,
+                received: 30,
+                given: 0,
+                used: 20,
+            },
+            35,
+        ),
+        (
+            "b".to_string(),
+            Rights {
+                alloc: 25,
+                received: 0,
+                given: 0,
+                used: 0,
+            },
+            25,
+        ),
+        (
+            "c".to_string(),
+            Rights {
+                alloc: 50,
+                received: 0,
+                given: 30,
+                used: 0,
+            },
+            20,
+        ),
+    ];
+    assert_eq!(t(&a), want);
+    assert_eq!(t(&b), want);
+    // Σ free + Σ used = max: nothing created, nothing lost.
+    let total: i128 = want.iter().map(|(_, r, f)| f + i128::from(r.used)).sum();
+    assert_eq!(total, 100);
+
+    // a's own grant: checked against its free rights after what it holds.
+    assert_eq!(a.prepare_grant(l, e, "b", 35, 0), Ok(35));
+    assert!(matches!(
+        a.prepare_grant(l, e, "b", 35, 1),
+        Err(GrantError::TooFew {
+            free: 34,
+            amount: 35
+        })
+    ));
+    assert_eq!(a.prepare_grant(l, e, "a", 1, 0), Err(GrantError::ToSelf));
+
+    // The budget is spent: reason budget, whatever the rights.
+    let bo = a.origin_idx("b");
+    a.merge_slot("h", e, bo, 80);
+    let st = decide(&a, 1, &NoHolds);
+    assert_eq!((st.denied, st.reason), (true, Some(DenyReason::Budget)));
+}
+
+/// A decommissioned node's remaining rights pass to its successor (through a chain), and
+/// it may spend nothing itself.
+#[test]
+fn decommission_passes_rights_to_the_successor() {
+    let mut a = State::new("a");
+    put(&mut a, "h", hard(90, &[("a", 1), ("b", 1), ("c", 1)]), T0);
+    let l = a.limit_idx("h").unwrap();
+    let e = a.limit_view("h", T0).unwrap().status.epoch;
+    let bo = a.origin_idx("b");
+    a.merge_slot("h", e, bo, 10);
+    let rec = a.prepare_decommission("b", "c", T0).unwrap();
+    assert!(a.apply_decommission(rec.clone()));
+    assert!(!a.apply_decommission(rec));
+    assert_eq!(a.hard_free(l, e, 0), Some(30), "a keeps its own");
+    let table: Vec<(String, i128)> = a
+        .rights_table(l, e)
+        .into_iter()
+        .map(|(n, _, f)| (n.to_string(), f))
+        .collect();
+    assert_eq!(
+        table,
+        vec![("a".into(), 30), ("b".into(), 0), ("c".into(), 30 + 20)]
+    );
+    // c is decommissioned in favour of a: b's rights follow the chain to a.
+    let rec = a.prepare_decommission("c", "a", T0 + 1).unwrap();
+    a.apply_decommission(rec);
+    assert_eq!(a.successor_of("b"), "a");
+    assert_eq!(a.hard_free(l, e, 0), Some(30 + 30 + 20));
+    assert!(a.prepare_decommission("a", "a", T0 + 2).is_err());
+    assert!(
+        a.prepare_decommission("a", "b", T0 + 2).is_err(),
+        "b is decommissioned"
+    );
+    // Decommissioned itself, a node spends nothing.
+    let mut b = State::new("b");
+    put(&mut b, "h", hard(90, &[("a", 1), ("b", 1), ("c", 1)]), T0);
+    let rec = b.prepare_decommission("b", "a", T0).unwrap();
+    b.apply_decommission(rec);
+    assert_eq!(decide(&b, 1, &NoHolds).reason, Some(DenyReason::Rights));
+}
+
+/// Soft limits answer exactly as before: no rights, no reason, free 0.
+#[test]
+fn soft_limits_ignore_holds() {
+    let mut s = State::new("a");
+    put(&mut s, "s", input(&[], Metric::Tokens, 10, "1d"), T0);
+    let st = decide(&s, 10, &Held(1000, true));
+    assert_eq!(
+        (st.denied, st.free, st.reason, st.mode),
+        (false, 0, None, Mode::Soft)
+    );
+    assert!(
+        s.rights_table(s.limit_idx("s").unwrap(), st.epoch)
+            .is_empty()
+    );
+}
