@@ -165,6 +165,9 @@ struct Cli {
     /// Print the summary as one JSON object instead of key=value.
     #[arg(long)]
     json: bool,
+    /// --setup creates hard limits, and checks reserve on them (`"reserve":true`, 1 s).
+    #[arg(long)]
+    hard: bool,
 }
 
 fn main() -> ExitCode {
@@ -180,6 +183,7 @@ fn main() -> ExitCode {
 fn main_inner() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     validate(&cli)?;
+    workload::set_hard(cli.hard);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.threads)
         .enable_all()

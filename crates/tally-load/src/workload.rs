@@ -48,10 +48,26 @@ pub fn attributes_json(key: usize) -> String {
 
 /// The `POST /v1/check` body for `key`.
 pub fn check_body(key: usize) -> String {
+    let reserve = if hard() {
+        r#","reserve":true,"ttl_s":1"#
+    } else {
+        ""
+    };
     format!(
-        r#"{{"attributes":{},"cost":{REQUEST_COST_USD},"tokens":{REQUEST_TOKENS}}}"#,
+        r#"{{"attributes":{},"cost":{REQUEST_COST_USD},"tokens":{REQUEST_TOKENS}{reserve}}}"#,
         attributes_json(key)
     )
+}
+
+static HARD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `--hard`: limits are created hard, and checks reserve (for 1 s) on them.
+pub fn set_hard(on: bool) {
+    HARD.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn hard() -> bool {
+    HARD.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The idempotency id of a connection's `n`-th usage record; `run_id` keeps repeated runs
@@ -169,8 +185,9 @@ impl LimitPlan {
             dimension,
             value,
         } = self.parts(n);
+        let mode = if hard() { r#","mode":"hard""# } else { "" };
         let body = format!(
-            r#"{{"scope":{{"{dimension}":"{value}"}},"metric":"cost","max":{LIMIT_MAX_USD},"period":"{LIMIT_PERIOD}"}}"#
+            r#"{{"scope":{{"{dimension}":"{value}"}},"metric":"cost","max":{LIMIT_MAX_USD},"period":"{LIMIT_PERIOD}"{mode}}}"#
         );
         (id, body)
     }

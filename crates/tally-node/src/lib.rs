@@ -316,6 +316,8 @@ pub(crate) struct Shared {
     pub(crate) writer_ops: std::sync::atomic::AtomicUsize,
     /// Holds on hard limits: reservations and writes in flight.
     pub(crate) escrow: escrow::Escrow,
+    /// How long the last demands for rights took to be answered (ms), newest last.
+    pub(crate) rights_waits: parking_lot::Mutex<std::collections::VecDeque<i64>>,
 }
 
 /// A running node. Cheap to clone; all clones share one state and one writer.
@@ -462,6 +464,7 @@ impl Node {
             storage: std::sync::atomic::AtomicU8::new(StorageHealth::Ok as u8),
             writer_ops: std::sync::atomic::AtomicUsize::new(0),
             escrow: escrow::Escrow(parking_lot::Mutex::new(escrow)),
+            rights_waits: Default::default(),
         });
         let queue = Arc::new(Semaphore::new(shared.config.queue_records_max));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -586,6 +589,12 @@ impl Node {
     pub fn cancel_reservation(&self, id: &str) -> bool {
         let _state = self.shared.state.read();
         self.shared.escrow.0.lock().cancel(id)
+    }
+
+    /// How long this node's last demands for rights (at most 1000) waited for a grant, in
+    /// ms, oldest first.
+    pub fn rights_waits_ms(&self) -> Vec<i64> {
+        self.shared.rights_waits.lock().iter().copied().collect()
     }
 
     /// Reservations open now.

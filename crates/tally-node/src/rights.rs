@@ -130,6 +130,18 @@ impl RightsTask {
                 .iter()
                 .find(|(n, _, _)| *n == me)
                 .map_or(0, |(_, r, _)| r.received);
+            if let Some(a) = self
+                .asks
+                .get(&(idx, epoch))
+                .filter(|a| received > a.received)
+            {
+                // Answered (this round replaces or withdraws the demand).
+                let mut w = s.rights_waits.lock();
+                if w.len() == 1000 {
+                    w.pop_front();
+                }
+                w.push_back(now.saturating_sub(a.at_ms));
+            }
             if !low || esc.fenced(now) {
                 if let Some(a) = self.asks.remove(&(idx, epoch)) {
                     unpublish.push(a.key);

@@ -132,6 +132,7 @@ async fn traffic(d: &Rc<Driver>, t: Traffic) {
             tokens,
             at_back,
             gated: t.gated,
+            reservation: None,
         };
         if t.spacing_ms == 0 {
             let d = d.clone();
@@ -153,13 +154,26 @@ struct Rec {
     id: String,
     tokens: u64,
     at_back: Option<i64>,
+    /// Checked first, with a reservation on the hard limit (which only gated traffic
+    /// matches: attribute `gate=hard`), settled by the record.
     gated: bool,
+    reservation: Option<String>,
 }
 
-async fn send(d: &Rc<Driver>, node: usize, other: usize, rec: Rec, retry: Retry) {
+impl Rec {
+    fn attributes(&self) -> Value {
+        if self.gated {
+            json!({"team": "eng", "gate": "hard"})
+        } else {
+            json!({"team": "eng"})
+        }
+    }
+}
+
+async fn send(d: &Rc<Driver>, node: usize, other: usize, mut rec: Rec, retry: Retry) {
     if rec.gated {
         let Some(addr) = d.addr(node) else { return };
-        let body = json!({"attributes": {"team": "eng"}, "tokens": rec.tokens});
+        let body = json!({"attributes": rec.attributes(), "tokens": rec.tokens, "reserve": true});
         match request(
             addr,
             "POST",
@@ -169,9 +183,33 @@ async fn send(d: &Rc<Driver>, node: usize, other: usize, rec: Rec, retry: Retry)
         )
         .await
         {
-            HttpOutcome::Response(200, v) if v["allowed"] == json!(true) => {}
-            HttpOutcome::Response(200, _) => {
-                d.ledger.borrow_mut().denied += 1;
+            HttpOutcome::Response(200, v) if v["allowed"] == json!(true) => {
+                rec.reservation = v["reservation"]["id"].as_str().map(str::to_string);
+                if rec.reservation.is_none() {
+                    d.violations.borrow_mut().push(format!(
+                        "an allowed check with reserve had no reservation: {v}"
+                    ));
+                }
+            }
+            HttpOutcome::Response(200, v) => {
+                let mut l = d.ledger.borrow_mut();
+                l.denied += 1;
+                let hard = v["limits"]
+                    .as_array()
+                    .and_then(|ls| ls.iter().find(|e| e["id"] == "hard").cloned());
+                if let Some(h) = hard {
+                    match h["reason"].as_str() {
+                        Some("rights") => l.denied_rights += 1,
+                        Some("budget") => l.denied_budget += 1,
+                        _ => {}
+                    }
+                    if h["denied"] != json!(false)
+                        && h["reason"].is_string()
+                        && l.first_denial_used.is_none()
+                    {
+                        l.first_denial_used = h["used"].as_u64();
+                    }
+                }
                 return;
             }
             // A gateway that cannot check fails closed.
@@ -221,10 +259,13 @@ async fn attempt(d: &Rc<Driver>, node: usize, rec: &Rec) -> Outcome {
     let at_ms = rec.at_back.map(|b| node_now - b);
     let mut body = json!({
         "id": rec.id,
-        "attributes": {"team": "eng"},
+        "attributes": rec.attributes(),
         "tokens": rec.tokens,
         "requests": 1,
     });
+    if let Some(r) = &rec.reservation {
+        body["reservation"] = json!(r);
+    }
     if let Some(at) = at_ms {
         let ts = jiff::Timestamp::from_millisecond(at).expect("at");
         body["at"] = Value::String(ts.to_string());
@@ -238,6 +279,11 @@ async fn attempt(d: &Rc<Driver>, node: usize, rec: &Rec) -> Outcome {
         REQUEST_DEADLINE,
     )
     .await;
+    if let HttpOutcome::Response(200, v) = &out {
+        if let Some(n) = v["overrun"]["hard"].as_u64() {
+            d.ledger.borrow_mut().overrun += n;
+        }
+    }
     let outcome = match &out {
         HttpOutcome::Response(200, v) => Outcome::Acked(v["applied"] == json!(true)),
         HttpOutcome::Response(s, _) if (400..500).contains(s) => Outcome::NotApplied,
@@ -259,6 +305,8 @@ async fn attempt(d: &Rc<Driver>, node: usize, rec: &Rec) -> Outcome {
         .limits
         .iter()
         .zip(pre.iter().zip(post))
+        // The hard limit applies only to gated records.
+        .filter(|(limit, _)| rec.gated || *limit != "hard")
         .map(|(limit, (&pre, post))| Placement {
             limit: limit.clone(),
             pre,

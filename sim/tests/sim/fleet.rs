@@ -68,6 +68,16 @@ pub struct Report {
     pub samples: u64,
     /// Crashes that hit a node while its writer held queued records.
     pub mid_commit_crashes: u64,
+    /// Hard limit after heal: used and max; tokens reported as overrun; checks denied
+    /// for rights and for budget; `used` at the first denial; how long demands for
+    /// rights waited for a grant (ms, every node).
+    pub hard_used: u64,
+    pub hard_max: u64,
+    pub hard_overrun: u64,
+    pub hard_denied_rights: u64,
+    pub hard_denied_budget: u64,
+    pub hard_first_denial_used: Option<u64>,
+    pub rights_waits_ms: Vec<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +93,9 @@ enum HostState {
 struct Sampler {
     /// Highest value seen of every (node, limit, epoch, origin) slot.
     slots: HashMap<(usize, String, Epoch, String), u64>,
+    /// Hard limits: highest value of every (limit, epoch, origin) slot seen on any node:
+    /// no more than that can have been spent, so Σ over origins bounds the spending.
+    hard: HashMap<(String, Epoch), HashMap<String, u64>>,
     /// Last current epoch per (node, limit), with the counting part of the spec it was
     /// seen under (a spec change starts a new generation of epochs).
     epochs: HashMap<(usize, String), (String, Epoch)>,
@@ -124,17 +137,41 @@ fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
+/// What a node must hold after `def` was written through its API. A hard limit's
+/// members are the fleet the writing node saw live, so they are compared apart
+/// ([`written_matches`]).
 fn input_of(def: &LimitDef) -> LimitInput {
+    let mut scope: tally_core::Scope = [("team".to_string(), "eng".to_string())].into();
+    if def.hard {
+        scope.insert("gate".into(), "hard".into());
+    }
     LimitInput {
-        scope: [("team".to_string(), "eng".to_string())].into(),
+        scope,
         metric: tally_core::Metric::parse(def.metric).expect("metric"),
         max: def.max,
         period: def.period.parse().expect("period"),
         calendar_aligned: def.aligned,
         timezone: def.timezone.to_string(),
-        mode: Default::default(),
+        mode: if def.hard {
+            tally_core::Mode::Hard
+        } else {
+            tally_core::Mode::Soft
+        },
         members: Vec::new(),
     }
+}
+
+/// Whether a converged limit config is one that was written (members aside: the node
+/// chose them, from the nodes it saw; they must be non-empty and sorted).
+fn written_matches(written: &[LimitInput], got: &LimitInput) -> bool {
+    let mut bare = got.clone();
+    if bare.mode == tally_core::Mode::Hard {
+        if bare.members.is_empty() || !bare.members.windows(2).all(|w| w[0].node < w[1].node) {
+            return false;
+        }
+        bare.members.clear();
+    }
+    written.contains(&bare)
 }
 
 fn unit_of(i: &LimitInput) -> Unit {
@@ -368,6 +405,25 @@ impl Fleet {
                     }
                     *last = *v;
                 }
+                if d.input.mode == tally_core::Mode::Hard {
+                    let bound = self.hard_bound(id, d.input.max);
+                    let seen = self.sampler.hard.entry((id.clone(), d.epoch)).or_default();
+                    for (origin, v) in &d.nodes {
+                        let s = seen.entry(origin.clone()).or_insert(0);
+                        *s = (*s).max(*v);
+                    }
+                    let spent: u64 = seen.values().sum::<u64>() + d.baseline;
+                    if spent > bound {
+                        return Err(format!(
+                            "I7: at sample {} the nodes of the fleet have spent {spent} of hard limit {id} epoch {} (slots seen {seen:?}, baseline {}), more than max {} + the overrun reported to clients {}",
+                            self.sampler.count,
+                            d.epoch,
+                            d.baseline,
+                            bound - self.driver.ledger.borrow().overrun,
+                            self.driver.ledger.borrow().overrun
+                        ));
+                    }
+                }
                 let sum: u64 = d.nodes.iter().map(|(_, v)| v).sum();
                 if d.report.used != d.baseline + sum {
                     return Err(format!(
@@ -431,6 +487,17 @@ impl Fleet {
             .iter()
             .map(|o| o.borrow_mut().take().expect("outcome"))
             .collect())
+    }
+
+    /// What a hard limit may have spent: the largest max it ever had (lowering max
+    /// mid-period cannot undo spending), plus the overrun reported to clients.
+    fn hard_bound(&self, id: &str, max_now: u64) -> u64 {
+        let written = self
+            .written
+            .get(id)
+            .and_then(|w| w.iter().map(|i| i.max).max())
+            .unwrap_or(0);
+        max_now.max(written) + self.driver.ledger.borrow().overrun
     }
 
     pub(crate) fn names(&self) -> &[String] {
@@ -559,6 +626,9 @@ impl Fleet {
         let mut origins = ledger.origins();
         for (def, d) in self.plan.limits.iter().zip(views) {
             let Some(d) = d else {
+                if !self.written.contains_key(def.id) {
+                    continue; // not written yet (hard limits come after the fleet formed)
+                }
                 return Err(format!("limit {} is missing after heal", def.id));
             };
             let slots: BTreeMap<String, u64> = d.nodes.iter().cloned().collect();
@@ -582,7 +652,7 @@ impl Fleet {
             if self
                 .written
                 .get(def.id)
-                .is_some_and(|w| !w.contains(&d.input))
+                .is_some_and(|w| !written_matches(w, &d.input))
             {
                 return Err(format!(
                     "I4: limit {} converged to a config nobody wrote: {:?}",
@@ -599,6 +669,21 @@ impl Fleet {
             if def.id == "budget" {
                 self.report.budget_max = d.input.max;
                 self.report.overshoot = d.report.used.saturating_sub(d.input.max);
+            }
+            if def.hard {
+                let bound = self.hard_bound(def.id, d.input.max);
+                if d.report.used > bound {
+                    return Err(format!(
+                        "I7: hard limit {} converged to used {} > max {} + reported overrun {} (nodes {:?})",
+                        def.id,
+                        d.report.used,
+                        bound - ledger.overrun,
+                        ledger.overrun,
+                        d.nodes
+                    ));
+                }
+                self.report.hard_used = d.report.used;
+                self.report.hard_max = d.input.max;
             }
         }
         Ok(())
@@ -687,7 +772,7 @@ impl Fleet {
         let before: Vec<Option<Comparable>> = before
             .1
             .into_iter()
-            .map(|v| v.map(Comparable::from))
+            .map(|v| v.map(|d| Comparable::from(d).without_rights()))
             .collect();
         let good_id = format!("i8-{}", self.steps);
         let big = "x".repeat(2 << 20);
@@ -789,6 +874,32 @@ impl Fleet {
             ("POST", "/v1/limits/nope/reset".into(), "{}".into()),
             ("PUT", "/v1/entities/Bad-Dim/x".into(), "{}".into()),
             ("DELETE", "/v1/limits/nope".into(), String::new()),
+            (
+                "PUT",
+                "/v1/limits/hard".into(),
+                r#"{"scope":{"team":"eng","gate":"hard"},"metric":"tokens","max":1,"period":"never","mode":"firm"}"#.into(),
+            ),
+            (
+                "PUT",
+                "/v1/limits/hard".into(),
+                r#"{"scope":{"team":"eng","gate":"hard"},"metric":"tokens","max":1,"period":"never","mode":"hard","members":[]}"#.into(),
+            ),
+            (
+                "POST",
+                "/v1/check".into(),
+                r#"{"attributes":{"team":"eng","gate":"hard"},"tokens":1,"reserve":true,"ttl_s":0}"#.into(),
+            ),
+            (
+                "POST",
+                "/v1/usage".into(),
+                r#"{"id":"bad-res","attributes":{"team":"eng","gate":"hard"},"tokens":5,"reservation":"no such thing"}"#.into(),
+            ),
+            ("DELETE", "/v1/reservations/a~b".into(), String::new()),
+            (
+                "POST",
+                "/v1/nodes/n1/decommission".into(),
+                r#"{"successor":"n1"}"#.into(),
+            ),
         ];
         for (method, path, body) in cases {
             let shown = body.chars().take(120).collect::<String>();
@@ -805,7 +916,7 @@ impl Fleet {
         let after: Vec<Option<Comparable>> = after
             .1
             .into_iter()
-            .map(|v| v.map(Comparable::from))
+            .map(|v| v.map(|d| Comparable::from(d).without_rights()))
             .collect();
         if before != after {
             return Err(format!(
@@ -845,7 +956,37 @@ impl Fleet {
         }
         self.event("fleet up");
         let limits = self.plan.limits.clone();
-        for def in &limits {
+        for def in limits.iter().filter(|d| !d.hard) {
+            self.put_limit(0, def)?;
+        }
+        self.converge(false)?;
+        // Hard limits take the live fleet as members: written once every node sees the
+        // others live.
+        let fleet: Vec<String> = self.names[..self.plan.nodes].to_vec();
+        let mut tries = 0;
+        loop {
+            let live: Vec<String> = match self.http(0, "GET", "/v1/cluster", None)? {
+                HttpOutcome::Response(200, v) => v["nodes"]
+                    .as_array()
+                    .map(|ns| {
+                        ns.iter()
+                            .filter(|n| n["live"] == true)
+                            .filter_map(|n| n["node_id"].as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            if fleet.iter().all(|f| live.contains(f)) {
+                break;
+            }
+            tries += 1;
+            if tries > 600 {
+                return Err(format!("node 0 sees only {live:?} live after 30 s"));
+            }
+            self.run_for(50)?;
+        }
+        for def in limits.iter().filter(|d| d.hard) {
             self.put_limit(0, def)?;
         }
         self.converge(false)?;
@@ -860,7 +1001,16 @@ impl Fleet {
         self.report.unknown = l.unknown();
         self.report.denied = l.denied;
         self.report.cross_node_retries = l.cross_node_retries;
+        self.report.hard_overrun = l.overrun;
+        self.report.hard_denied_rights = l.denied_rights;
+        self.report.hard_denied_budget = l.denied_budget;
+        self.report.hard_first_denial_used = l.first_denial_used;
         drop(l);
+        for name in self.names.clone() {
+            if let Some(w) = self.registry.with(&name, |n| n.rights_waits_ms()) {
+                self.report.rights_waits_ms.extend(w);
+            }
+        }
         self.report.sim_ms = self.now_ms();
         Ok(())
     }
@@ -1013,6 +1163,14 @@ impl Fleet {
                     self.names[node]
                 ));
             }
+            Op::Decommission { node, via } => {
+                let path = format!("/v1/nodes/{}/decommission", self.names[node]);
+                let body = serde_json::json!({"successor": self.names[via]}).to_string();
+                match self.http(via, "POST", &path, Some(body.into_bytes()))? {
+                    HttpOutcome::Response(200, _) => {}
+                    other => return Err(format!("POST {path} on {}: {other:?}", self.names[via])),
+                }
+            }
             Op::Remove(i) => {
                 self.power_off(i, PowerLoss::DropUnsynced);
                 self.states[i] = HostState::Removed;
@@ -1121,6 +1279,16 @@ pub struct Comparable {
     baseline: u64,
     used: u64,
     nodes: Vec<(String, u64)>,
+    /// Hard limits: every node's rights (grants included) must agree too.
+    rights: Vec<tally_node::NodeRights>,
+}
+
+impl Comparable {
+    /// Without hard limits' rights, which the rights task moves at any time.
+    fn without_rights(mut self) -> Comparable {
+        self.rights.clear();
+        self
+    }
 }
 
 impl From<LimitDetails> for Comparable {
@@ -1131,6 +1299,7 @@ impl From<LimitDetails> for Comparable {
             baseline: d.baseline,
             used: d.report.used,
             nodes: d.nodes.into_iter().filter(|(_, v)| *v > 0).collect(),
+            rights: d.rights,
         }
     }
 }

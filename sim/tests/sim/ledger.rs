@@ -114,6 +114,13 @@ pub struct Ledger {
     /// Records sent again to another node after an acknowledgement (counted twice by
     /// design: deduplication is per node, DESIGN.md I2).
     pub cross_node_retries: u64,
+    /// Hard limit: tokens acknowledged as spent beyond the node's rights (`overrun`).
+    pub overrun: u64,
+    /// Hard limit: checks denied for `rights` / for `budget`.
+    pub denied_rights: u64,
+    pub denied_budget: u64,
+    /// Hard limit: its `used` in the first check it denied (utilisation at first denial).
+    pub first_denial_used: Option<u64>,
 }
 
 /// Bounds for one (limit, epoch, origin).

@@ -161,6 +161,29 @@ fn summarize(scenario: &str, seeds: &[u64], started: Instant, reports: &[Report]
         sum(|r| r.samples),
         sum(|r| r.mid_commit_crashes),
     );
+    let hard_pct: Vec<u64> = reports
+        .iter()
+        .filter(|r| r.hard_max > 0)
+        .map(|r| r.hard_used * 100 / r.hard_max)
+        .collect();
+    let first: Vec<u64> = reports
+        .iter()
+        .filter(|r| r.hard_max > 0)
+        .filter_map(|r| r.hard_first_denial_used.map(|u| u * 100 / r.hard_max))
+        .collect();
+    let waits: Vec<u64> = reports
+        .iter()
+        .flat_map(|r| r.rights_waits_ms.iter().map(|&w| w.max(0) as u64 / 100))
+        .collect();
+    let text = format!(
+        "{text}  hard limit (I7): used/max % after heal {}; used/max % at the first denial {}; overrun reported {}; denied for rights {}, for budget {}; demand-to-grant gossip rounds {}\n",
+        spread(hard_pct),
+        spread(first),
+        sum(|r| r.hard_overrun),
+        sum(|r| r.hard_denied_rights),
+        sum(|r| r.hard_denied_budget),
+        spread(waits),
+    );
     println!("{text}");
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("sim-report.txt");
     if let Ok(mut f) = std::fs::OpenOptions::new()
@@ -242,6 +265,31 @@ fn client_retries() {
     run_scenario("client_retries", scenario::client_retries);
 }
 
+#[test]
+fn hard_split_brain() {
+    run_scenario("hard_split_brain", scenario::hard_split_brain);
+}
+
+#[test]
+fn hard_one_node() {
+    run_scenario("hard_one_node", scenario::hard_one_node);
+}
+
+#[test]
+fn hard_restart() {
+    run_scenario("hard_restart", scenario::hard_restart);
+}
+
+#[test]
+fn hard_decommission() {
+    run_scenario("hard_decommission", scenario::hard_decommission);
+}
+
+#[test]
+fn hard_max_edit() {
+    run_scenario("hard_max_edit", scenario::hard_max_edit);
+}
+
 /// Seeds that once failed, pinned so they run on every CI run (scenario, seed).
 const REGRESSIONS: &[(&str, u64)] = &[
     // The sweep unpublished own slots of every epoch that was not current and nothing
@@ -275,6 +323,11 @@ fn regressions() {
             "torn_write" => scenario::torn_write,
             "sync_error" => scenario::sync_error,
             "disk_full" => scenario::disk_full,
+            "hard_split_brain" => scenario::hard_split_brain,
+            "hard_one_node" => scenario::hard_one_node,
+            "hard_restart" => scenario::hard_restart,
+            "hard_decommission" => scenario::hard_decommission,
+            "hard_max_edit" => scenario::hard_max_edit,
             other => panic!("unknown scenario {other}"),
         };
         println!("sim regression {scenario}: seed {seed}");

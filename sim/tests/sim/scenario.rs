@@ -22,18 +22,39 @@ pub struct LimitDef {
     pub period: &'static str,
     pub aligned: bool,
     pub timezone: &'static str,
+    /// A hard limit (I7) whose scope only reserved, gated traffic matches (`gate=hard`).
+    pub hard: bool,
 }
 
 impl LimitDef {
     pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut b = serde_json::json!({
             "scope": {"team": "eng"},
             "metric": self.metric,
             "max": self.max,
             "period": self.period,
             "calendar_aligned": self.aligned,
             "timezone": self.timezone,
-        })
+        });
+        if self.hard {
+            b["scope"]["gate"] = "hard".into();
+            b["mode"] = "hard".into();
+        }
+        b
+    }
+
+    /// The hard limit every plan has: the same budget as `budget`, spent only by gated
+    /// traffic, which reserves before it records.
+    pub fn hard(max: u64) -> LimitDef {
+        LimitDef {
+            id: "hard",
+            metric: "tokens",
+            max,
+            period: "never",
+            aligned: false,
+            timezone: "UTC",
+            hard: true,
+        }
     }
 }
 
@@ -155,6 +176,11 @@ pub enum Op {
     Heal,
     /// Malformed requests through the router change nothing (I8).
     BadInput(usize),
+    /// An operator decommissions `node` through `via`'s API, naming `via` its successor.
+    Decommission {
+        node: usize,
+        via: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +206,7 @@ fn base_limits(budget: u64) -> Vec<LimitDef> {
             period: "never",
             aligned: false,
             timezone: "UTC",
+            hard: false,
         },
         LimitDef {
             id: "budget",
@@ -188,6 +215,7 @@ fn base_limits(budget: u64) -> Vec<LimitDef> {
             period: "never",
             aligned: false,
             timezone: "UTC",
+            hard: false,
         },
         LimitDef {
             id: "daily",
@@ -196,7 +224,9 @@ fn base_limits(budget: u64) -> Vec<LimitDef> {
             period: "1d",
             aligned: true,
             timezone: "UTC",
+            hard: false,
         },
+        LimitDef::hard(budget),
     ]
 }
 
@@ -540,6 +570,7 @@ fn skewed(rng: &mut Rng, at_back_ms: (i64, i64)) -> Plan {
             period: "1M",
             aligned: true,
             timezone: "UTC",
+            hard: false,
         },
         LimitDef {
             id: "hour_ny",
@@ -548,6 +579,7 @@ fn skewed(rng: &mut Rng, at_back_ms: (i64, i64)) -> Plan {
             period: "1h",
             aligned: true,
             timezone: "America/New_York",
+            hard: false,
         },
         LimitDef {
             id: "day_berlin",
@@ -556,6 +588,7 @@ fn skewed(rng: &mut Rng, at_back_ms: (i64, i64)) -> Plan {
             period: "1d",
             aligned: true,
             timezone: "Europe/Berlin",
+            hard: false,
         },
     ]);
     let (a, b) = split(rng, n);
@@ -598,6 +631,7 @@ pub fn reset_race(rng: &mut Rng) -> Plan {
         period: "1d",
         aligned: true,
         timezone: "UTC",
+        hard: false,
     });
     let used = |rng: &mut Rng| rng.chance(0.5).then(|| rng.range(1, 5000));
     let mut ops = vec![
@@ -665,6 +699,7 @@ fn config_edits(rng: &mut Rng, period_edits: bool) -> Plan {
         period: "1d",
         aligned: true,
         timezone: "UTC",
+        hard: false,
     };
     limits.push(edited.clone());
     let period = |rng: &mut Rng| {
@@ -734,4 +769,97 @@ pub fn client_retries(rng: &mut Rng) -> Plan {
         Op::Release(a, b),
     ];
     plan(rng, n, 1_000_000, ops)
+}
+
+// ----- hard limits (I7) ------------------------------------------------------------------
+
+/// The fleet cut in two for long enough that both sides spend every right they hold;
+/// neither side may spend the other's.
+pub fn hard_split_brain(rng: &mut Rng) -> Plan {
+    let n = rng.range(3, 5) as usize;
+    let (a, b) = split(rng, n);
+    let mut ops = vec![
+        Op::Traffic(traffic(rng, "pre", (0..n).collect(), 10, true)),
+        Op::Wait(rng.range(200, 800)),
+        Op::Partition(a.clone(), b.clone()),
+    ];
+    ops.push(Op::Traffic(traffic(rng, "a", a, 100, true)));
+    ops.push(Op::Traffic(traffic(rng, "b", b, 100, true)));
+    ops.push(Op::Drain);
+    ops.push(Op::Wait(rng.range(500, 1500)));
+    plan(rng, n, 3_000, ops)
+}
+
+/// A healthy fleet with all traffic on one node: rights must move to it, so it spends
+/// nearly all of `max` before its first denial (utilisation at first denial).
+pub fn hard_one_node(rng: &mut Rng) -> Plan {
+    let n = 3;
+    let busy = rng.below(n as u64) as usize;
+    let ops = vec![Op::Traffic(Traffic {
+        tokens: (20, 60),
+        ..traffic(rng, "one", vec![busy], 200, true)
+    })];
+    plan(rng, n, 3_000, ops)
+}
+
+/// A node crashes with open reservations and comes back: it must not spend the same
+/// rights twice (fenced), while the others go on.
+pub fn hard_restart(rng: &mut Rng) -> Plan {
+    let n = 3;
+    let victim = rng.below(n as u64) as usize;
+    let ops = vec![
+        Op::Traffic(Traffic {
+            spacing_ms: 0,
+            ..traffic(rng, "burst", vec![victim], 20, true)
+        }),
+        Op::Traffic(traffic(rng, "all", (0..n).collect(), 80, true)),
+        Op::Wait(rng.range(50, 300)),
+        Op::Crash(victim),
+        Op::Wait(rng.range(200, 800)),
+        Op::Restart(victim),
+        Op::Traffic(traffic(rng, "after", (0..n).collect(), 40, true)),
+    ];
+    plan(rng, n, 3_000, ops)
+}
+
+/// A node is gone for good; an operator decommissions it, and its unspent rights pass to
+/// a survivor.
+pub fn hard_decommission(rng: &mut Rng) -> Plan {
+    let n = 3;
+    let gone = rng.below(n as u64) as usize;
+    let heir = (gone + 1 + rng.below(n as u64 - 1) as usize) % n;
+    let rest: Vec<usize> = (0..n).filter(|&i| i != gone).collect();
+    let ops = vec![
+        Op::Traffic(traffic(rng, "pre", (0..n).collect(), 20, true)),
+        Op::Drain,
+        // What a node acknowledged but never published is lost with its disk: an operator
+        // decommissions a node whose usage the fleet has (README, "Soft and hard limits").
+        Op::Settle,
+        Op::Remove(gone),
+        Op::Wait(rng.range(100, 500)),
+        Op::Decommission {
+            node: gone,
+            via: heir,
+        },
+        Op::Traffic(traffic(rng, "post", rest, 120, true)),
+    ];
+    plan(rng, n, 3_000, ops)
+}
+
+/// `max` of the hard limit lowered and raised again while traffic runs.
+pub fn hard_max_edit(rng: &mut Rng) -> Plan {
+    let n = rng.range(3, 4) as usize;
+    let mut ops = vec![
+        Op::Traffic(traffic(rng, "t", (0..n).collect(), 120, true)),
+        Op::Wait(rng.range(300, 1200)),
+    ];
+    let edits = rng.range(1, 3);
+    for _ in 0..edits {
+        ops.push(Op::PutLimit {
+            node: rng.below(n as u64) as usize,
+            def: LimitDef::hard(rng.range(500, 4_000)),
+        });
+        ops.push(Op::Wait(rng.range(200, 800)));
+    }
+    plan(rng, n, 3_000, ops)
 }
