@@ -75,12 +75,16 @@ struct OutboxItems {
     /// Own slots: the writer commits them in increasing order, so the newest is the max.
     slots: HashMap<(String, Epoch), u64>,
     config: HashMap<GossipKey, Publication>,
+    /// Wall clock of the first commit whose values wait here (stamped in a hello).
+    first_commit_ms: Option<i64>,
 }
 
 impl Outbox {
-    pub(crate) fn push(&self, p: Publication) {
+    /// Queues what a commit made durable at `commit_ms` (this node's wall clock).
+    pub(crate) fn push(&self, p: Publication, commit_ms: i64) {
         {
             let mut q = self.pending.lock();
+            q.first_commit_ms.get_or_insert(commit_ms);
             match p {
                 Publication::Slots(slots) => {
                     for (limit, epoch, v) in slots {
@@ -108,8 +112,9 @@ impl Outbox {
         self.ready.notify_one();
     }
 
-    /// Waits until something is pending, then takes all of it.
-    async fn take(&self) -> Vec<(GossipKey, String)> {
+    /// Waits until something is pending, then takes all of it, with the wall clock of
+    /// the first commit it holds.
+    async fn take(&self) -> (Vec<(GossipKey, String)>, Option<i64>) {
         loop {
             let items = std::mem::take(&mut *self.pending.lock());
             if !items.slots.is_empty() || !items.config.is_empty() {
@@ -117,9 +122,10 @@ impl Outbox {
                     .slots
                     .into_iter()
                     .map(|((limit, epoch), v)| (GossipKey::Slot { limit, epoch }, encode_slot(v)));
-                return slots
+                let values = slots
                     .chain(items.config.into_values().flat_map(publication_items))
                     .collect();
+                return (values, items.first_commit_ms);
             }
             self.ready.notified().await;
         }
@@ -141,6 +147,22 @@ pub(crate) struct ClusterHandle {
     /// Hellos merged so far, by publisher; written by the writer after it merged
     /// everything delivered before them.
     pub(crate) hellos: parking_lot::Mutex<HashMap<String, HelloSeen>>,
+    /// The newest hello this node published (its wall clock then): a hello never goes
+    /// back, so peers count each one they merge.
+    pub(crate) hello_ms: parking_lot::Mutex<i64>,
+}
+
+impl ClusterHandle {
+    /// The hello to publish now (`stamp_ms`, or just after the last one if the clock
+    /// went back); `None` if a hello went out less than `min_gap_ms` ago.
+    fn next_hello(&self, stamp_ms: i64, min_gap_ms: i64) -> Option<(GossipKey, String)> {
+        let mut last = self.hello_ms.lock();
+        if stamp_ms < *last + min_gap_ms {
+            return None;
+        }
+        *last = stamp_ms.max(*last + 1);
+        Some((GossipKey::Hello, tally_gossip::encode_hello(*last)))
+    }
 }
 
 /// The hellos of one publisher merged so far.
@@ -155,12 +177,21 @@ pub(crate) struct HelloSeen {
 }
 
 impl HelloSeen {
-    pub(crate) fn merge(&mut self, wall_ms: i64, now_ms: i64) {
+    /// Takes in a hello merged at `now_ms`; `true` if it is newer than every one before.
+    pub(crate) fn merge(&mut self, wall_ms: i64, now_ms: i64) -> bool {
         if wall_ms > self.newest_ms || self.count == 0 {
             self.newest_ms = wall_ms;
             self.count += 1;
             self.merged_at_ms = now_ms;
+            return true;
         }
+        false
+    }
+
+    /// The gossip lag of the newest hello: from the peer stamping it (its clock) to this
+    /// node merging it (this node's clock); 0 if the peer's clock is ahead.
+    pub(crate) fn lag_ms(&self) -> i64 {
+        (self.merged_at_ms - self.newest_ms).max(0)
     }
 }
 
@@ -321,8 +352,9 @@ fn publication_items(p: Publication) -> Vec<(GossipKey, String)> {
     }
 }
 
-/// Everything this node should publish right now: own current slots and all config.
-fn snapshot(shared: &Shared) -> Vec<(GossipKey, String)> {
+/// Everything this node should publish right now: own current slots and all config, and
+/// the hello's stamp.
+fn snapshot(shared: &Shared) -> (Vec<(GossipKey, String)>, i64) {
     let now = shared.clock.now_ms();
     let state = shared.state.read();
     let me = state.me();
@@ -352,7 +384,7 @@ fn snapshot(shared: &Shared) -> Vec<(GossipKey, String)> {
     );
     drop(state);
     out.extend(pubs.into_iter().flat_map(publication_items));
-    out
+    (out, now)
 }
 
 /// Starts gossip for a node and the tasks that connect the two.
@@ -363,6 +395,7 @@ pub(crate) async fn start(
 ) -> anyhow::Result<()> {
     let (in_tx, mut in_rx) = mpsc::channel::<Incoming>(INCOMING_QUEUE_MAX);
     let generation = shared.clock.now_ms().max(0) as u64;
+    let (initial, hello_ms) = snapshot(&shared);
     let gossip = Gossip::start(
         GossipConfig {
             node_id: shared.node_id.clone(),
@@ -377,7 +410,7 @@ pub(crate) async fn start(
             tombstone_grace: Duration::from_secs(600),
             transport: config.transport.clone(),
         },
-        snapshot(&shared),
+        initial,
         in_tx,
     )
     .await?;
@@ -399,6 +432,7 @@ pub(crate) async fn start(
             outbox: Outbox::default(),
             caught_up: AtomicBool::new(false),
             hellos: parking_lot::Mutex::new(HashMap::new()),
+            hello_ms: parking_lot::Mutex::new(hello_ms),
         })
         .is_err()
     {
@@ -436,12 +470,21 @@ pub(crate) async fn start(
         }
     });
 
-    // Outgoing: publish what the writer committed.
+    // Outgoing: publish what the writer committed. After the values, a hello stamped with
+    // the first of their commits, at most one per gossip round: peers measure the gossip
+    // lag from it (the time from that commit to their merge of it), and the next round
+    // carries it with the values it follows (the hello is set last, so its version is the
+    // highest). Commits within a round share the hello of the first, whose lag includes
+    // the wait for the round.
     let s = shared.clone();
+    let round_ms = config.interval.as_millis() as i64;
     tokio::spawn(async move {
         let Some(c) = s.cluster.get() else { return };
         loop {
-            let items = c.outbox.take().await;
+            let (mut items, first_commit_ms) = c.outbox.take().await;
+            if let Some(hello) = first_commit_ms.and_then(|t| c.next_hello(t, round_ms)) {
+                items.push(hello);
+            }
             c.gossip.publish(items).await;
         }
     });
@@ -453,9 +496,9 @@ pub(crate) async fn start(
             tokio::time::sleep(SWEEP_EVERY).await;
             let Some(c) = s.cluster.get() else { return };
             let now = s.clock.now_ms();
-            c.gossip
-                .publish(vec![(GossipKey::Hello, tally_gossip::encode_hello(now))])
-                .await;
+            if let Some(hello) = c.next_hello(now, 0) {
+                c.gossip.publish(vec![hello]).await;
+            }
             let members = c.gossip.members().await;
             sweep(&s, c, &members).await;
             let hellos = c.hellos.lock().clone();

@@ -23,6 +23,7 @@ use tally_node::{
 };
 
 use crate::json::Json;
+use crate::metrics::{Timed, Timing};
 
 /// Largest request body accepted (API.md: 1 MiB).
 pub const BODY_BYTES_MAX: usize = 1 << 20;
@@ -1047,6 +1048,11 @@ async fn no_route(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!("no route for {method} {}", uri.path()))
 }
 
+/// Latency histograms of /metrics (docs/METRICS.md).
+fn timed(state: &Arc<AppState>, timing: Timing) -> Timed {
+    Timed::new(state.clone(), timing)
+}
+
 /// The router of API.md.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -1065,9 +1071,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/entities/{dimension}/{value}",
             put(put_entity).get(get_entity).delete(delete_entity),
         )
-        .route("/v1/check", post(check))
-        .route("/v1/usage", post(usage))
-        .route("/v1/usage/batch", post(usage_batch))
+        .route("/v1/check", post(check).layer(timed(&state, Timing::Check)))
+        .route("/v1/usage", post(usage).layer(timed(&state, Timing::Record)))
+        .route(
+            "/v1/usage/batch",
+            post(usage_batch).layer(timed(&state, Timing::RecordBatch)),
+        )
         .merge(crate::proxies::routes())
         .merge(crate::ui::routes())
         .fallback(no_route)
