@@ -1048,11 +1048,6 @@ async fn no_route(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!("no route for {method} {}", uri.path()))
 }
 
-/// Latency histograms of /metrics (docs/METRICS.md).
-fn timed(state: &Arc<AppState>, timing: Timing) -> Timed {
-    Timed::new(state.clone(), timing)
-}
-
 /// The router of API.md.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -1071,11 +1066,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/entities/{dimension}/{value}",
             put(put_entity).get(get_entity).delete(delete_entity),
         )
-        .route("/v1/check", post(check).layer(timed(&state, Timing::Check)))
-        .route("/v1/usage", post(usage).layer(timed(&state, Timing::Record)))
+        .route("/v1/check", post(Timed::new(check, Timing::Check)))
+        .route("/v1/usage", post(Timed::new(usage, Timing::Record)))
         .route(
             "/v1/usage/batch",
-            post(usage_batch).layer(timed(&state, Timing::RecordBatch)),
+            post(Timed::new(usage_batch, Timing::RecordBatch)),
         )
         .merge(crate::proxies::routes())
         .merge(crate::ui::routes())

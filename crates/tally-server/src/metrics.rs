@@ -491,54 +491,36 @@ pub enum Timing {
     RecordBatch,
 }
 
-/// A layer for one route: every request is timed from reaching the route (before its body
-/// is read) to its response being ready, whatever the status, into the node's histogram.
-/// No allocation and no lock per request: an `Instant` and the histogram's atomics.
+/// A handler timed from the moment axum hands it the request (before its body is read
+/// and its extractors run) to its response being ready, whatever the status, into the
+/// node's histogram. Wraps the handler itself rather than adding a layer, so the route
+/// costs no extra boxing: per request, two `Instant` reads, one `Arc` clone and the
+/// histogram's two atomic additions (BENCHMARKS.md).
 #[derive(Clone)]
-pub struct Timed {
-    state: Arc<AppState>,
+pub struct Timed<H> {
+    inner: H,
     timing: Timing,
 }
 
-impl Timed {
-    pub fn new(state: Arc<AppState>, timing: Timing) -> Timed {
-        Timed { state, timing }
+impl<H> Timed<H> {
+    pub fn new(inner: H, timing: Timing) -> Timed<H> {
+        Timed { inner, timing }
     }
 }
 
-impl<S> tower_layer::Layer<S> for Timed {
-    type Service = TimedService<S>;
-    fn layer(&self, inner: S) -> TimedService<S> {
-        TimedService {
-            inner,
-            timed: self.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct TimedService<S> {
-    inner: S,
-    timed: Timed,
-}
-
-impl<S, R> tower_service::Service<R> for TimedService<S>
+impl<H, T> axum::handler::Handler<T, Arc<AppState>> for Timed<H>
 where
-    S: tower_service::Service<R>,
+    H: axum::handler::Handler<T, Arc<AppState>>,
+    T: 'static,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = TimedFuture<S::Future>;
+    type Future = TimedFuture<H::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: R) -> Self::Future {
+    fn call(self, req: axum::extract::Request, state: Arc<AppState>) -> Self::Future {
+        let started = Instant::now();
         TimedFuture {
-            inner: self.inner.call(req),
-            started: Instant::now(),
-            timed: Some(self.timed.clone()),
+            inner: self.inner.call(req, state.clone()),
+            started,
+            timed: Some((state, self.timing)),
         }
     }
 }
@@ -548,7 +530,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         started: Instant,
-        timed: Option<Timed>,
+        timed: Option<(Arc<AppState>, Timing)>,
     }
 }
 
@@ -558,9 +540,9 @@ impl<F: Future> Future for TimedFuture<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let out = std::task::ready!(this.inner.poll(cx));
-        if let Some(t) = this.timed.take() {
-            let m = t.state.node.metrics();
-            let h = match t.timing {
+        if let Some((state, timing)) = this.timed.take() {
+            let m = state.node.metrics();
+            let h = match timing {
                 Timing::Check => &m.check_seconds,
                 Timing::Record => &m.record_seconds,
                 Timing::RecordBatch => &m.record_batch_seconds,
