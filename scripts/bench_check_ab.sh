@@ -23,7 +23,9 @@
 #
 # Usage: scripts/bench_check_ab.sh --a BIN --b BIN [--load BIN] [--rounds N]
 #            [--duration S] [--warmup S] [--conns N] [--limits N] [--port P]
-#            [--load-a BIN --load-b BIN]
+#            [--load-a BIN --load-b BIN] [--no-dashboard]
+# (--no-dashboard skips the dashboard scenario: the GET /v1/limits it may still be
+# serving when it stops would otherwise load B's next run.)
 set -euo pipefail
 
 A=""
@@ -36,6 +38,7 @@ DURATION=5
 WARMUP=1
 CONNS=32
 LIMITS=100000
+DASHBOARD=1
 PORT=${PORT:-7491}
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
@@ -51,6 +54,7 @@ while [ $# -gt 0 ]; do
         --conns) CONNS=$2; shift 2 ;;
         --limits) LIMITS=$2; shift 2 ;;
         --port) PORT=$2; shift 2 ;;
+        --no-dashboard) DASHBOARD=0; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -145,7 +149,7 @@ for round in $(seq "$ROUNDS"); do
         # Each server starts from the same state: the denying limit back to 0.
         curl -sf -X POST "$URL/v1/limits/load-provider-openai/reset" -d '{}' >/dev/null
         run_load "$side allowed"
-        if [ "$side" = B ]; then
+        if [ "$side" = B ] && [ "$DASHBOARD" = 1 ]; then
             poll_like_the_dashboard &
             POLLER=$!
             run_load "$side dashboard"

@@ -77,7 +77,10 @@ fn histogram_count(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> u
     assert_eq!(buckets.last().unwrap().0, "+Inf", "{buckets:?}");
     let mut last_le = f64::NEG_INFINITY;
     for w in buckets.windows(2) {
-        assert!(w[0].1 <= w[1].1, "{name}: buckets not cumulative: {buckets:?}");
+        assert!(
+            w[0].1 <= w[1].1,
+            "{name}: buckets not cumulative: {buckets:?}"
+        );
     }
     for (le, _) in &buckets[..buckets.len() - 1] {
         let le: f64 = le.parse().unwrap();
@@ -137,7 +140,9 @@ fn histograms_count_exactly_what_was_sent() {
     }
     for (b, n) in [(0, 3), (1, 2)] {
         let records: Vec<Value> = (0..n)
-            .map(|i| json!({"id": format!("b{b}-{i}"), "attributes": {"team": "eng"}, "cost": 0.01}))
+            .map(
+                |i| json!({"id": format!("b{b}-{i}"), "attributes": {"team": "eng"}, "cost": 0.01}),
+            )
             .collect();
         ok(c.post("/v1/usage/batch", json!({"records": records})));
     }
@@ -184,13 +189,11 @@ fn histograms_count_exactly_what_was_sent() {
     // Per-limit series: the two limits closest to their max, in the API's units.
     assert_eq!(sample(&m, "tally_limits", &[]), Some(3.0));
     let used = |id: &str, metric: &str| {
-        sample(
-            &m,
-            "tally_limit_used",
-            &[("limit", id), ("metric", metric)],
-        )
+        sample(&m, "tally_limit_used", &[("limit", id), ("metric", metric)])
     };
-    let max = |id: &str, metric: &str| sample(&m, "tally_limit_max", &[("limit", id), ("metric", metric)]);
+    let max = |id: &str, metric: &str| {
+        sample(&m, "tally_limit_max", &[("limit", id), ("metric", metric)])
+    };
     assert_eq!(used("eng-cost", "cost"), Some(0.55));
     assert_eq!(max("eng-cost", "cost"), Some(1.0));
     assert_eq!(used("eng-requests", "requests"), Some(10.0));
@@ -220,7 +223,10 @@ fn histograms_count_exactly_what_was_sent() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();
-    assert!(start <= now + 1.0 && start > now - 600.0, "{start} vs {now}");
+    assert!(
+        start <= now + 1.0 && start > now - 600.0,
+        "{start} vs {now}"
+    );
     assert!(sample(&m, "process_cpu_seconds_total", &[]).expect("cpu") >= 0.0);
 }
 
@@ -259,14 +265,18 @@ fn gossip_lag_and_bytes_in_a_fleet_of_two() {
         "/v1/usage",
         json!({"id": "g1", "attributes": {"team": "eng"}, "requests": 7}),
     ));
-    wait_for(Duration::from_secs(20), "node-2 to count the record", || {
-        let (status, v) = b.client().get("/v1/limits/shared");
-        if status == 200 && count(&v["used"]) == 7 {
-            Ok(())
-        } else {
-            Err(format!("{v}"))
-        }
-    });
+    wait_for(
+        Duration::from_secs(20),
+        "node-2 to count the record",
+        || {
+            let (status, v) = b.client().get("/v1/limits/shared");
+            if status == 200 && count(&v["used"]) == 7 {
+                Ok(())
+            } else {
+                Err(format!("{v}"))
+            }
+        },
+    );
     // Hellos come at least twice a second; wait for one merged after the record.
     std::thread::sleep(Duration::from_millis(1200));
     let m = scrape(&b.client());
@@ -292,5 +302,8 @@ fn gossip_lag_and_bytes_in_a_fleet_of_two() {
     assert_eq!(sample(&m, "tally_gossip_dead_nodes", &[]), Some(0.0));
     // The origin's own commit is one group commit.
     let ma = scrape(&a.client());
-    assert_eq!(histogram_count(&ma, "tally_commit_duration_seconds", &[]), 1);
+    assert_eq!(
+        histogram_count(&ma, "tally_commit_duration_seconds", &[]),
+        1
+    );
 }

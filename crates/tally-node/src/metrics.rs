@@ -270,7 +270,11 @@ mod tests {
             "le is inclusive"
         );
         assert_eq!(s.count, 8);
-        assert!((s.sum_seconds - 1.000000127).abs() < 1e-12, "{}", s.sum_seconds);
+        assert!(
+            (s.sum_seconds - 1.000000127).abs() < 1e-12,
+            "{}",
+            s.sum_seconds
+        );
     }
 
     #[test]

@@ -594,6 +594,11 @@ mod tests {
         );
         let mut out = String::new();
         histogram_samples(&mut out, "y", "a=\"b\",", &h.snapshot());
-        assert!(out.contains("y_bucket{a=\"b\",le=\"+Inf\"} 3\ny_sum{a=\"b\"} 0.0225\ny_count{a=\"b\"} 3\n"), "{out}");
+        assert!(
+            out.contains(
+                "y_bucket{a=\"b\",le=\"+Inf\"} 3\ny_sum{a=\"b\"} 0.0225\ny_count{a=\"b\"} 3\n"
+            ),
+            "{out}"
+        );
     }
 }
