@@ -23,6 +23,7 @@ CHECKS = 40
 RECORDS = 12
 BATCHES = 3  # of 4 records each
 FAILED = []
+PASSED = []
 
 
 def free_port(kind=socket.SOCK_STREAM):
@@ -107,8 +108,7 @@ def parse(text):
 
 def check(cond, what):
     print(("ok   " if cond else "FAIL ") + what)
-    if not cond:
-        FAILED.append(what)
+    (PASSED if cond else FAILED).append(what)
 
 
 def expect(samples, name, want, labels=()):
@@ -280,12 +280,10 @@ def main():
     finally:
         for n in nodes:
             n.stop()
-    if FAILED:
-        print(f"{len(FAILED)} checks failed:")
-        for f in FAILED:
-            print("  " + f)
-        sys.exit(1)
-    print("metrics: all checks passed")
+    for f in FAILED:
+        print("failed: " + f)
+    print(f"metrics: {len(PASSED)} passed, {len(FAILED)} failed")
+    sys.exit(1 if FAILED else 0)
 
 
 if __name__ == "__main__":
