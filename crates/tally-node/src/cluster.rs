@@ -147,8 +147,10 @@ pub(crate) struct ClusterHandle {
     /// Hellos merged so far, by publisher; written by the writer after it merged
     /// everything delivered before them.
     pub(crate) hellos: parking_lot::Mutex<HashMap<String, HelloSeen>>,
-    /// The newest hello this node published (its wall clock then): a hello never goes
-    /// back, so peers count each one they merge.
+    /// The newest hello stamp this node handed out: stamps only increase, so peers count
+    /// each hello they merge. (The sweep and the publisher publish hellos in two tasks, so
+    /// one may land just after a newer one; peers ignore a hello that is not newer, and
+    /// every hello still follows the values published before it.)
     pub(crate) hello_ms: parking_lot::Mutex<i64>,
 }
 
@@ -641,22 +643,27 @@ mod tests {
     #[test]
     fn hello_seen_counts_distinct_newer_hellos() {
         let mut h = HelloSeen::default();
-        h.merge(5, 100);
-        h.merge(5, 200);
-        h.merge(4, 300);
+        assert!(h.merge(5, 100));
+        assert!(!h.merge(5, 200));
+        assert!(!h.merge(4, 300));
         let want = HelloSeen {
             newest_ms: 5,
             count: 1,
             merged_at_ms: 100,
         };
         assert_eq!(h, want);
-        h.merge(9, 400);
+        assert_eq!(h.lag_ms(), 95);
+        assert!(h.merge(9, 400));
         let want = HelloSeen {
             newest_ms: 9,
             count: 2,
             merged_at_ms: 400,
         };
         assert_eq!(h, want);
+        assert_eq!(h.lag_ms(), 391);
+        // A peer whose clock is ahead: no negative lag.
+        assert!(h.merge(1_000, 500));
+        assert_eq!(h.lag_ms(), 0);
     }
 
     #[test]
