@@ -195,7 +195,7 @@ pub async fn render(node: &Node) -> String {
             o,
             "counter",
             "tally_gossip_received_bytes_total",
-            "Gossip bytes received: UDP payloads handed to chitchat, valid or not.",
+            "Gossip bytes received: UDP payloads that decoded as chitchat messages (IP/UDP headers and invalid datagrams not included).",
             r(&st.bytes_received),
         );
         metric(
