@@ -14,13 +14,18 @@
 # allowed and denied checks in process (`--mode embedded`, `Node::check`, no HTTP), where
 # a few nanoseconds per check would show.
 #
+# HTTP runs also report the server's CPU (user + system, from /proc) per request, a
+# steadier measure of cost than req/s when other work shares the machine (issue 13).
+#
 # Each round starts A, runs every scenario, stops it, then the same for B. Prints one
 # line per run and a table of medians with B/A ratios. Other work on the machine moves
 # absolute numbers; compare the ratios, measured side by side.
 #
 # Usage: scripts/bench_check_ab.sh --a BIN --b BIN [--load BIN] [--rounds N]
 #            [--duration S] [--warmup S] [--conns N] [--limits N] [--port P]
-#            [--load-a BIN --load-b BIN]
+#            [--load-a BIN --load-b BIN] [--no-dashboard]
+# (--no-dashboard skips the dashboard scenario: the GET /v1/limits it may still be
+# serving when it stops would otherwise load B's next run.)
 set -euo pipefail
 
 A=""
@@ -33,6 +38,7 @@ DURATION=5
 WARMUP=1
 CONNS=32
 LIMITS=100000
+DASHBOARD=1
 PORT=${PORT:-7491}
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
@@ -48,6 +54,7 @@ while [ $# -gt 0 ]; do
         --conns) CONNS=$2; shift 2 ;;
         --limits) LIMITS=$2; shift 2 ;;
         --port) PORT=$2; shift 2 ;;
+        --no-dashboard) DASHBOARD=0; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -111,10 +118,19 @@ poll_like_the_dashboard() {
     done
 }
 
+# User + system CPU ticks (1/100 s) of the server so far.
+server_ticks() {
+    awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$SERVER/stat"
+}
+
 run_load() { # label
-    local out
+    local out t0 t1
+    t0=$(server_ticks)
     out=$(timeout $((DURATION * 4 + 60)) "$LOAD" --url "$URL" --scenario check \
         --connections "$CONNS" --duration-secs "$DURATION" --warmup-secs "$WARMUP" --json)
+    t1=$(server_ticks)
+    # The server's CPU over warm-up and measured window, in ticks.
+    out="${out%\}},\"server_ticks\":$((t1 - t0))}"
     echo "$1 $out" >>"$WORK/results"
     log "$1 $out"
 }
@@ -133,7 +149,7 @@ for round in $(seq "$ROUNDS"); do
         # Each server starts from the same state: the denying limit back to 0.
         curl -sf -X POST "$URL/v1/limits/load-provider-openai/reset" -d '{}' >/dev/null
         run_load "$side allowed"
-        if [ "$side" = B ]; then
+        if [ "$side" = B ] && [ "$DASHBOARD" = 1 ]; then
             poll_like_the_dashboard &
             POLLER=$!
             run_load "$side dashboard"
@@ -173,7 +189,7 @@ if [ -n "$LOAD_A" ] && [ -n "$LOAD_B" ]; then
     done
 fi
 
-python3 - "$WORK/results" "$WORK/poll_ms" <<'EOF'
+python3 - "$WORK/results" "$WORK/poll_ms" "$WARMUP" <<'EOF'
 import json, statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
@@ -185,7 +201,17 @@ for (scenario, side), runs in rows.items():
     bad = [r for r in runs if r["errors"]]
     if bad:
         sys.exit(f"{side} {scenario}: runs with errors: {bad}")
-print(f"{'scenario':16} {'side':4} {'runs':>4} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}  B/A req/s")
+def srv_us(r):
+    # Server CPU per measured request, warm-up included (so comparable only between runs
+    # of the same warm-up and duration); None for embedded runs.
+    if "server_ticks" not in r or not r["requests"]:
+        return None
+    return r["server_ticks"] * 10_000 / r["requests"] * r["secs"] / (r["secs"] + WARMUP)
+WARMUP = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+def med_cpu(runs):
+    v = [srv_us(r) for r in runs if srv_us(r) is not None]
+    return statistics.median(v) if v else None
+print(f"{'scenario':16} {'side':4} {'runs':>4} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'srv µs/req':>10}  B/A req/s  B/A srv cpu")
 for scenario in ("allowed", "denied", "dashboard", "embedded-allowed", "embedded-denied"):
     a = rows.get((scenario, "A"))
     for side in ("A", "B"):
@@ -196,7 +222,12 @@ for scenario in ("allowed", "denied", "dashboard", "embedded-allowed", "embedded
         ratio = f"{rps / med(a, 'rps'):.3f}" if side == "B" and a else ""
         if side == "B" and not a:
             ratio = f"{rps / med(rows[('allowed', 'A')], 'rps'):.3f} (vs A allowed)"
-        print(f"{scenario:16} {side:4} {len(runs):>4} {rps:>10.0f} {med(runs, 'p50_us') / 1000:>8.2f} {med(runs, 'p99_us') / 1000:>8.2f}  {ratio}")
+        cpu = med_cpu(runs)
+        cpu_s = f"{cpu:>10.2f}" if cpu is not None else f"{'-':>10}"
+        cpu_ratio = ""
+        if side == "B" and a and cpu is not None and med_cpu(a):
+            cpu_ratio = f"{cpu / med_cpu(a):.3f}"
+        print(f"{scenario:16} {side:4} {len(runs):>4} {rps:>10.0f} {med(runs, 'p50_us') / 1000:>8.2f} {med(runs, 'p99_us') / 1000:>8.2f} {cpu_s}  {ratio:9}  {cpu_ratio}")
 try:
     polls = [int(x) for x in open(sys.argv[2])]
     print(f"dashboard polls: {len(polls)}, GET /v1/limits median {statistics.median(polls)} ms")

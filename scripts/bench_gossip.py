@@ -106,14 +106,14 @@ def main():
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(3)
         secs = 10
-        before = [(metric(u, "tally_gossip_bytes_sent_total"), metric(u, "tally_gossip_bytes_received_total")) for u in nodes]
+        before = [(metric(u, "tally_gossip_sent_bytes_total"), metric(u, "tally_gossip_received_bytes_total")) for u in nodes]
         loads = [subprocess.Popen([LOAD, "--url", u, "--scenario", "record", "--keys", "3333", "--connections", "4",
                                    "--duration-secs", str(secs), "--warmup-secs", "0", "--json"],
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for u in nodes]
         t0 = time.time()
         outs = [json.loads(l.communicate()[0]) for l in loads]
         el = time.time() - t0
-        after = [(metric(u, "tally_gossip_bytes_sent_total"), metric(u, "tally_gossip_bytes_received_total")) for u in nodes]
+        after = [(metric(u, "tally_gossip_sent_bytes_total"), metric(u, "tally_gossip_received_bytes_total")) for u in nodes]
         rps = sum(o["rps"] for o in outs)
         for i, (b, a) in enumerate(zip(before, after)):
             print(f"gossip_volume node={i} active_limits=10001 fleet_records_per_s={rps:.0f} "

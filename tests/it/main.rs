@@ -16,6 +16,8 @@
 //! - `hostile`: thousands of slow connections, trickled headers and bodies (I8, bounds).
 //! - `proxies`: forward-auth, usage from access-log lines, envoyproxy/ratelimit import
 //!   (I2, I8).
+//! - `metrics`: `/metrics` histograms count exactly the requests sent; per-limit series
+//!   are opt-in; process metrics; gossip lag and bytes in a fleet of two.
 //! - `ui`: what `/ui` serves and its headers; `/v1/whoami` and `/v1/denials` (I8).
 
 mod api;
@@ -25,6 +27,7 @@ mod crash;
 mod disk_full;
 mod hard;
 mod hostile;
+mod metrics;
 mod periods;
 mod proxies;
 mod ui;

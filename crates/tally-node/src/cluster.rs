@@ -78,12 +78,16 @@ struct OutboxItems {
     /// Own slots: the writer commits them in increasing order, so the newest is the max.
     slots: HashMap<(String, Epoch), u64>,
     config: HashMap<GossipKey, Publication>,
+    /// Wall clock of the first commit whose values wait here (stamped in a hello).
+    first_commit_ms: Option<i64>,
 }
 
 impl Outbox {
-    pub(crate) fn push(&self, p: Publication) {
+    /// Queues what a commit made durable at `commit_ms` (this node's wall clock).
+    pub(crate) fn push(&self, p: Publication, commit_ms: i64) {
         {
             let mut q = self.pending.lock();
+            q.first_commit_ms.get_or_insert(commit_ms);
             match p {
                 Publication::Slots(slots) => {
                     for (limit, epoch, v) in slots {
@@ -127,8 +131,9 @@ impl Outbox {
         self.ready.notify_one();
     }
 
-    /// Waits until something is pending, then takes all of it.
-    async fn take(&self) -> Vec<(GossipKey, String)> {
+    /// Waits until something is pending, then takes all of it, with the wall clock of
+    /// the first commit it holds.
+    async fn take(&self) -> (Vec<(GossipKey, String)>, Option<i64>) {
         loop {
             let items = std::mem::take(&mut *self.pending.lock());
             if !items.slots.is_empty() || !items.config.is_empty() {
@@ -136,9 +141,10 @@ impl Outbox {
                     .slots
                     .into_iter()
                     .map(|((limit, epoch), v)| (GossipKey::Slot { limit, epoch }, encode_slot(v)));
-                return slots
+                let values = slots
                     .chain(items.config.into_values().flat_map(publication_items))
                     .collect();
+                return (values, items.first_commit_ms);
             }
             self.ready.notified().await;
         }
@@ -162,6 +168,24 @@ pub(crate) struct ClusterHandle {
     pub(crate) hellos: parking_lot::Mutex<HashMap<String, HelloSeen>>,
     /// Hard limits: the newest demand for rights of each (asker, limit, epoch) heard.
     pub(crate) demands: parking_lot::Mutex<HashMap<(String, String, Epoch), tally_gossip::Demand>>,
+    /// The newest hello stamp this node handed out: stamps only increase, so peers count
+    /// each hello they merge. (The sweep and the publisher publish hellos in two tasks, so
+    /// one may land just after a newer one; peers ignore a hello that is not newer, and
+    /// every hello still follows the values published before it.)
+    pub(crate) hello_ms: parking_lot::Mutex<i64>,
+}
+
+impl ClusterHandle {
+    /// The hello to publish now (`stamp_ms`, or just after the last one if the clock
+    /// went back); `None` if a hello went out less than `min_gap_ms` ago.
+    fn next_hello(&self, stamp_ms: i64, min_gap_ms: i64) -> Option<(GossipKey, String)> {
+        let mut last = self.hello_ms.lock();
+        if stamp_ms < *last + min_gap_ms {
+            return None;
+        }
+        *last = stamp_ms.max(*last + 1);
+        Some((GossipKey::Hello, tally_gossip::encode_hello(*last)))
+    }
 }
 
 /// The hellos of one publisher merged so far.
@@ -176,12 +200,21 @@ pub(crate) struct HelloSeen {
 }
 
 impl HelloSeen {
-    pub(crate) fn merge(&mut self, wall_ms: i64, now_ms: i64) {
+    /// Takes in a hello merged at `now_ms`; `true` if it is newer than every one before.
+    pub(crate) fn merge(&mut self, wall_ms: i64, now_ms: i64) -> bool {
         if wall_ms > self.newest_ms || self.count == 0 {
             self.newest_ms = wall_ms;
             self.count += 1;
             self.merged_at_ms = now_ms;
+            return true;
         }
+        false
+    }
+
+    /// The gossip lag of the newest hello: from the peer stamping it (its clock) to this
+    /// node merging it (this node's clock); 0 if the peer's clock is ahead.
+    pub(crate) fn lag_ms(&self) -> i64 {
+        (self.merged_at_ms - self.newest_ms).max(0)
     }
 }
 
@@ -349,8 +382,9 @@ fn publication_items(p: Publication) -> Vec<(GossipKey, String)> {
     }
 }
 
-/// Everything this node should publish right now: own current slots and all config.
-fn snapshot(shared: &Shared) -> Vec<(GossipKey, String)> {
+/// Everything this node should publish right now: own current slots and all config, and
+/// the hello's stamp.
+fn snapshot(shared: &Shared) -> (Vec<(GossipKey, String)>, i64) {
     let now = shared.clock.now_ms();
     let state = shared.state.read();
     let me = state.me();
@@ -387,7 +421,7 @@ fn snapshot(shared: &Shared) -> Vec<(GossipKey, String)> {
     );
     drop(state);
     out.extend(pubs.into_iter().flat_map(publication_items));
-    out
+    (out, now)
 }
 
 /// This node's grants of open epochs, as gossip items.
@@ -422,6 +456,7 @@ pub(crate) async fn start(
 ) -> anyhow::Result<()> {
     let (in_tx, mut in_rx) = mpsc::channel::<Incoming>(INCOMING_QUEUE_MAX);
     let generation = shared.clock.now_ms().max(0) as u64;
+    let (initial, hello_ms) = snapshot(&shared);
     let gossip = Gossip::start(
         GossipConfig {
             node_id: shared.node_id.clone(),
@@ -436,7 +471,7 @@ pub(crate) async fn start(
             tombstone_grace: Duration::from_secs(600),
             transport: config.transport.clone(),
         },
-        snapshot(&shared),
+        initial,
         in_tx,
     )
     .await?;
@@ -459,6 +494,7 @@ pub(crate) async fn start(
             caught_up: AtomicBool::new(false),
             hellos: parking_lot::Mutex::new(HashMap::new()),
             demands: parking_lot::Mutex::new(HashMap::new()),
+            hello_ms: parking_lot::Mutex::new(hello_ms),
         })
         .is_err()
     {
@@ -546,12 +582,21 @@ pub(crate) async fn start(
         }
     });
 
-    // Outgoing: publish what the writer committed.
+    // Outgoing: publish what the writer committed. After the values, a hello stamped with
+    // the first of their commits, at most one per gossip round: peers measure the gossip
+    // lag from it (the time from that commit to their merge of it), and the next round
+    // carries it with the values it follows (the hello is set last, so its version is the
+    // highest). Commits within a round share the hello of the first, whose lag includes
+    // the wait for the round.
     let s = shared.clone();
+    let round_ms = config.interval.as_millis() as i64;
     tokio::spawn(async move {
         let Some(c) = s.cluster.get() else { return };
         loop {
-            let items = c.outbox.take().await;
+            let (mut items, first_commit_ms) = c.outbox.take().await;
+            if let Some(hello) = first_commit_ms.and_then(|t| c.next_hello(t, round_ms)) {
+                items.push(hello);
+            }
             c.gossip.publish(items).await;
         }
     });
@@ -563,9 +608,9 @@ pub(crate) async fn start(
             tokio::time::sleep(SWEEP_EVERY).await;
             let Some(c) = s.cluster.get() else { return };
             let now = s.clock.now_ms();
-            c.gossip
-                .publish(vec![(GossipKey::Hello, tally_gossip::encode_hello(now))])
-                .await;
+            if let Some(hello) = c.next_hello(now, 0) {
+                c.gossip.publish(vec![hello]).await;
+            }
             let members = c.gossip.members().await;
             sweep(&s, c, &members).await;
             let hellos = c.hellos.lock().clone();
@@ -710,22 +755,27 @@ mod tests {
     #[test]
     fn hello_seen_counts_distinct_newer_hellos() {
         let mut h = HelloSeen::default();
-        h.merge(5, 100);
-        h.merge(5, 200);
-        h.merge(4, 300);
+        assert!(h.merge(5, 100));
+        assert!(!h.merge(5, 200));
+        assert!(!h.merge(4, 300));
         let want = HelloSeen {
             newest_ms: 5,
             count: 1,
             merged_at_ms: 100,
         };
         assert_eq!(h, want);
-        h.merge(9, 400);
+        assert_eq!(h.lag_ms(), 95);
+        assert!(h.merge(9, 400));
         let want = HelloSeen {
             newest_ms: 9,
             count: 2,
             merged_at_ms: 400,
         };
         assert_eq!(h, want);
+        assert_eq!(h.lag_ms(), 391);
+        // A peer whose clock is ahead: no negative lag.
+        assert!(h.merge(1_000, 500));
+        assert_eq!(h.lag_ms(), 0);
     }
 
     #[test]

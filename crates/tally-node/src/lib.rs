@@ -68,6 +68,10 @@ pub struct NodeConfig {
     /// Longest lifetime of a reservation on hard limits; also how long a node refuses to
     /// spend rights after an unclean restart (its reservations were lost with memory).
     pub reservation_ttl_max_ms: i64,
+    /// Count denials per denying limit for at most this many distinct limits
+    /// ([`Node::denials_by_limit`]); 0 counts none (the default: it costs a lock per
+    /// denial and memory per limit).
+    pub denials_by_limit_max: usize,
 }
 
 /// A reservation lives this long unless the check says otherwise.
@@ -103,6 +107,7 @@ impl NodeConfig {
             clock: Arc::new(SystemClock),
             disk: None,
             reservation_ttl_max_ms: RESERVATION_TTL_MAX_DEFAULT_MS,
+            denials_by_limit_max: 0,
         }
     }
 
@@ -306,6 +311,8 @@ pub(crate) struct Shared {
     pub(crate) state: RwLock<State>,
     pub(crate) metrics: Metrics,
     pub(crate) denials: denials::DenialRing,
+    /// Denials per denying limit, when [`NodeConfig::denials_by_limit_max`] is not 0.
+    pub(crate) denials_by_limit: parking_lot::Mutex<DenialCounts>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: NodeConfig,
     pub(crate) node_id: String,
@@ -318,6 +325,24 @@ pub(crate) struct Shared {
     pub(crate) escrow: escrow::Escrow,
     /// How long the last demands for rights took to be answered (ms), newest last.
     pub(crate) rights_waits: parking_lot::Mutex<std::collections::VecDeque<i64>>,
+}
+
+/// Denials counted per denying limit, for at most [`NodeConfig::denials_by_limit_max`]
+/// limits (the first that denied); denials by any other limit are only summed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DenialCounts {
+    pub by_limit: std::collections::HashMap<String, u64>,
+    /// Denials by limits past the cap.
+    pub untracked: u64,
+}
+
+/// A live limit's usage now, in its own units (micro-USD for cost).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitUsage {
+    pub id: String,
+    pub metric: Metric,
+    pub used: u64,
+    pub max: u64,
 }
 
 /// A running node. Cheap to clone; all clones share one state and one writer.
@@ -457,6 +482,7 @@ impl Node {
             state: RwLock::new(state),
             metrics: Metrics::default(),
             denials: denials::DenialRing::default(),
+            denials_by_limit: parking_lot::Mutex::new(DenialCounts::default()),
             clock: config.clock.clone(),
             node_id,
             config,
@@ -570,6 +596,19 @@ impl Node {
         Metrics::add(&self.shared.metrics.checks_total, 1);
         if !d.allowed {
             Metrics::add(&self.shared.metrics.checks_denied_total, 1);
+            let cap = self.shared.config.denials_by_limit_max;
+            if cap > 0 {
+                let mut c = self.shared.denials_by_limit.lock();
+                for l in limits.iter().filter(|l| l.denied) {
+                    if let Some(n) = c.by_limit.get_mut(l.id.as_str()) {
+                        *n += 1;
+                    } else if c.by_limit.len() < cap {
+                        c.by_limit.insert(l.id.clone(), 1);
+                    } else {
+                        c.untracked += 1;
+                    }
+                }
+            }
             self.shared.denials.record(
                 now,
                 attributes,
@@ -600,6 +639,65 @@ impl Node {
     /// Reservations open now.
     pub fn open_reservations(&self) -> usize {
         self.shared.escrow.0.lock().open_reservations()
+    }
+
+    /// Denials per denying limit since start (empty unless
+    /// [`NodeConfig::denials_by_limit_max`] is set). A check denied by two limits counts
+    /// once for each.
+    pub fn denials_by_limit(&self) -> DenialCounts {
+        self.shared.denials_by_limit.lock().clone()
+    }
+
+    /// [`NodeConfig::denials_by_limit_max`]: also how many limits get their own series in
+    /// tally-server's /metrics.
+    pub fn denials_by_limit_max(&self) -> usize {
+        self.shared.config.denials_by_limit_max
+    }
+
+    /// Every live limit's usage now, sorted by id. Reads the state in chunks, so a node
+    /// with many limits does not hold the lock writers need for long.
+    pub fn limit_usages(&self) -> Vec<LimitUsage> {
+        const CHUNK: usize = 1024;
+        let now = self.now_ms();
+        let ids: Vec<String> = {
+            let state = self.shared.state.read();
+            state
+                .live_limit_ids()
+                .into_iter()
+                .map(str::to_string)
+                .collect()
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(CHUNK) {
+            let state = self.shared.state.read();
+            for id in chunk {
+                if let Some(v) = state.limit_view(id, now) {
+                    out.push(LimitUsage {
+                        id: id.clone(),
+                        metric: v.status.metric,
+                        used: v.status.used,
+                        max: v.status.max,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Per peer whose hellos this node merged: the gossip lag of the newest one (see
+    /// [`Metrics::gossip_lag_seconds`]), sorted by peer id; empty when not clustered.
+    pub fn gossip_lags(&self) -> Vec<(String, Duration)> {
+        let Some(c) = self.shared.cluster.get() else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, Duration)> = c
+            .hellos
+            .lock()
+            .iter()
+            .map(|(peer, h)| (peer.clone(), Duration::from_millis(h.lag_ms() as u64)))
+            .collect();
+        out.sort();
+        out
     }
 
     /// Up to `max` of the most recent denied checks, newest first (memory only, at most

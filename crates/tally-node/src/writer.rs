@@ -371,12 +371,8 @@ impl Group<'_> {
                 if let Some(slots) = published {
                     publish(self.shared, Publication::Slots(slots));
                 }
-                Metrics::add(&m.commits_total, 1);
+                m.commit_seconds.observe(started.elapsed());
                 Metrics::add(&m.commit_records_total, self.records as u64);
-                Metrics::add(
-                    &m.commit_seconds_micros_total,
-                    started.elapsed().as_micros() as u64,
-                );
                 for (reply, applied, records) in self.replies {
                     let n = applied.iter().filter(|a| a.applied).count() as u64;
                     Metrics::add(&m.records_applied_total, n);
@@ -1195,7 +1191,7 @@ fn apply_config(
 /// Hands durable changes to gossip, when the node is clustered.
 fn publish(shared: &Shared, p: Publication) {
     if let Some(c) = shared.cluster.get() {
-        c.outbox.push(p);
+        c.outbox.push(p, shared.clock.now_ms());
     }
 }
 
@@ -1334,7 +1330,14 @@ fn note_hellos(shared: &Shared, hellos: Vec<(String, i64)>) {
         let now = shared.clock.now_ms();
         let mut seen = c.hellos.lock();
         for (origin, wall_ms) in hellos {
-            seen.entry(origin).or_default().merge(wall_ms, now);
+            let h = seen.entry(origin).or_default();
+            if h.merge(wall_ms, now) {
+                let lag_ms = h.lag_ms() as u64;
+                shared
+                    .metrics
+                    .gossip_lag_seconds
+                    .observe(std::time::Duration::from_millis(lag_ms));
+            }
         }
     }
 }

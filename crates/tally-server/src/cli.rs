@@ -197,6 +197,11 @@ pub struct ServeArgs {
     /// creates; past it, new values share their rule's counter [default: 10000].
     #[arg(long, env = "TALLY_RLS_INSTANCES_MAX", value_name = "N")]
     pub rls_instances_max: Option<usize>,
+    /// Give the N limits closest to their max their own series in /metrics
+    /// (tally_limit_used, tally_limit_max) and count denials per limit for the first N
+    /// limits that deny; at most 10000 [default: 0, none].
+    #[arg(long, env = "TALLY_METRICS_LIMITS", value_name = "N")]
+    pub metrics_limits: Option<usize>,
     /// Read proxy access logs as syslog datagrams on ADDR (UDP) [default: off].
     #[arg(long, env = "TALLY_LOG_LISTEN_UDP", value_name = "ADDR")]
     pub log_listen_udp: Option<SocketAddr>,

@@ -46,6 +46,11 @@ pub const DEFAULT_QUEUE_WAIT_MS: u64 = 2_000;
 pub const DEFAULT_RLS_INSTANCES_MAX: usize = 10_000;
 /// Default time a node cut off from every peer stays ready.
 pub const DEFAULT_ISOLATED_UNREADY_SECS: u64 = 10;
+/// Default number of limits with their own series in /metrics: none (opt-in).
+pub const DEFAULT_METRICS_LIMITS: usize = 0;
+/// Most limits that may have their own series in /metrics: each costs 2 gauges and up to
+/// one denial counter, so a Prometheus scraping 10 000 of them stores about 30 000 series.
+pub const METRICS_LIMITS_MAX: usize = 10_000;
 
 /// Upper bounds on tuning values: far above any sensible setting, low enough that a typo
 /// (an extra few zeros) is reported instead of silently stalling or exhausting memory.
@@ -110,6 +115,8 @@ pub struct ServeConfig {
     pub rls_listen: Option<SocketAddr>,
     /// Most wildcard instances (limits per descriptor value) the RLS creates.
     pub rls_instances_max: usize,
+    /// Limits with their own `used`/`max` gauges and denial counter in /metrics; 0: none.
+    pub metrics_limits: usize,
     /// Syslog (UDP) address for proxy access logs; `None`: not read.
     pub log_listen_udp: Option<SocketAddr>,
     /// TCP address for proxy access logs (lines or syslog); `None`: not read.
@@ -144,6 +151,7 @@ impl fmt::Debug for ServeConfig {
             .field("log_format", &self.log_format)
             .field("rls_listen", &self.rls_listen)
             .field("rls_instances_max", &self.rls_instances_max)
+            .field("metrics_limits", &self.metrics_limits)
             .field("log_listen_udp", &self.log_listen_udp)
             .field("log_listen_tcp", &self.log_listen_tcp)
             .finish()
@@ -177,6 +185,7 @@ impl Default for ServeConfig {
             log_format: LogFormat::Text,
             rls_listen: None,
             rls_instances_max: DEFAULT_RLS_INSTANCES_MAX,
+            metrics_limits: DEFAULT_METRICS_LIMITS,
             log_listen_udp: None,
             log_listen_tcp: None,
         }
@@ -210,6 +219,7 @@ struct FileConfig {
     log_format: Option<String>,
     rls_listen: Option<String>,
     rls_instances_max: Option<usize>,
+    metrics_limits: Option<usize>,
     log_listen_udp: Option<String>,
     log_listen_tcp: Option<String>,
 }
@@ -425,6 +435,13 @@ impl ServeConfig {
             file.rls_instances_max,
             parse_number,
         )?;
+        let metrics_limits = pick(
+            "metrics_limits",
+            args.metrics_limits,
+            env,
+            file.metrics_limits,
+            parse_number,
+        )?;
         let log_listen_udp = pick(
             "log_listen_udp",
             args.log_listen_udp,
@@ -466,6 +483,7 @@ impl ServeConfig {
             log_format: log_format.unwrap_or(defaults.log_format),
             rls_listen,
             rls_instances_max: rls_instances_max.unwrap_or(defaults.rls_instances_max),
+            metrics_limits: metrics_limits.unwrap_or(defaults.metrics_limits),
             log_listen_udp,
             log_listen_tcp,
         };
@@ -556,6 +574,12 @@ impl ServeConfig {
             self.isolated_unready_secs,
             0,
             ISOLATED_UNREADY_SECS_MAX,
+        )?;
+        check_range(
+            "metrics_limits",
+            self.metrics_limits as u64,
+            0,
+            METRICS_LIMITS_MAX as u64,
         )?;
         if self.queue_records_max < self.batch_records_max {
             bail!(
@@ -950,6 +974,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(serve_node_config(&cfg).history_retention_ms, 2 * 86_400_000);
+    }
+
+    #[test]
+    fn metrics_limits_is_opt_in_and_capped() {
+        let d = ServeArgs::default();
+        let cfg = resolve(&d, &[], None).unwrap();
+        assert_eq!(cfg.metrics_limits, 0);
+        assert_eq!(serve_node_config(&cfg).denials_by_limit_max, 0);
+        let cfg = resolve(&d, &[], Some("metrics_limits = 50")).unwrap();
+        assert_eq!(cfg.metrics_limits, 50);
+        let cfg = resolve(
+            &d,
+            &[("TALLY_METRICS_LIMITS", "70")],
+            Some("metrics_limits = 50"),
+        )
+        .unwrap();
+        assert_eq!(cfg.metrics_limits, 70);
+        let flag = ServeArgs {
+            metrics_limits: Some(90),
+            ..ServeArgs::default()
+        };
+        let cfg = resolve(&flag, &[("TALLY_METRICS_LIMITS", "70")], None).unwrap();
+        assert_eq!(cfg.metrics_limits, 90);
+        assert_eq!(serve_node_config(&cfg).denials_by_limit_max, 90);
+        let e = err(&d, &[("TALLY_METRICS_LIMITS", "10001")], None);
+        assert!(
+            e.contains("metrics_limits = 10001 is out of range") && e.contains("--metrics-limits"),
+            "{e}"
+        );
     }
 
     fn serve_node_config(cfg: &ServeConfig) -> tally_node::NodeConfig {

@@ -23,6 +23,7 @@ use tally_node::{
 };
 
 use crate::json::Json;
+use crate::metrics::{Timed, Timing};
 
 /// Largest request body accepted (API.md: 1 MiB).
 pub const BODY_BYTES_MAX: usize = 1 << 20;
@@ -1313,9 +1314,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/entities/{dimension}/{value}",
             put(put_entity).get(get_entity).delete(delete_entity),
         )
-        .route("/v1/check", post(check))
-        .route("/v1/usage", post(usage))
-        .route("/v1/usage/batch", post(usage_batch))
+        .route("/v1/check", post(Timed::new(check, Timing::Check)))
+        .route("/v1/usage", post(Timed::new(usage, Timing::Record)))
+        .route(
+            "/v1/usage/batch",
+            post(Timed::new(usage_batch, Timing::RecordBatch)),
+        )
         .route("/v1/reservations/{id}", delete(cancel_reservation))
         .route("/v1/nodes/{id}/decommission", post(decommission_node))
         .merge(crate::proxies::routes())

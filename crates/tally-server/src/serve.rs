@@ -40,6 +40,7 @@ pub fn node_config(cfg: &ServeConfig) -> NodeConfig {
     n.batch_records_max = cfg.batch_records_max;
     n.queue_records_max = cfg.queue_records_max;
     n.queue_wait = Duration::from_millis(cfg.queue_wait_ms);
+    n.denials_by_limit_max = cfg.metrics_limits;
     n
 }
 
