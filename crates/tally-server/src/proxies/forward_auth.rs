@@ -25,12 +25,13 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
 use tally_core::units::{self, ATTRIBUTES_MAX, Micros};
 use tally_core::{Amounts, Metric};
 use tally_node::{LimitReport, UsageRecord};
 
-use crate::http::{ApiError, AppState, Role, authorize, check_attribute_pairs, check_id, cost};
+use crate::http::{
+    ApiError, AppState, Role, authorize, check_attribute_pairs, check_id, cost,
+};
 
 pub const ATTR_PREFIX: &str = "x-tally-attr-";
 pub const COST: &str = "x-tally-cost";
@@ -40,31 +41,7 @@ pub const DENY_STATUS: &str = "x-tally-deny-status";
 /// Status of a denial when the caller names none.
 pub const DENY_STATUS_DEFAULT: u16 = 429;
 
-/// One applicable limit, as in `/v1/check`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LimitView {
-    pub id: String,
-    pub metric: String,
-    /// USD for cost, a count otherwise.
-    pub used: f64,
-    pub max: f64,
-    pub remaining: f64,
-    /// RFC 3339, or null for a limit that never resets.
-    pub resets_at: Option<String>,
-}
-
-/// The body of every forward-auth answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ForwardAuthReply {
-    pub allowed: bool,
-    pub stale: bool,
-    pub denied_by: Vec<String>,
-    pub limits: Vec<LimitView>,
-    /// With `X-Tally-Record-Id` and allowed: whether the record was applied now (false:
-    /// its id was already applied). Absent otherwise.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub recorded: Option<bool>,
-}
+pub use tally_api::{ForwardAuthReply, LimitStatus};
 
 /// What the headers of a forward-auth request ask.
 #[derive(Debug, Clone, PartialEq)]
@@ -176,24 +153,11 @@ pub fn ask(headers: &HeaderMap, uri: &Uri) -> Result<Ask, ApiError> {
     })
 }
 
-fn amount(metric: Metric, v: u64) -> f64 {
-    match metric {
-        Metric::Cost => Micros(v).to_usd(),
-        _ => v as f64,
-    }
-}
-
 fn amount_text(metric: Metric, v: u64) -> String {
     match metric {
         Metric::Cost => Micros(v).to_string(),
         _ => v.to_string(),
     }
-}
-
-fn rfc3339(ms: i64) -> Option<String> {
-    jiff::Timestamp::from_millisecond(ms)
-        .ok()
-        .map(|t| t.to_string())
 }
 
 /// Seconds from `now_ms` until `at_ms`, rounded up.
@@ -237,17 +201,7 @@ pub async fn handle(
             .filter(|l| l.denied)
             .map(|l| l.id.clone())
             .collect(),
-        limits: limits
-            .iter()
-            .map(|l| LimitView {
-                id: l.id.clone(),
-                metric: l.metric.as_str().to_string(),
-                used: amount(l.metric, l.used),
-                max: amount(l.metric, l.max),
-                remaining: amount(l.metric, l.remaining),
-                resets_at: l.resets_at_ms.and_then(rfc3339),
-            })
-            .collect(),
+        limits: limits.iter().map(crate::http::limit_status).collect(),
         recorded,
     };
     let mut out = HeaderMap::new();
