@@ -25,6 +25,10 @@ use serde::{Deserialize, Serialize};
 pub const ATTRIBUTES_MAX: usize = 8;
 /// Most records in one `POST /v1/usage/batch`.
 pub const BATCH_RECORDS_MAX: usize = 1000;
+/// Most denials `GET /v1/denials` returns (the node's ring).
+pub const DENIALS_MAX: usize = 512;
+/// Most epochs one `GET /v1/limits/{id}/history` returns.
+pub const HISTORY_EPOCHS_MAX: usize = 1000;
 
 // ----- errors --------------------------------------------------------------------------
 
@@ -281,12 +285,42 @@ fn objects<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
     Vec::<Obj<T>>::deserialize(d).map(|v| v.into_iter().map(|o| o.0).collect())
 }
 
-fn is_false(b: &bool) -> bool {
-    !*b
-}
-
-fn utc() -> String {
-    "UTC".into()
+/// A whole number: JSON Schema's `integer` is any number without a fraction, so `650.0`
+/// is read as 650. Anything else is refused with serde's own message.
+fn whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct Visit;
+    impl<'de> serde::de::Visitor<'de> for Visit {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("u64")
+        }
+        fn visit_none<E>(self) -> Result<Option<u64>, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Option<u64>, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<u64>, D::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Option<u64>, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Option<u64>, E> {
+            u64::try_from(v)
+                .map(Some)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Option<u64>, E> {
+            // Below 2^64 and whole: exact as a u64.
+            if v.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&v) {
+                Ok(Some(v as u64))
+            } else {
+                Err(E::invalid_type(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    d.deserialize_option(Visit)
 }
 
 // ----- limits --------------------------------------------------------------------------
@@ -310,11 +344,11 @@ pub struct LimitRequest {
     #[schemars(schema_with = "period_schema")]
     pub period: String,
     /// Periods start at calendar boundaries of `timezone` (midnight, the 1st of the month).
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default)]
     pub calendar_aligned: bool,
-    /// An IANA time zone name.
-    #[serde(default = "utc")]
-    pub timezone: String,
+    /// An IANA time zone name (default `UTC`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
 }
 
 /// A limit as `GET /v1/limits/{id}` shows it.
@@ -420,7 +454,11 @@ pub struct CheckRequest<'a> {
     #[schemars(range(min = 0.0, max = 1e9))]
     pub cost: Option<f64>,
     /// Estimated tokens (default 0).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole"
+    )]
     #[schemars(range(max = 1_000_000_000_000_000_u64))]
     pub tokens: Option<u64>,
 }
@@ -463,11 +501,19 @@ pub struct UsageRequest<'a> {
     #[schemars(range(min = 0.0, max = 1e9))]
     pub cost: Option<f64>,
     /// Tokens (default 0).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole"
+    )]
     #[schemars(range(max = 1_000_000_000_000_000_u64))]
     pub tokens: Option<u64>,
     /// Requests (default 1).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole"
+    )]
     #[schemars(range(max = 1_000_000_000_000_000_u64))]
     pub requests: Option<u64>,
     /// When it happened, RFC 3339 (default now).
@@ -657,12 +703,18 @@ fn metric_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({"type": "string", "enum": ["cost", "tokens", "requests"]})
 }
 
+/// `never`, or a count of a unit up to a bound safely below the node's (100 years of the
+/// unit: `3155760000s`, `36525d`, `1200M`, `100Y`), without zero.
 fn period_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({"type": "string", "pattern": "^(never|[0-9]{1,9}[smhdwMY])$"})
+    schemars::json_schema!({
+        "type": "string",
+        "pattern": "^(never|0*[1-9][0-9]{0,8}s|0*[1-9][0-9]{0,6}m|0*[1-9][0-9]{0,4}h|0*[1-9][0-9]{0,3}d|0*[1-9][0-9]{0,2}[wM]|0*[1-9][0-9]?Y)$",
+        "description": "<n><s|m|h|d|w|M|Y> or never; at most 100 years of the unit."
+    })
 }
 
 fn time_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({"type": "string", "format": "date-time"})
+    schemars::json_schema!({"type": ["string", "null"], "format": "date-time"})
 }
 
 fn amount_in_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
@@ -684,13 +736,16 @@ mod tests {
             .unwrap();
         assert_eq!(j, "[1800,12.5,0.0]");
         let back: Vec<Amount> = serde_json::from_str(&j).unwrap();
-        assert_eq!(back, [Amount::Count(1800), Amount::Usd(12.5), Amount::Usd(0.0)]);
+        assert_eq!(
+            back,
+            [Amount::Count(1800), Amount::Usd(12.5), Amount::Usd(0.0)]
+        );
     }
 
     #[test]
     fn bodies_are_objects_only() {
-        let e = serde_json::from_str::<BatchRequest>(r#"{"records": [["a", {}, 0.5]]}"#)
-            .unwrap_err();
+        let e =
+            serde_json::from_str::<BatchRequest>(r#"{"records": [["a", {}, 0.5]]}"#).unwrap_err();
         assert!(e.to_string().contains("a JSON object"), "{e}");
         let b: BatchRequest = serde_json::from_str(r#"{"records": [{"id": "a"}]}"#).unwrap();
         assert_eq!(b.records[0].id, "a");

@@ -19,6 +19,9 @@ enum Auth {
     Admin,
 }
 
+/// Operations whose body may be left out (every field is optional; no lines).
+const EMPTY_BODY_OK: [&str; 4] = ["check", "resetLimit", "putEntity", "usageLogs"];
+
 /// What a request body is.
 enum Body {
     None,
@@ -160,7 +163,11 @@ pub fn document() -> Value {
     let limit_id = || path_param("id", "Limit id.", id_schema());
     let entity_params = || {
         vec![
-            path_param("dimension", "Attribute name.", json!({"type": "string", "pattern": NAME_PATTERN})),
+            path_param(
+                "dimension",
+                "Attribute name.",
+                json!({"type": "string", "pattern": NAME_PATTERN}),
+            ),
             path_param("value", "Attribute value.", reference("AttributeValue")),
         ]
     };
@@ -246,7 +253,7 @@ pub fn document() -> Value {
             params: vec![query_param(
                 "limit",
                 "How many (default 100).",
-                json!({"type": "integer", "minimum": 1, "maximum": 1000}),
+                json!({"type": "integer", "minimum": 1, "maximum": DENIALS_MAX}),
             )],
             body: Body::None,
             ok: ("application/json", reference("DenialsReply")),
@@ -329,9 +336,21 @@ pub fn document() -> Value {
             auth: Auth::Client,
             params: vec![
                 limit_id(),
-                query_param("since", "Epochs ending after this time.", json!({"type": "string", "format": "date-time"})),
-                query_param("until", "Epochs starting before this time.", json!({"type": "string", "format": "date-time"})),
-                query_param("limit", "Most epochs (default 100).", json!({"type": "integer", "minimum": 1, "maximum": 1000})),
+                query_param(
+                    "since",
+                    "Epochs ending after this time.",
+                    json!({"type": "string", "format": "date-time"}),
+                ),
+                query_param(
+                    "until",
+                    "Epochs starting before this time.",
+                    json!({"type": "string", "format": "date-time"}),
+                ),
+                query_param(
+                    "limit",
+                    "Most epochs (default 100).",
+                    json!({"type": "integer", "minimum": 1, "maximum": HISTORY_EPOCHS_MAX}),
+                ),
             ],
             body: Body::None,
             ok: ("application/json", reference("HistoryReply")),
@@ -448,7 +467,10 @@ pub fn document() -> Value {
             body: Body::None,
             ok: ("text/html", json!({"type": "string"})),
             errors: &[],
-            extra: vec![("304", json!({"description": "Not modified (If-None-Match matched the ETag)."}))],
+            extra: vec![(
+                "304",
+                json!({"description": "Not modified (If-None-Match matched the ETag)."}),
+            )],
         },
         Op {
             method: "get",
@@ -460,7 +482,10 @@ pub fn document() -> Value {
             body: Body::None,
             ok: ("*/*", json!({"type": "string"})),
             errors: &[404],
-            extra: vec![("304", json!({"description": "Not modified (If-None-Match matched the ETag)."}))],
+            extra: vec![(
+                "304",
+                json!({"description": "Not modified (If-None-Match matched the ETag)."}),
+            )],
         },
     ];
 
@@ -503,12 +528,15 @@ pub fn document() -> Value {
         }
         match op.body {
             Body::None => {}
+            // An empty body is read as `{}` (or no lines) where every field is optional.
             Body::Json(s) => {
-                o["requestBody"] = json!({"required": true,
+                let required = !EMPTY_BODY_OK.contains(&op.id);
+                o["requestBody"] = json!({"required": required,
                     "content": {"application/json": {"schema": s}}});
             }
             Body::Text(ct) => {
-                o["requestBody"] = json!({"required": true,
+                let required = !EMPTY_BODY_OK.contains(&op.id);
+                o["requestBody"] = json!({"required": required,
                     "content": {ct: {"schema": {"type": "string"}}}});
             }
         }
@@ -556,20 +584,32 @@ fn forward_auth_ops() -> Vec<Op> {
             json!({"name": "X-Tally-Record-Id", "in": "header", "required": false,
                    "description": "When allowed, also record the estimate as usage under this id.", "schema": id_schema()}),
             json!({"name": "X-Tally-Deny-Status", "in": "header", "required": false,
-                   "description": "Status of a denial (default 429).", "schema": {"type": "string", "pattern": "^[45][0-9][0-9]$"}}),
+                   "description": "Status of a denial (default 429).", "schema": {"type": "string", "pattern": "^4[0-9][0-9]$"}}),
             json!({"name": "deny_status", "in": "query", "required": false,
-                   "description": "Status of a denial (default 429).", "schema": {"type": "integer", "minimum": 400, "maximum": 599}}),
+                   "description": "Status of a denial (default 429); wins over the header.", "schema": {"type": "integer", "minimum": 400, "maximum": 499}}),
         ]
     };
     let denied = || {
         json!({"description": "Denied (the status asked for with X-Tally-Deny-Status or deny_status; 429 by default). The body is the same shape as an allowed answer.",
                "content": {"application/json": {"schema": reference("ForwardAuthReply")}}})
     };
+    // Envoy's HTTP ext_authz sends the original request's method, so every method is the
+    // same check.
+    const METHODS: [(&str, &str, &str); 8] = [
+        ("get", "forwardAuth", "forwardAuthPath"),
+        ("post", "forwardAuthPost", "forwardAuthPathPost"),
+        ("put", "forwardAuthPut", "forwardAuthPathPut"),
+        ("delete", "forwardAuthDelete", "forwardAuthPathDelete"),
+        ("patch", "forwardAuthPatch", "forwardAuthPathPatch"),
+        ("head", "forwardAuthHead", "forwardAuthPathHead"),
+        ("options", "forwardAuthOptions", "forwardAuthPathOptions"),
+        ("trace", "forwardAuthTrace", "forwardAuthPathTrace"),
+    ];
     let mk = |method, path, id, params: Vec<Value>| Op {
         method,
         path,
         id,
-        summary: "A check for proxies: attributes in X-Tally-Attr-<dimension> headers, estimates in X-Tally-Cost and X-Tally-Tokens.",
+        summary: "A check for proxies: attributes in X-Tally-Attr-<dimension> headers, estimates in X-Tally-Cost and X-Tally-Tokens. Any method.",
         auth: Auth::Client,
         params,
         body: Body::None,
@@ -589,16 +629,17 @@ fn forward_auth_ops() -> Vec<Op> {
         );
         p
     };
-    vec![
-        mk("get", "/v1/forward-auth", "forwardAuth", headers()),
-        mk("post", "/v1/forward-auth", "forwardAuthPost", headers()),
-        mk(
-            "get",
+    let mut ops = Vec::new();
+    for (method, id, path_id) in METHODS {
+        ops.push(mk(method, "/v1/forward-auth", id, headers()));
+        ops.push(mk(
+            method,
             "/v1/forward-auth/{original_path}",
-            "forwardAuthPath",
+            path_id,
             with_path(),
-        ),
-    ]
+        ));
+    }
+    ops
 }
 
 /// The document as committed in `docs/openapi.json`: pretty, with a final newline.

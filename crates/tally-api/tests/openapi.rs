@@ -25,7 +25,10 @@ fn committed_document_is_the_generated_one() {
 fn document_is_openapi_3_1_with_every_route() {
     let d = tally_api::openapi::document();
     assert_eq!(d["openapi"], "3.1.0");
-    assert_eq!(d["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    assert_eq!(
+        d["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
     let paths: Vec<&str> = d["paths"]
         .as_object()
         .unwrap()

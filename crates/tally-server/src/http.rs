@@ -27,6 +27,13 @@ use tally_node::{
 
 use crate::json::Json;
 
+// The wire schema's caps are the node's.
+const _: () = assert!(
+    tally_api::ATTRIBUTES_MAX == ATTRIBUTES_MAX
+        && tally_api::DENIALS_MAX == tally_node::DENIALS_MAX
+        && tally_api::HISTORY_EPOCHS_MAX == HISTORY_EPOCHS_MAX
+);
+
 /// Largest request body accepted (API.md: 1 MiB).
 pub const BODY_BYTES_MAX: usize = 1 << 20;
 /// Most records in one batch.
@@ -446,7 +453,7 @@ async fn put_limit(
         max,
         period,
         calendar_aligned: b.calendar_aligned,
-        timezone: b.timezone,
+        timezone: b.timezone.unwrap_or_else(|| "UTC".into()),
     };
     let d = s.node.put_limit(&id, input).await?;
     ok(view(&d))
@@ -466,11 +473,15 @@ async fn list_limits(State(s): App, headers: HeaderMap, uri: axum::http::Uri) ->
     let mut filter = Scope::new();
     if let Some(q) = uri.query() {
         for (k, v) in form_pairs(q)? {
-            let dim = k.strip_prefix("scope.").ok_or_else(|| {
-                ApiError::invalid(format!(
-                    "unknown query parameter {k:?}; filter with scope.<dimension>=<value>"
-                ))
-            })?;
+            // `scope.team=eng`, or OpenAPI's deepObject spelling `scope[team]=eng`.
+            let dim = k
+                .strip_prefix("scope.")
+                .or_else(|| k.strip_prefix("scope[").and_then(|d| d.strip_suffix(']')))
+                .ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "unknown query parameter {k:?}; filter with scope.<dimension>=<value>"
+                    ))
+                })?;
             units::validate_dimension(dim).map_err(|e| ApiError::invalid(e.to_string()))?;
             filter.insert(dim.to_string(), v);
         }
@@ -515,33 +526,33 @@ pub(crate) fn form_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
 const HISTORY_EPOCHS_DEFAULT: usize = 100;
 
 fn history_reply(id: String, h: LimitHistory) -> HistoryReply {
-        let m = h.metric;
-        let time = rfc3339;
-        HistoryReply {
-            id,
-            metric: m.as_str().to_string(),
-            epochs: h
-                .epochs
-                .into_iter()
-                .map(|e| HistoryEpoch {
-                    period_start: if h.never {
-                        None
-                    } else {
-                        time(e.period_start_ms)
-                    },
-                    period_end: e.period_end_ms.and_then(time),
-                    reset: e.epoch.reset.to_string(),
-                    current: e.current,
-                    used: amount(m, e.used),
-                    baseline: amount(m, e.baseline),
-                    nodes: e
-                        .nodes
-                        .into_iter()
-                        .map(|(n, v)| (n, amount(m, v)))
-                        .collect(),
-                })
-                .collect(),
-        }
+    let m = h.metric;
+    let time = rfc3339;
+    HistoryReply {
+        id,
+        metric: m.as_str().to_string(),
+        epochs: h
+            .epochs
+            .into_iter()
+            .map(|e| HistoryEpoch {
+                period_start: if h.never {
+                    None
+                } else {
+                    time(e.period_start_ms)
+                },
+                period_end: e.period_end_ms.and_then(time),
+                reset: e.epoch.reset.to_string(),
+                current: e.current,
+                used: amount(m, e.used),
+                baseline: amount(m, e.baseline),
+                nodes: e
+                    .nodes
+                    .into_iter()
+                    .map(|(n, v)| (n, amount(m, v)))
+                    .collect(),
+            })
+            .collect(),
+    }
 }
 
 /// `?since=RFC3339&until=RFC3339&limit=N`, each at most once.
@@ -914,6 +925,18 @@ async fn no_route(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!("no route for {method} {}", uri.path()))
 }
 
+/// A path that exists with a method it does not have: 405 (axum adds `Allow`).
+async fn no_method(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: "method_not_allowed",
+        message: format!(
+            "{} has no method {method}; the Allow header lists those it has",
+            uri.path()
+        ),
+    }
+}
+
 /// The router of API.md.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -939,6 +962,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(crate::proxies::routes())
         .merge(crate::ui::routes())
         .fallback(no_route)
-        .method_not_allowed_fallback(no_route)
+        .method_not_allowed_fallback(no_method)
         .with_state(state)
 }

@@ -197,17 +197,17 @@ async fn whoami(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Result<Re
 // ----- GET /v1/denials -----------------------------------------------------------------
 
 fn denial_view(d: Denial) -> DenialView {
-        DenialView {
-            seq: d.seq,
-            at: jiff::Timestamp::from_millisecond(d.at_ms)
-                .map(|t| t.to_string())
-                .unwrap_or_default(),
-            attributes: d.attributes.into_iter().collect(),
-            denied_by: d.denied_by,
-            denied_by_more: d.denied_by_more as u64,
-            cost: Micros(d.estimate.cost.0).to_usd(),
-            tokens: d.estimate.tokens,
-        }
+    DenialView {
+        seq: d.seq,
+        at: jiff::Timestamp::from_millisecond(d.at_ms)
+            .map(|t| t.to_string())
+            .unwrap_or_default(),
+        attributes: d.attributes.into_iter().collect(),
+        denied_by: d.denied_by,
+        denied_by_more: d.denied_by_more as u64,
+        cost: Micros(d.estimate.cost.0).to_usd(),
+        tokens: d.estimate.tokens,
+    }
 }
 
 async fn denials(

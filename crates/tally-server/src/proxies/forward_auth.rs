@@ -9,7 +9,7 @@
 //! - `X-Tally-Cost: <USD>`, `X-Tally-Tokens: <n>`: estimates, as in `/v1/check`.
 //! - `X-Tally-Record-Id: <id>`: when allowed, also record the estimate as usage under
 //!   this id (durably, once; for proxies that cannot report usage after the response).
-//! - `X-Tally-Deny-Status: <400..599>` or `?deny_status=`: the status of a denial
+//! - `X-Tally-Deny-Status: <400..499>` or `?deny_status=`: the status of a denial
 //!   (default 429). nginx's `auth_request` passes only 401 and 403 through (anything
 //!   else becomes a 500), so nginx asks for 403 and maps it back to 429 itself; Caddy,
 //!   Traefik and Envoy pass any status to the client.
@@ -29,9 +29,7 @@ use tally_core::units::{self, ATTRIBUTES_MAX, Micros};
 use tally_core::{Amounts, Metric};
 use tally_node::{LimitReport, UsageRecord};
 
-use crate::http::{
-    ApiError, AppState, Role, authorize, check_attribute_pairs, check_id, cost,
-};
+use crate::http::{ApiError, AppState, Role, authorize, check_attribute_pairs, check_id, cost};
 
 pub const ATTR_PREFIX: &str = "x-tally-attr-";
 pub const COST: &str = "x-tally-cost";
@@ -114,11 +112,12 @@ pub fn ask(headers: &HeaderMap, uri: &Uri) -> Result<Ask, ApiError> {
     if let Some(id) = &record_id {
         check_id(id, "X-Tally-Record-Id")?;
     }
-    let mut deny = one(headers, DENY_STATUS)?.map(str::to_string);
+    // Both are checked when both are given; the query wins.
+    let mut deny = one(headers, DENY_STATUS)?.map(deny_status).transpose()?;
     if let Some(q) = uri.query() {
         for (k, v) in crate::http::form_pairs(q)? {
             match k.as_str() {
-                "deny_status" => deny = Some(v),
+                "deny_status" => deny = Some(deny_status(&v)?),
                 _ => {
                     return Err(ApiError::invalid(format!(
                         "unknown query parameter {k:?}; only deny_status is read"
@@ -127,19 +126,8 @@ pub fn ask(headers: &HeaderMap, uri: &Uri) -> Result<Ask, ApiError> {
             }
         }
     }
-    let deny_status = match deny {
-        Some(d) => d
-            .parse::<u16>()
-            .ok()
-            .filter(|s| (400..=599).contains(s))
-            .and_then(|s| StatusCode::from_u16(s).ok())
-            .ok_or_else(|| {
-                ApiError::invalid(format!(
-                    "deny status {d:?} must be an HTTP status from 400 to 599"
-                ))
-            })?,
-        None => StatusCode::from_u16(DENY_STATUS_DEFAULT).expect("a valid status"),
-    };
+    let deny_status =
+        deny.unwrap_or_else(|| StatusCode::from_u16(DENY_STATUS_DEFAULT).expect("a valid status"));
     Ok(Ask {
         attributes,
         estimate: Amounts {
@@ -151,6 +139,20 @@ pub fn ask(headers: &HeaderMap, uri: &Uri) -> Result<Ask, ApiError> {
         record_id,
         deny_status,
     })
+}
+
+/// A denial's status: a client error (a denial is never the server failing, and a 5xx
+/// would make the proxy's and the client's monitoring page someone).
+fn deny_status(d: &str) -> Result<StatusCode, ApiError> {
+    d.parse::<u16>()
+        .ok()
+        .filter(|s| (400..=499).contains(s))
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "deny status {d:?} must be an HTTP status from 400 to 499"
+            ))
+        })
 }
 
 fn amount_text(metric: Metric, v: u64) -> String {
@@ -333,8 +335,14 @@ mod tests {
                 "more than once",
             ),
             (vec![("X-Tally-Record-Id", "a b")], "", "X-Tally-Record-Id"),
-            (vec![("X-Tally-Deny-Status", "200")], "", "400 to 599"),
-            (vec![], "?deny_status=99", "400 to 599"),
+            (vec![("X-Tally-Deny-Status", "200")], "", "400 to 499"),
+            (vec![], "?deny_status=99", "400 to 499"),
+            (vec![], "?deny_status=503", "400 to 499"),
+            (
+                vec![("X-Tally-Deny-Status", "{}")],
+                "?deny_status=403",
+                "400 to 499",
+            ),
             (vec![], "?other=1", "unknown query parameter"),
             (nine, "", "at most 8"),
         ] {
