@@ -508,11 +508,27 @@ pub fn document() -> Value {
         statuses.push(405);
         statuses.sort_unstable();
         statuses.dedup();
+        // Forward-auth answers a denial with the 4xx status the caller chose, so any 4xx
+        // of it may be an error or a denial.
+        let denies = op.path.starts_with("/v1/forward-auth");
         for s in statuses {
+            let schema = if denies && (400..500).contains(&s) {
+                json!({"anyOf": [reference("ErrorReply"), reference("ForwardAuthReply")]})
+            } else {
+                reference("ErrorReply")
+            };
+            let description = if denies && (400..500).contains(&s) {
+                format!(
+                    "{}; or a denial answered with this status",
+                    error_description(s)
+                )
+            } else {
+                error_description(s).to_string()
+            };
             responses.insert(
                 s.to_string(),
-                json!({"description": error_description(s),
-                       "content": {"application/json": {"schema": reference("ErrorReply")}}}),
+                json!({"description": description,
+                       "content": {"application/json": {"schema": schema}}}),
             );
         }
         for (k, v) in op.extra {
@@ -615,7 +631,7 @@ fn forward_auth_ops() -> Vec<Op> {
         body: Body::None,
         ok: ("application/json", reference("ForwardAuthReply")),
         errors: &[400, 503],
-        extra: vec![("4XX", denied()), ("5XX", denied())],
+        extra: vec![("4XX", denied())],
     };
     let with_path = || {
         let mut p = headers();
