@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Schemathesis (PyPI, pinned in requirements.txt, in a venv under target/) against the real
 # `tally` binary: a node on loopback with an admin and a client token and a temporary data
-# directory, tested from its own GET /openapi.json with the admin token. Every operation,
+# directory, tested from its own GET /openapi.json with the admin token. First the served
+# document is checked: the committed docs/openapi.json, valid OpenAPI 3.1
+# (openapi-spec-validator, pinned too). Every operation,
 # the examples, coverage, fuzzing (positive and negative data) and stateful phases, every
 # check. It fails on any 5xx, any response the document does not allow, any crash.
 #
@@ -20,6 +22,7 @@ if ! "$venv/bin/st" --version >/dev/null 2>&1 \
     cp tests/schemathesis/requirements.txt "$venv/requirements.txt"
 fi
 "$venv/bin/st" --version
+"$venv/bin/pip" show openapi-spec-validator | sed -n 's/^Version: /openapi-spec-validator /p'
 
 bin="${TALLY_BIN:-}"
 if [ -z "$bin" ]; then
@@ -52,6 +55,14 @@ for _ in $(seq 100); do
 done
 [ -n "$url" ] || { cat "$work/err"; echo "tally serve did not start"; exit 1; }
 echo "node at $url"
+
+# The served document is the committed one, and it is valid OpenAPI 3.1.
+"$venv/bin/python" -c 'import sys, urllib.request
+with urllib.request.urlopen(sys.argv[1]) as r, open(sys.argv[2], "wb") as f:
+    f.write(r.read())' "$url/openapi.json" "$work/openapi.json"
+cmp "$work/openapi.json" docs/openapi.json \
+    || { echo "GET /openapi.json differs from docs/openapi.json"; exit 1; }
+"$venv/bin/python" -m openapi_spec_validator "$work/openapi.json"
 
 status=0
 "$venv/bin/st" --config-file tests/schemathesis/schemathesis.toml run "$url/openapi.json" \
