@@ -4,6 +4,8 @@
 //! would, and names in a comment the DESIGN.md §3 invariants it checks.
 //!
 //! - `api`: the HTTP contract of API.md, bad input (I8) and auth.
+//! - `contract`: every reply read as its `tally_api` type and written back byte for byte;
+//!   `/openapi.json`; 405 for a method a path lacks (I8).
 //! - `cli`: the `tally` client commands against a node: tables, `--json`, exit codes.
 //! - `periods`: rolling and calendar-aligned periods, epochs of recorded events (I5).
 //! - `crash`: SIGKILL / SIGTERM under concurrent load (I1, I2, I3).
@@ -23,6 +25,7 @@
 mod api;
 mod cli;
 mod cluster;
+mod contract;
 mod crash;
 mod disk_full;
 mod hard;

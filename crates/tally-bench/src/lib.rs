@@ -4,7 +4,6 @@
 //!
 //! The library half is the floor's router, so tests can serve it on port 0.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -14,20 +13,10 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::Deserialize;
+use tally_api::{CheckRequest, ErrorReply};
 
 /// Largest body read, as tally (1 MiB).
 pub const BODY_BYTES_MAX: usize = 1 << 20;
-
-/// The body of tally's `POST /v1/check` (API.md), parsed as strictly as tally parses it.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CheckBody {
-    #[serde(default)]
-    pub attributes: BTreeMap<String, String>,
-    pub cost: Option<f64>,
-    pub tokens: Option<u64>,
-}
 
 /// What the floor counts.
 #[derive(Debug, Default)]
@@ -51,11 +40,11 @@ pub fn router(floor: Arc<Floor>) -> Router {
 }
 
 async fn check(State(floor): State<Arc<Floor>>, body: Bytes) -> Response {
-    let parsed: CheckBody = match serde_json::from_slice(&body) {
+    // tally's own body type, parsed as tally parses it (attributes borrowed).
+    let parsed: CheckRequest = match serde_json::from_slice(&body) {
         Ok(parsed) => parsed,
         Err(error) => {
-            let reply = serde_json::json!({"error": {"code": "invalid_argument",
-                                                      "message": error.to_string()}});
+            let reply = ErrorReply::new("invalid_argument", error.to_string());
             return (StatusCode::BAD_REQUEST, axum::Json(reply)).into_response();
         }
     };
@@ -65,7 +54,7 @@ async fn check(State(floor): State<Arc<Floor>>, body: Bytes) -> Response {
     let reply = format!(
         r#"{{"allowed":{},"checks":{seen},"attributes":{}}}"#,
         estimate >= 0.0,
-        parsed.attributes.len()
+        parsed.attributes.0.len()
     );
     ([(header::CONTENT_TYPE, "application/json")], reply).into_response()
 }

@@ -108,12 +108,9 @@ pub async fn probe_applicable_limits(target: &Target) -> anyhow::Result<usize> {
             String::from_utf8_lossy(&reply)
         );
     }
-    let reply: serde_json::Value =
-        serde_json::from_slice(&reply).context("probe check reply is not JSON")?;
-    let limits = reply["limits"]
-        .as_array()
-        .context("probe check reply has no \"limits\" array")?;
-    Ok(limits.len())
+    let reply: tally_api::CheckReply =
+        serde_json::from_slice(&reply).context("probe check reply is not a check reply")?;
+    Ok(reply.limits.len())
 }
 
 #[cfg(test)]
@@ -136,11 +133,26 @@ mod tests {
                 (StatusCode::OK, "{}".to_owned())
             } else {
                 assert_eq!(path, "/v1/check");
-                let limits = r#"{"id":"a"},{"id":"b"},{"id":"c"},{"id":"d"},{"id":"e"}"#;
-                (
-                    StatusCode::OK,
-                    format!(r#"{{"allowed":true,"limits":[{limits}]}}"#),
-                )
+                let status = |id: &str| tally_api::LimitStatus {
+                    id: id.to_owned(),
+                    metric: "cost".to_owned(),
+                    used: tally_api::Amount::Usd(0.0),
+                    max: tally_api::Amount::Usd(1.0),
+                    remaining: tally_api::Amount::Usd(1.0),
+                    resets_at: None,
+                    mode: None,
+                    free: None,
+                    reason: None,
+                    retry_after_ms: None,
+                };
+                let reply = tally_api::CheckReply {
+                    allowed: true,
+                    stale: false,
+                    denied_by: Vec::new(),
+                    limits: ["a", "b", "c", "d", "e"].map(status).to_vec(),
+                    reservation: None,
+                };
+                (StatusCode::OK, serde_json::to_string(&reply).unwrap())
             }
         })
         .await;

@@ -7,23 +7,25 @@
 //! rest of `--limits` with per-virtual-key limits on `vk-other-n`, which never match: they
 //! measure how the server's lookup copes with many limits it must *not* apply.
 //!
-//! Pure string building; no I/O. The JSON is formatted by hand because the record scenario
-//! builds one body per request on the hot path; the tests parse every shape back.
+//! Pure body building; no I/O. Every body is a type of `tally_api` serialised by serde;
+//! the tests parse every shape back.
+
+use std::borrow::Cow;
 
 use hyper::body::Bytes;
+use tally_api::{Attributes, CheckRequest, LimitRequest, UsageRequest};
 
 pub const PROVIDER: &str = "openai";
 pub const MODEL: &str = "gpt-4o";
 /// Cost and tokens of every generated check/usage: tiny, so limits never run out.
-const REQUEST_COST_USD: &str = "0.0001";
+const REQUEST_COST_USD: f64 = 0.0001;
 /// [`REQUEST_COST_USD`] in micro-USD, for the clients that send integers.
 pub const REQUEST_COST_MICROS: u64 = 100;
-const REQUEST_TOKENS: &str = "10";
-/// [`REQUEST_TOKENS`] as a number.
+/// Tokens of every generated check/usage.
 pub const REQUEST_TOKENS_COUNT: u64 = 10;
 /// `max` of every setup limit: 1e8 USD, far above anything a run can spend, so every check
 /// is allowed (a denial could take a different, cheaper path in the server).
-const LIMIT_MAX_USD: &str = "100000000.0";
+const LIMIT_MAX_USD: f64 = 100_000_000.0;
 /// [`LIMIT_MAX_USD`] in micro-USD (1e14, exact in a double, so Lua compares it exactly).
 pub const LIMIT_MAX_MICROS: u64 = 100_000_000_000_000;
 pub const LIMIT_PERIOD: &str = "1M";
@@ -40,23 +42,24 @@ pub fn key_for(connection: usize, n: u64, keys: usize) -> usize {
     ((connection as u64 + n) % keys as u64) as usize
 }
 
-pub fn attributes_json(key: usize) -> String {
-    format!(
-        r#"{{"virtual_key":"vk-{key}","team":"team-{key}","customer":"cust-{key}","provider":"{PROVIDER}","model":"{MODEL}"}}"#
-    )
+/// The attributes of key `key`, in the order they are sent.
+pub fn request_attributes(key: usize) -> Attributes<'static> {
+    attributes(key)
+        .into_iter()
+        .map(|(k, v)| (Cow::Borrowed(k), Cow::Owned(v)))
+        .collect()
 }
 
 /// The `POST /v1/check` body for `key`.
 pub fn check_body(key: usize) -> String {
-    let reserve = if hard() {
-        r#","reserve":true,"ttl_s":1"#
-    } else {
-        ""
-    };
-    format!(
-        r#"{{"attributes":{},"cost":{REQUEST_COST_USD},"tokens":{REQUEST_TOKENS}{reserve}}}"#,
-        attributes_json(key)
-    )
+    serde_json::to_string(&CheckRequest {
+        attributes: request_attributes(key),
+        cost: Some(REQUEST_COST_USD),
+        tokens: Some(REQUEST_TOKENS_COUNT),
+        reserve: hard(),
+        ttl_s: hard().then_some(1),
+    })
+    .expect("a check body serialises")
 }
 
 static HARD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -78,10 +81,16 @@ pub fn usage_id(connection: usize, n: u64, run_id: &str) -> String {
 
 /// The `POST /v1/usage` body.
 pub fn usage_body(id: &str, key: usize) -> String {
-    format!(
-        r#"{{"id":"{id}","attributes":{},"cost":{REQUEST_COST_USD},"tokens":{REQUEST_TOKENS}}}"#,
-        attributes_json(key)
-    )
+    serde_json::to_string(&UsageRequest {
+        id: id.to_owned(),
+        attributes: request_attributes(key),
+        cost: Some(REQUEST_COST_USD),
+        tokens: Some(REQUEST_TOKENS_COUNT),
+        requests: None,
+        at: None,
+        reservation: None,
+    })
+    .expect("a usage body serialises")
 }
 
 /// The bodies one connection sends, in order.
@@ -185,10 +194,17 @@ impl LimitPlan {
             dimension,
             value,
         } = self.parts(n);
-        let mode = if hard() { r#","mode":"hard""# } else { "" };
-        let body = format!(
-            r#"{{"scope":{{"{dimension}":"{value}"}},"metric":"cost","max":{LIMIT_MAX_USD},"period":"{LIMIT_PERIOD}"{mode}}}"#
-        );
+        let body = serde_json::to_string(&LimitRequest {
+            scope: [(dimension.to_owned(), value)].into(),
+            metric: "cost".into(),
+            max: serde_json::Number::from_f64(LIMIT_MAX_USD).expect("finite"),
+            period: LIMIT_PERIOD.into(),
+            calendar_aligned: false,
+            timezone: None,
+            mode: hard().then(|| "hard".to_string()),
+            members: None,
+        })
+        .expect("a limit body serialises");
         (id, body)
     }
 

@@ -1,5 +1,7 @@
-//! The client commands: turn parsed arguments into HTTP requests (API.md), send them to a
-//! node with ureq, and print the reply as a table or, with `--json`, as pretty JSON.
+//! The client commands: turn parsed arguments into HTTP requests (docs/API.md), send them
+//! to a node with ureq, and print the reply as a table or, with `--json`, as pretty JSON.
+//! Request bodies are built as, and replies read as, the types of `tally_api`: a reply
+//! that does not have its type's shape is an error, not a table of dashes.
 //!
 //! Building requests ([`plan`]) and rendering replies (`render_*`, [`Table`]) are pure
 //! functions, tested without a server; only [`Http::send`] does I/O. Errors are returned
@@ -9,8 +11,17 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use anyhow::{anyhow, bail};
-use serde_json::{Map, Value, json};
+use serde::Deserialize as _;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tally_api::{
+    Amount, Attributes, Balance, CheckReply, CheckRequest, ClusterReply, Decommissioned,
+    EntityRequest, EntityView, ErrorReply, HistoryReply, LimitList, LimitRequest, LimitStatus,
+    LimitView, MemberSpec, MemberWeight, ResetRequest, UsageReply, UsageRequest,
+};
 
 use crate::cli::{
     CheckArgs, ClientOpts, Command, Decimal, EntitiesArgs, EntitiesCommand, EntityRef, LimitPut,
@@ -74,13 +85,12 @@ impl Reply {
         (200..300).contains(&self.status)
     }
 
-    /// The error of a failed reply as `<code>: <message>` (API.md error shape), or the
+    /// The error of a failed reply as `<code>: <message>` (the API's error shape), or the
     /// status and body when the body has another shape.
     pub fn error(&self) -> anyhow::Error {
-        let err = &self.body["error"];
-        match (err["code"].as_str(), err["message"].as_str()) {
-            (Some(code), Some(message)) => anyhow!("{code}: {message}"),
-            _ => {
+        match ErrorReply::deserialize(&self.body) {
+            Ok(ErrorReply { error }) => anyhow!("{}: {}", error.code, error.message),
+            Err(_) => {
                 let text = match &self.body {
                     Value::String(s) => s.trim().to_owned(),
                     Value::Null => String::new(),
@@ -117,7 +127,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     if opts.json {
         println!("{}", pretty(&reply.body));
     } else {
-        print!("{}", render(&view, &reply.body));
+        print!("{}", render(&view, &reply.body)?);
     }
     Ok(())
 }
@@ -215,10 +225,9 @@ fn plan_limits(command: &LimitsCommand) -> anyhow::Result<(Request, View)> {
             View::Deleted(format!("limit {id}")),
         ),
         LimitsCommand::Reset { id, used } => {
-            let body = match used {
-                Some(used) => json!({ "used": decimal_json(used) }),
-                None => json!({}),
-            };
+            let body = to_json(&ResetRequest {
+                used: used.as_ref().map(decimal_json),
+            });
             (
                 Request {
                     method: Method::Post,
@@ -239,7 +248,9 @@ fn plan_entities(command: &EntitiesCommand) -> anyhow::Result<(Request, View)> {
             Request {
                 method: Method::Put,
                 path: path(entity),
-                body: Some(json!({ "parents": pairs_to_map("--parent", parents)? })),
+                body: Some(to_json(&EntityRequest {
+                    parents: pairs_to_map("--parent", parents)?,
+                })),
             },
             View::Entity,
         ),
@@ -255,13 +266,19 @@ fn plan_entities(command: &EntitiesCommand) -> anyhow::Result<(Request, View)> {
     })
 }
 
+/// A request body as the JSON it is sent as.
+fn to_json<T: serde::Serialize>(body: &T) -> Value {
+    serde_json::to_value(body).expect("a request body serialises")
+}
+
 /// The body of `PUT /v1/limits/{id}`: `max` is a JSON number of USD for cost and an exact
 /// JSON integer for tokens and requests.
 pub fn limit_put_body(put: &LimitPut) -> anyhow::Result<Value> {
     let max = match put.metric {
-        MetricArg::Cost => json!(put.max.value),
+        MetricArg::Cost => serde_json::Number::from_f64(put.max.value)
+            .ok_or_else(|| anyhow!("--max must be a finite number, got {}", put.max.text))?,
         metric => match put.max.as_whole() {
-            Some(n) => json!(n),
+            Some(n) => n.into(),
             None => bail!(
                 "--max for a {} limit must be a whole number, got {}",
                 metric.as_str(),
@@ -269,92 +286,89 @@ pub fn limit_put_body(put: &LimitPut) -> anyhow::Result<Value> {
             ),
         },
     };
-    let mut body = json!({
-        "scope": pairs_to_map("--scope", &put.scope)?,
-        "metric": put.metric.as_str(),
-        "max": max,
-        "period": put.period,
-        "calendar_aligned": put.calendar_aligned,
-    });
-    if let Some(tz) = &put.timezone {
-        body["timezone"] = json!(tz);
-    }
-    if let Some(mode) = put.mode {
-        body["mode"] = json!(match mode {
-            ModeArg::Soft => "soft",
-            ModeArg::Hard => "hard",
-        });
-    }
-    if !put.members.is_empty() {
-        body["members"] = put
-            .members
-            .iter()
-            .map(|(node, weight)| json!({"node": node, "weight": weight}))
-            .collect();
-    }
-    Ok(body)
+    Ok(to_json(&LimitRequest {
+        scope: pairs_to_map("--scope", &put.scope)?,
+        metric: put.metric.as_str().to_owned(),
+        max,
+        period: put.period.clone(),
+        calendar_aligned: put.calendar_aligned,
+        timezone: put.timezone.clone(),
+        mode: put.mode.map(|m| {
+            match m {
+                ModeArg::Soft => "soft",
+                ModeArg::Hard => "hard",
+            }
+            .to_owned()
+        }),
+        members: (!put.members.is_empty()).then(|| {
+            put.members
+                .iter()
+                .map(|(node, weight)| {
+                    MemberSpec::Weighted(MemberWeight {
+                        node: node.clone(),
+                        weight: *weight,
+                    })
+                })
+                .collect()
+        }),
+    }))
+}
+
+/// `--attr` pairs as request attributes.
+fn attributes(pairs: &[(String, String)]) -> anyhow::Result<Attributes<'static>> {
+    Ok(pairs_to_map("--attr", pairs)?.into_iter().collect())
 }
 
 /// `POST /v1/check`; estimates are sent only when given.
 pub fn check_request(args: &CheckArgs) -> anyhow::Result<Request> {
-    let mut body = json!({ "attributes": pairs_to_map("--attr", &args.attrs)? });
-    if let Some(cost) = &args.cost {
-        body["cost"] = json!(cost.value);
-    }
-    if let Some(tokens) = args.tokens {
-        body["tokens"] = json!(tokens);
-    }
-    if args.reserve {
-        body["reserve"] = json!(true);
-    }
-    if let Some(ttl) = args.ttl_s {
-        body["ttl_s"] = json!(ttl);
-    }
+    let body = CheckRequest {
+        attributes: attributes(&args.attrs)?,
+        cost: args.cost.as_ref().map(|c| c.value),
+        tokens: args.tokens,
+        reserve: args.reserve,
+        ttl_s: args.ttl_s,
+    };
     Ok(Request {
         method: Method::Post,
         path: "/v1/check".to_owned(),
-        body: Some(body),
+        body: Some(to_json(&body)),
     })
 }
 
 /// `POST /v1/usage`; amounts are sent only when given (the node applies its defaults).
 pub fn usage_request(args: &UsageArgs) -> anyhow::Result<Request> {
-    let mut body = json!({
-        "id": args.id,
-        "attributes": pairs_to_map("--attr", &args.attrs)?,
-    });
-    if let Some(cost) = &args.cost {
-        body["cost"] = json!(cost.value);
-    }
-    if let Some(tokens) = args.tokens {
-        body["tokens"] = json!(tokens);
-    }
-    if let Some(requests) = args.requests {
-        body["requests"] = json!(requests);
-    }
-    if let Some(r) = &args.reservation {
-        body["reservation"] = json!(r);
-    }
+    let body = UsageRequest {
+        id: args.id.clone(),
+        attributes: attributes(&args.attrs)?,
+        cost: args.cost.as_ref().map(|c| c.value),
+        tokens: args.tokens,
+        requests: args.requests,
+        at: None,
+        reservation: args.reservation.clone(),
+    };
     Ok(Request {
         method: Method::Post,
         path: "/v1/usage".to_owned(),
-        body: Some(body),
+        body: Some(to_json(&body)),
     })
 }
 
 /// Whole numbers go as JSON integers (exact for counts), others as JSON numbers.
-fn decimal_json(d: &Decimal) -> Value {
+fn decimal_json(d: &Decimal) -> serde_json::Number {
     match d.as_whole() {
-        Some(n) => json!(n),
-        None => json!(d.value),
+        Some(n) => n.into(),
+        None => serde_json::Number::from_f64(d.value).unwrap_or_else(|| 0.into()),
     }
 }
 
-/// `k=v` pairs as a JSON object; a key given twice is an error rather than a silent pick.
-fn pairs_to_map(flag: &str, pairs: &[(String, String)]) -> anyhow::Result<Map<String, Value>> {
-    let mut map = Map::new();
+/// `k=v` pairs as a map; a key given twice is an error rather than a silent pick.
+fn pairs_to_map(
+    flag: &str,
+    pairs: &[(String, String)],
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut map = BTreeMap::new();
     for (k, v) in pairs {
-        if map.insert(k.clone(), json!(v)).is_some() {
+        if map.insert(k.clone(), v.clone()).is_some() {
             bail!("{flag} {k}=… given twice: give each key once");
         }
     }
@@ -513,10 +527,14 @@ fn status(opts: &ClientOpts) -> anyhow::Result<()> {
         });
         println!("{}", pretty(&doc));
     } else {
-        let cluster_body = cluster.is_success().then_some(&cluster.body);
+        let cluster_body = if cluster.is_success() {
+            Some(typed::<ClusterReply>(&cluster.body, "cluster reply")?)
+        } else {
+            None
+        };
         print!(
             "{}",
-            render_status(&http.base, &health, &ready, cluster_body)
+            render_status(&http.base, &health, &ready, cluster_body.as_ref())
         );
     }
     if !cluster.is_success() {
@@ -532,22 +550,34 @@ fn pretty(v: &Value) -> String {
 // ---------------------------------------------------------------------------------------
 // Rendering (pure)
 
+/// A reply body read as its type; a node that sent another shape is an error.
+pub fn typed<T: DeserializeOwned>(body: &Value, what: &str) -> anyhow::Result<T> {
+    T::deserialize(body).map_err(|e| {
+        anyhow!(
+            "the node's reply is not a {what} ({e}): {}",
+            truncate(&body.to_string(), 200)
+        )
+    })
+}
+
 /// Renders a successful reply for a view.
-pub fn render(view: &View, body: &Value) -> String {
-    match view {
-        View::LimitList => render_limit_list(body),
-        View::Limit => render_limit(body),
-        View::History => render_history(body),
-        View::Entity => render_entity(body),
+pub fn render(view: &View, body: &Value) -> anyhow::Result<String> {
+    Ok(match view {
+        View::LimitList => render_limit_list(&typed(body, "limit list")?),
+        View::Limit => render_limit(&typed(body, "limit view")?),
+        View::History => render_history(&typed(body, "limit history")?),
+        View::Entity => render_entity(&typed(body, "entity")?),
         View::Deleted(what) => format!("deleted {what}\n"),
-        View::Check => render_check(body),
-        View::Usage => render_usage(body),
-        View::Decommissioned => format!(
-            "decommissioned {}: its unspent rights of hard limits pass to {}\n",
-            text(&body["node"]),
-            text(&body["successor"])
-        ),
-    }
+        View::Check => render_check(&typed(body, "check reply")?),
+        View::Usage => render_usage(&typed(body, "usage reply")?),
+        View::Decommissioned => {
+            let d: Decommissioned = typed(body, "decommission reply")?;
+            format!(
+                "decommissioned {}: its unspent rights of hard limits pass to {}\n",
+                d.node, d.successor
+            )
+        }
+    })
 }
 
 /// A text table: columns separated by two spaces, numbers right-aligned, no trailing
@@ -636,68 +666,53 @@ pub fn format_money(x: f64) -> String {
     }
 }
 
-/// An amount from a reply: integers as they are, other numbers via [`format_money`],
-/// missing or null as `-`.
-pub fn format_amount(v: &Value) -> String {
-    match v {
-        Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
-            (Some(u), _, _) => u.to_string(),
-            (_, Some(i), _) => i.to_string(),
-            (_, _, Some(f)) => format_money(f),
-            _ => n.to_string(),
-        },
-        other => text(other),
+/// An amount from a reply: counts as they are, USD via [`format_money`].
+/// A signed amount (free rights may be negative).
+pub fn format_balance(b: Balance) -> String {
+    match b {
+        Balance::Count(n) => n.to_string(),
+        Balance::Usd(x) if x < 0.0 => format!("-{}", format_money(-x)),
+        Balance::Usd(x) => format_money(x),
     }
 }
 
-/// A string field, or `-` when missing or null.
-fn text(v: &Value) -> String {
-    match v {
-        Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+pub fn format_amount(a: Amount) -> String {
+    match a {
+        Amount::Count(n) => n.to_string(),
+        Amount::Usd(x) => format_money(x),
     }
 }
 
-/// A scope or parents object as `k=v,k=v` (sorted by key); `{}` when empty (global).
-pub fn format_pairs(v: &Value) -> String {
-    match v.as_object() {
-        Some(map) if map.is_empty() => "{}".to_owned(),
-        Some(map) => {
-            let mut pairs: Vec<String> = map
-                .iter()
-                .map(|(k, v)| format!("{k}={}", text(v)))
-                .collect();
-            pairs.sort();
-            pairs.join(",")
-        }
-        None => text(v),
+/// An optional field (a time), or `-` when null.
+fn text(v: &Option<String>) -> String {
+    v.clone().unwrap_or_else(|| "-".to_owned())
+}
+
+/// A scope or parents map as `k=v,k=v` (sorted by key); `{}` when empty (global).
+pub fn format_pairs(map: &BTreeMap<String, String>) -> String {
+    if map.is_empty() {
+        return "{}".to_owned();
     }
+    let pairs: Vec<String> = map.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.join(",")
 }
 
 /// `1M`, or `1M cal` when calendar-aligned (with the zone when it is not UTC).
-fn format_period(limit: &Value) -> String {
-    let mut s = text(&limit["period"]);
-    if limit["calendar_aligned"].as_bool() == Some(true) {
+fn format_period(limit: &LimitView) -> String {
+    let mut s = limit.period.clone();
+    if limit.calendar_aligned {
         s.push_str(" cal");
-        match limit["timezone"].as_str() {
-            Some(tz) if tz != "UTC" => {
-                s.push(' ');
-                s.push_str(tz);
-            }
-            _ => {}
+        if limit.timezone != "UTC" {
+            s.push(' ');
+            s.push_str(&limit.timezone);
         }
     }
     s
 }
 
-fn array<'a>(v: &'a Value, key: &str) -> &'a [Value] {
-    v[key].as_array().map(Vec::as_slice).unwrap_or(&[])
-}
-
 /// `GET /v1/limits`.
-pub fn render_limit_list(body: &Value) -> String {
-    let limits = array(body, "limits");
+pub fn render_limit_list(body: &LimitList) -> String {
+    let limits = &body.limits;
     if limits.is_empty() {
         return "no limits\n".to_owned();
     }
@@ -713,14 +728,14 @@ pub fn render_limit_list(body: &Value) -> String {
     ]);
     for l in limits {
         table.row(vec![
-            text(&l["id"]),
-            format_pairs(&l["scope"]),
-            text(&l["metric"]),
-            format_amount(&l["used"]),
-            format_amount(&l["max"]),
-            format_amount(&l["remaining"]),
+            l.id.clone(),
+            format_pairs(&l.scope),
+            l.metric.clone(),
+            format_amount(l.used),
+            format_amount(l.max),
+            format_amount(l.remaining),
             format_period(l),
-            text(&l["resets_at"]),
+            text(&l.resets_at),
         ]);
     }
     table.render()
@@ -728,33 +743,29 @@ pub fn render_limit_list(body: &Value) -> String {
 
 /// `GET /v1/limits/{id}/history`: one row per epoch, newest first; `*` marks the
 /// current one.
-pub fn render_history(body: &Value) -> String {
-    let epochs = array(body, "epochs");
+pub fn render_history(body: &HistoryReply) -> String {
+    let epochs = &body.epochs;
     if epochs.is_empty() {
         return "no history\n".to_owned();
     }
     let mut table = Table::new(&["PERIOD_START", "PERIOD_END", ">USED", "NODES", "NOTE"]);
     for e in epochs {
-        let mut nodes: Vec<String> = e["nodes"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| format!("{k}={}", format_amount(v)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        nodes.sort();
+        let nodes: Vec<String> = e
+            .nodes
+            .iter()
+            .map(|(k, v)| format!("{k}={}", format_amount(*v)))
+            .collect();
         let mut note = Vec::new();
-        if e["current"].as_bool() == Some(true) {
+        if e.current {
             note.push("current".to_owned());
         }
-        if e["baseline"].as_f64().is_some_and(|b| b > 0.0) {
-            note.push(format!("baseline {}", format_amount(&e["baseline"])));
+        if e.baseline.as_f64() > 0.0 {
+            note.push(format!("baseline {}", format_amount(e.baseline)));
         }
         table.row(vec![
-            text(&e["period_start"]),
-            text(&e["period_end"]),
-            format_amount(&e["used"]),
+            text(&e.period_start),
+            text(&e.period_end),
+            format_amount(e.used),
             if nodes.is_empty() {
                 "-".to_owned()
             } else {
@@ -767,31 +778,30 @@ pub fn render_history(body: &Value) -> String {
 }
 
 /// One limit view (`GET`/`PUT /v1/limits/{id}`, reset), with usage per node.
-pub fn render_limit(l: &Value) -> String {
-    let mut period = text(&l["period"]);
-    if l["calendar_aligned"].as_bool() == Some(true) {
-        let tz = l["timezone"].as_str().unwrap_or("UTC");
-        let _ = write!(period, ", calendar-aligned in {tz}");
+pub fn render_limit(l: &LimitView) -> String {
+    let mut period = l.period.clone();
+    if l.calendar_aligned {
+        let _ = write!(period, ", calendar-aligned in {}", l.timezone);
     }
     let mut kv = Table::headless(2);
     for (key, value) in [
-        ("id", text(&l["id"])),
-        ("scope", format_pairs(&l["scope"])),
-        ("metric", text(&l["metric"])),
-        ("max", format_amount(&l["max"])),
-        ("used", format_amount(&l["used"])),
-        ("remaining", format_amount(&l["remaining"])),
+        ("id", l.id.clone()),
+        ("scope", format_pairs(&l.scope)),
+        ("metric", l.metric.clone()),
+        ("max", format_amount(l.max)),
+        ("used", format_amount(l.used)),
+        ("remaining", format_amount(l.remaining)),
         ("period", period),
-        ("period_start", text(&l["period_start"])),
-        ("resets_at", text(&l["resets_at"])),
+        ("period_start", text(&l.period_start)),
+        ("resets_at", text(&l.resets_at)),
     ] {
         kv.row(vec![key.to_owned(), value]);
     }
-    if l["mode"].as_str() == Some("hard") {
+    if l.mode.as_deref() == Some("hard") {
         kv.row(vec!["mode".to_owned(), "hard".to_owned()]);
     }
     let mut out = kv.render();
-    if let Some(rights) = l["rights"].as_object().filter(|n| !n.is_empty()) {
+    if let Some(rights) = l.rights.as_ref().filter(|n| !n.is_empty()) {
         let mut table = Table::new(&[
             "NODE",
             ">ALLOCATED",
@@ -802,24 +812,24 @@ pub fn render_limit(l: &Value) -> String {
         ]);
         for (node, r) in rights {
             let mut name = node.clone();
-            if r["decommissioned"].as_bool() == Some(true) {
+            if r.decommissioned {
                 name.push_str(" (decommissioned)");
             }
             table.row(vec![
                 name,
-                format_amount(&r["allocated"]),
-                format_amount(&r["received"]),
-                format_amount(&r["given"]),
-                format_amount(&r["used"]),
-                format_amount(&r["free"]),
+                format_amount(r.allocated),
+                format_amount(r.received),
+                format_amount(r.given),
+                format_amount(r.used),
+                format_balance(r.free),
             ]);
         }
         out.push('\n');
         out.push_str(&table.render());
-    } else if let Some(nodes) = l["nodes"].as_object().filter(|n| !n.is_empty()) {
+    } else if !l.nodes.is_empty() {
         let mut table = Table::new(&["NODE", ">USED"]);
-        for (node, used) in nodes {
-            table.row(vec![node.clone(), format_amount(used)]);
+        for (node, used) in &l.nodes {
+            table.row(vec![node.clone(), format_amount(*used)]);
         }
         out.push('\n');
         out.push_str(&table.render());
@@ -828,22 +838,23 @@ pub fn render_limit(l: &Value) -> String {
 }
 
 /// An entity (`{"dimension", "value", "parents"}`).
-pub fn render_entity(e: &Value) -> String {
+pub fn render_entity(e: &EntityView) -> String {
     let mut kv = Table::headless(2);
     kv.row(vec![
         "entity".to_owned(),
-        format!("{}/{}", text(&e["dimension"]), text(&e["value"])),
+        format!("{}/{}", e.dimension, e.value),
     ]);
-    let parents = match e["parents"].as_object() {
-        Some(p) if p.is_empty() => "-".to_owned(),
-        _ => format_pairs(&e["parents"]),
+    let parents = if e.parents.is_empty() {
+        "-".to_owned()
+    } else {
+        format_pairs(&e.parents)
     };
     kv.row(vec!["parents".to_owned(), parents]);
     kv.render()
 }
 
 /// The limits of a check or usage reply; `*` marks the ones in `denied`.
-fn limit_status_table(limits: &[Value], denied: Option<&[Value]>) -> String {
+fn limit_status_table(limits: &[LimitStatus], denied: Option<&[String]>) -> String {
     if limits.is_empty() {
         return "no limits apply\n".to_owned();
     }
@@ -854,15 +865,15 @@ fn limit_status_table(limits: &[Value], denied: Option<&[Value]>) -> String {
     let mut table = Table::new(&headers);
     for l in limits {
         let mut row = vec![
-            text(&l["id"]),
-            text(&l["metric"]),
-            format_amount(&l["used"]),
-            format_amount(&l["max"]),
-            format_amount(&l["remaining"]),
-            text(&l["resets_at"]),
+            l.id.clone(),
+            l.metric.clone(),
+            format_amount(l.used),
+            format_amount(l.max),
+            format_amount(l.remaining),
+            text(&l.resets_at),
         ];
         if let Some(denied) = denied {
-            let mark = if denied.contains(&l["id"]) { "*" } else { "" };
+            let mark = if denied.contains(&l.id) { "*" } else { "" };
             row.insert(0, mark.to_owned());
         }
         table.row(row);
@@ -871,29 +882,23 @@ fn limit_status_table(limits: &[Value], denied: Option<&[Value]>) -> String {
 }
 
 /// `POST /v1/check`: the verdict, then every applicable limit, `*` on the denying ones.
-pub fn render_check(body: &Value) -> String {
-    let denied = array(body, "denied_by");
-    let mut out = if body["allowed"].as_bool() == Some(true) {
+pub fn render_check(body: &CheckReply) -> String {
+    let mut out = if body.allowed {
         "ALLOWED".to_owned()
     } else {
-        let ids: Vec<String> = denied.iter().map(text).collect();
-        format!("DENIED by {}", ids.join(", "))
+        format!("DENIED by {}", body.denied_by.join(", "))
     };
-    if body["stale"].as_bool() == Some(true) {
+    if body.stale {
         out.push_str(" (stale: the node has not caught up with its peers yet)");
     }
     out.push('\n');
-    if let Some(id) = body["reservation"]["id"].as_str() {
-        let _ = writeln!(
-            out,
-            "reservation {id} until {}",
-            text(&body["reservation"]["expires_at"])
-        );
+    if let Some(r) = &body.reservation {
+        let _ = writeln!(out, "reservation {} until {}", r.id, r.expires_at);
     }
-    for l in array(body, "limits") {
-        if let Some(reason) = l["reason"].as_str() {
-            let retry = l["retry_after_ms"]
-                .as_u64()
+    for l in &body.limits {
+        if let Some(Some(reason)) = &l.reason {
+            let retry = l
+                .retry_after_ms
                 .map(|ms| format!("; retry in {ms} ms"))
                 .unwrap_or_default();
             let why = if reason == "rights" {
@@ -901,43 +906,48 @@ pub fn render_check(body: &Value) -> String {
             } else {
                 "the budget is spent"
             };
-            let _ = writeln!(out, "{}: {why}{retry}", text(&l["id"]));
+            let _ = writeln!(out, "{}: {why}{retry}", l.id);
         }
     }
-    out.push_str(&limit_status_table(array(body, "limits"), Some(denied)));
+    out.push_str(&limit_status_table(&body.limits, Some(&body.denied_by)));
     out
 }
 
 /// `POST /v1/usage`.
-pub fn render_usage(body: &Value) -> String {
-    let mut out = if body["applied"].as_bool() == Some(true) {
+pub fn render_usage(body: &UsageReply) -> String {
+    let mut out = if body.applied {
         "applied\n".to_owned()
     } else {
         "not applied: this id was already recorded on this node\n".to_owned()
     };
-    if let Some(over) = body["overrun"].as_object() {
+    if let Some(over) = &body.overrun {
         for (id, v) in over {
             let _ = writeln!(
                 out,
                 "overrun on hard limit {id}: {} beyond the rights this node held",
-                format_amount(v)
+                format_amount(*v)
             );
         }
     }
-    out.push_str(&limit_status_table(array(body, "limits"), None));
+    out.push_str(&limit_status_table(&body.limits, None));
     out
 }
 
 /// `tally status`: health, readiness, then the cluster's nodes (`cluster` is `None` when
 /// that request failed; the caller reports the error).
-pub fn render_status(url: &str, health: &Reply, ready: &Reply, cluster: Option<&Value>) -> String {
+pub fn render_status(
+    url: &str,
+    health: &Reply,
+    ready: &Reply,
+    cluster: Option<&ClusterReply>,
+) -> String {
     let describe = |r: &Reply, ok: &str| {
         if r.is_success() {
             ok.to_owned()
         } else {
-            let why = r.body["error"]["message"]
-                .as_str()
-                .map(str::to_owned)
+            let why = ErrorReply::deserialize(&r.body)
+                .map(|e| e.error.message)
+                .ok()
                 .or_else(|| r.body.as_str().map(|s| truncate(s.trim(), 200)))
                 .unwrap_or_default();
             if why.is_empty() {
@@ -950,30 +960,25 @@ pub fn render_status(url: &str, health: &Reply, ready: &Reply, cluster: Option<&
     let mut kv = Table::headless(2);
     kv.row(vec!["url".to_owned(), url.to_owned()]);
     if let Some(c) = cluster {
-        kv.row(vec!["node".to_owned(), text(&c["node_id"])]);
+        kv.row(vec!["node".to_owned(), c.node_id.clone()]);
     }
     kv.row(vec!["healthy".to_owned(), describe(health, "yes")]);
     kv.row(vec!["ready".to_owned(), describe(ready, "yes")]);
     let mut out = kv.render();
     if let Some(c) = cluster {
-        let nodes = array(c, "nodes");
-        if !nodes.is_empty() {
+        if !c.nodes.is_empty() {
             let mut table = Table::new(&["NODE_ID", "GOSSIP_ADDR", "LIVE", ">GENERATION"]);
-            for n in nodes {
-                let mut id = text(&n["node_id"]);
-                if n["node_id"] == c["node_id"] {
+            for n in &c.nodes {
+                let mut id = n.node_id.clone();
+                if n.node_id == c.node_id {
                     id.push_str(" (this)");
                 }
-                let live = match n["live"].as_bool() {
-                    Some(true) => "yes",
-                    Some(false) => "no",
-                    None => "-",
-                };
+                let live = if n.live { "yes" } else { "no" };
                 table.row(vec![
                     id,
-                    text(&n["gossip_addr"]),
+                    text(&n.gossip_addr),
                     live.to_owned(),
-                    format_amount(&n["generation"]),
+                    n.generation.to_string(),
                 ]);
             }
             out.push('\n');
@@ -1006,6 +1011,11 @@ mod tests {
         plan(&command(args)).map(|(_, request, _)| request)
     }
 
+    /// A reply body as its type.
+    fn v<T: DeserializeOwned>(j: Value) -> T {
+        serde_json::from_value(j).unwrap()
+    }
+
     #[test]
     fn money() {
         for (x, want) in [
@@ -1022,9 +1032,10 @@ mod tests {
         ] {
             assert_eq!(format_money(x), want, "{x}");
         }
-        assert_eq!(format_amount(&json!(1500)), "1500");
-        assert_eq!(format_amount(&json!(87.5)), "87.5");
-        assert_eq!(format_amount(&Value::Null), "-");
+        assert_eq!(format_amount(v(json!(1500))), "1500");
+        assert_eq!(format_amount(v(json!(87.5))), "87.5");
+        assert_eq!(format_amount(v(json!(0.0))), "0");
+        assert_eq!(text(&None), "-");
     }
 
     #[test]
@@ -1073,37 +1084,44 @@ mod tests {
              "nodes": {"n1": 12.5}},
         ]});
         assert_eq!(
-            render_history(&body),
+            render_history(&v(body)),
             "\
 PERIOD_START          PERIOD_END            USED  NODES        NOTE
 2026-12-01T00:00:00Z  2027-01-01T00:00:00Z  41.5  n1=0.5,n2=1  current, baseline 40
 2026-11-01T00:00:00Z  2026-12-01T00:00:00Z  12.5  n1=12.5
 "
         );
-        assert_eq!(render_history(&json!({"epochs": []})), "no history\n");
+        assert_eq!(
+            render_history(&v(json!({"id": "b", "metric": "cost", "epochs": []}))),
+            "no history\n"
+        );
+        // A reply of another shape is an error, not a table of dashes.
+        let e = render(&View::History, &json!({"epochs": []})).unwrap_err();
+        assert!(e.to_string().contains("not a limit history"), "{e}");
     }
 
     #[test]
     fn limit_list() {
         let tokens = json!({"id": "global-tokens", "scope": {}, "metric": "tokens",
             "max": 1000000, "period": "1d", "calendar_aligned": false, "timezone": "UTC",
-            "used": 1500, "remaining": 998500, "resets_at": null});
+            "used": 1500, "remaining": 998500, "period_start": null, "resets_at": null,
+            "nodes": {}});
         let body = json!({"limits": [limit_view(), tokens]});
         assert_eq!(
-            render_limit_list(&body),
+            render_limit_list(&v(body)),
             "\
 ID                SCOPE     METRIC  USED      MAX  REMAINING  PERIOD  RESETS_AT
 team-eng-monthly  team=eng  cost    12.5      100       87.5  1M cal  2026-12-01T00:00:00Z
 global-tokens     {}        tokens  1500  1000000     998500  1d      -
 "
         );
-        assert_eq!(render_limit_list(&json!({"limits": []})), "no limits\n");
+        assert_eq!(render_limit_list(&v(json!({"limits": []}))), "no limits\n");
     }
 
     #[test]
     fn limit_detail() {
         assert_eq!(
-            render_limit(&limit_view()),
+            render_limit(&v(limit_view())),
             "\
 id            team-eng-monthly
 scope         team=eng
@@ -1132,7 +1150,7 @@ n2     2.5
                 {"id": "vk-rpm", "metric": "requests", "used": 3, "max": 60,
                  "remaining": 57, "resets_at": "2026-11-22T06:01:00Z"}]});
         assert_eq!(
-            render_check(&body),
+            render_check(&v(body)),
             "\
 DENIED by team-eng-monthly
    ID                METRIC    USED  MAX  REMAINING  RESETS_AT
@@ -1142,7 +1160,7 @@ DENIED by team-eng-monthly
         );
         let ok = json!({"allowed": true, "stale": true, "denied_by": [], "limits": []});
         assert_eq!(
-            render_check(&ok),
+            render_check(&v(ok)),
             "ALLOWED (stale: the node has not caught up with its peers yet)\nno limits apply\n"
         );
     }
@@ -1152,7 +1170,7 @@ DENIED by team-eng-monthly
         let body = json!({"applied": false, "limits": [{"id": "l", "metric": "cost",
             "used": 0.0123, "max": 1.0, "remaining": 0.9877, "resets_at": null}]});
         assert_eq!(
-            render_usage(&body),
+            render_usage(&v(body)),
             "\
 not applied: this id was already recorded on this node
 ID  METRIC    USED  MAX  REMAINING  RESETS_AT
@@ -1161,7 +1179,7 @@ l   cost    0.0123    1     0.9877  -
         );
         let e = json!({"dimension": "virtual_key", "value": "vk-1", "parents": {"team": "eng"}});
         assert_eq!(
-            render_entity(&e),
+            render_entity(&v(e)),
             "entity   virtual_key/vk-1\nparents  team=eng\n"
         );
     }
@@ -1180,7 +1198,7 @@ l   cost    0.0123    1     0.9877  -
             {"node_id": "n1", "gossip_addr": "10.0.0.1:7071", "live": true, "generation": 17},
             {"node_id": "n2", "gossip_addr": "10.0.0.2:7071", "live": false, "generation": 3}]});
         assert_eq!(
-            render_status("http://x:7070", &ok, &not_ready, Some(&cluster)),
+            render_status("http://x:7070", &ok, &not_ready, Some(&v(cluster))),
             "\
 url      http://x:7070
 node     n1
@@ -1311,7 +1329,10 @@ n2         10.0.0.2:7071  no             3
             json!({"id": "req-7f3a", "attributes": {"virtual_key": "vk-1"},
                    "cost": 0.0123, "tokens": 1800})
         );
-        assert_eq!(decimal_json(&parse_decimal("0.5").unwrap()), json!(0.5));
+        assert_eq!(
+            Value::Number(decimal_json(&parse_decimal("0.5").unwrap())),
+            json!(0.5)
+        );
     }
 
     #[test]

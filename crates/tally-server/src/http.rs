@@ -2,7 +2,6 @@
 //! shape. Handlers validate everything before touching the node, so bad input changes
 //! nothing (I8); the node does the rest.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -12,9 +11,14 @@ use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use tally_api::{
+    Amount, Attributes, Balance, BatchReply, BatchRequest, BatchResult, CheckRequest, ClusterReply,
+    DecommissionRequest, Decommissioned, Deleted, EntityRequest, EntityView, ErrorReply, Health,
+    HistoryEpoch, HistoryReply, LimitList, LimitRequest, LimitView, Member, MemberSpec,
+    MemberWeight, Obj, Ready, Released, Reservation, ResetRequest, RightsView, UsageRequest,
+};
 use tally_core::units::{self, ATTRIBUTES_MAX, Micros};
 use tally_core::{Amounts, LimitInput, Metric, Mode, Period, Scope};
 use tally_node::{
@@ -25,10 +29,17 @@ use tally_node::{
 use crate::json::Json;
 use crate::metrics::{Timed, Timing};
 
+// The wire schema's caps are the node's.
+const _: () = assert!(
+    tally_api::ATTRIBUTES_MAX == ATTRIBUTES_MAX
+        && tally_api::DENIALS_MAX == tally_node::DENIALS_MAX
+        && tally_api::HISTORY_EPOCHS_MAX == HISTORY_EPOCHS_MAX
+);
+
 /// Largest request body accepted (API.md: 1 MiB).
 pub const BODY_BYTES_MAX: usize = 1 << 20;
 /// Most records in one batch.
-pub const BATCH_RECORDS_MAX: usize = 1000;
+pub const BATCH_RECORDS_MAX: usize = tally_api::BATCH_RECORDS_MAX;
 
 /// Who may do what.
 #[derive(Clone, Debug, Default)]
@@ -83,7 +94,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let body = ErrorReply::new(self.code, self.message);
         (self.status, axum::Json(body)).into_response()
     }
 }
@@ -106,7 +117,7 @@ impl From<NodeError> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-fn ok(v: Value) -> ApiResult {
+fn ok<T: serde::Serialize>(v: T) -> ApiResult {
     Ok(axum::Json(v).into_response())
 }
 
@@ -220,54 +231,6 @@ fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
         .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
 }
 
-/// A JSON object read as `T`. serde's derived struct visitors also take a JSON array as
-/// the fields in declaration order, so `["id-1",{},0.5,5,1,null]` would be read as a usage
-/// record. Bodies are objects only (I8): `T` is read through `deserialize_map`, which
-/// refuses anything but an object before looking inside it.
-struct Obj<T>(T);
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit<T>(std::marker::PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
-            type Value = T;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<M: serde::de::MapAccess<'de>>(self, m: M) -> Result<T, M::Error> {
-                T::deserialize(serde::de::value::MapAccessDeserializer::new(m))
-            }
-        }
-        d.deserialize_map(Visit(std::marker::PhantomData)).map(Obj)
-    }
-}
-
-/// A scope-like map (`scope`, `parents`) of at most [`ATTRIBUTES_MAX`] entries, refused
-/// as soon as it grows past the cap: a body of 1 MiB can hold ~80 000 names, and reading
-/// them all before refusing costs far more than the request is worth.
-fn bounded_scope<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Scope, D::Error> {
-    struct Visit;
-    impl<'de> serde::de::Visitor<'de> for Visit {
-        type Value = Scope;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a map of dimension names to string values")
-        }
-        fn visit_map<M: serde::de::MapAccess<'de>>(self, mut m: M) -> Result<Scope, M::Error> {
-            let mut out = Scope::new();
-            while let Some((k, v)) = m.next_entry::<String, String>()? {
-                out.insert(k, v);
-                if out.len() > ATTRIBUTES_MAX {
-                    return Err(serde::de::Error::custom(format_args!(
-                        "more than {ATTRIBUTES_MAX} entries; at most {ATTRIBUTES_MAX} are allowed"
-                    )));
-                }
-            }
-            Ok(out)
-        }
-    }
-    d.deserialize_map(Visit)
-}
-
 /// Path parameters, with API.md's error shape on failure.
 pub struct Params<T>(T);
 
@@ -333,18 +296,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 // ----- JSON shapes -------------------------------------------------------------------
 
-fn rfc3339(ms: i64) -> Value {
-    match jiff::Timestamp::from_millisecond(ms) {
-        Ok(t) => Value::String(t.to_string()),
-        Err(_) => Value::Null,
-    }
+pub(crate) fn rfc3339(ms: i64) -> Option<String> {
+    jiff::Timestamp::from_millisecond(ms)
+        .ok()
+        .map(|t| t.to_string())
 }
 
-fn amount(metric: Metric, v: u64) -> Value {
-    match metric {
-        Metric::Cost => json!(Micros(v).to_usd()),
-        _ => json!(v),
-    }
+/// A metric amount in the limit's units: USD for cost, a count otherwise.
+pub(crate) fn amount(metric: Metric, v: u64) -> Amount {
+    Amount::of(metric == Metric::Cost, v)
 }
 
 /// The `limits` array of check and usage replies (API.md), written directly.
@@ -394,66 +354,61 @@ fn json_reply(j: Json) -> ApiResult {
     Ok(([(header::CONTENT_TYPE, "application/json")], j.into_bytes()).into_response())
 }
 
-fn view_json(d: &LimitDetails) -> Value {
+fn view(d: &LimitDetails) -> LimitView {
     let m = d.input.metric;
     let never = d.input.period == Period::Never;
-    let nodes: serde_json::Map<String, Value> = d
-        .nodes
-        .iter()
-        .map(|(n, v)| (n.clone(), amount(m, *v)))
-        .collect();
-    let mut v = json!({
-        "id": d.report.id,
-        "scope": d.input.scope,
-        "metric": m.as_str(),
-        "max": amount(m, d.input.max),
-        "period": d.input.period.to_string(),
-        "calendar_aligned": d.input.calendar_aligned,
-        "timezone": d.input.timezone,
-        "used": amount(m, d.report.used),
-        "remaining": amount(m, d.report.remaining),
-        "period_start": if never { Value::Null } else { rfc3339(d.report.period_start_ms) },
-        "resets_at": d.report.resets_at_ms.map_or(Value::Null, rfc3339),
-        "nodes": nodes,
-    });
-    if d.input.mode == Mode::Hard {
+    let hard = d.input.mode == Mode::Hard;
+    LimitView {
+        calendar_aligned: d.input.calendar_aligned,
+        id: d.report.id.clone(),
+        max: amount(m, d.input.max),
+        members: hard.then(|| {
+            d.input
+                .members
+                .iter()
+                .map(|mb| MemberWeight {
+                    node: mb.node.clone(),
+                    weight: mb.weight,
+                })
+                .collect()
+        }),
+        metric: m.as_str().to_string(),
+        mode: hard.then(|| "hard".to_string()),
+        nodes: d
+            .nodes
+            .iter()
+            .map(|(n, v)| (n.clone(), amount(m, *v)))
+            .collect(),
+        period: d.input.period.to_string(),
+        period_start: if never {
+            None
+        } else {
+            rfc3339(d.report.period_start_ms)
+        },
+        remaining: amount(m, d.report.remaining),
+        resets_at: d.report.resets_at_ms.and_then(rfc3339),
         // A soft limit's view is exactly as before hard mode existed.
-        let members: Vec<Value> = d
-            .input
-            .members
-            .iter()
-            .map(|mb| json!({"node": mb.node, "weight": mb.weight}))
-            .collect();
-        let rights: serde_json::Map<String, Value> = d
-            .rights
-            .iter()
-            .map(|r| {
-                (
-                    r.node.clone(),
-                    json!({
-                        "allocated": amount(m, r.rights.alloc),
-                        "received": amount(m, r.rights.received),
-                        "given": amount(m, r.rights.given),
-                        "used": amount(m, r.rights.used),
-                        "free": signed_amount(m, r.free),
-                        "decommissioned": r.decommissioned,
-                    }),
-                )
-            })
-            .collect();
-        v["mode"] = json!("hard");
-        v["members"] = Value::Array(members);
-        v["rights"] = Value::Object(rights);
-    }
-    v
-}
-
-/// A signed amount (free rights may be negative: debt).
-fn signed_amount(metric: Metric, v: i64) -> Value {
-    match (metric, v < 0) {
-        (Metric::Cost, false) => json!(Micros(v as u64).to_usd()),
-        (Metric::Cost, true) => json!(-Micros(v.unsigned_abs()).to_usd()),
-        _ => json!(v),
+        rights: hard.then(|| {
+            d.rights
+                .iter()
+                .map(|r| {
+                    (
+                        r.node.clone(),
+                        RightsView {
+                            allocated: amount(m, r.rights.alloc),
+                            decommissioned: r.decommissioned,
+                            free: Balance::of(m == Metric::Cost, r.free),
+                            given: amount(m, r.rights.given),
+                            received: amount(m, r.rights.received),
+                            used: amount(m, r.rights.used),
+                        },
+                    )
+                })
+                .collect()
+        }),
+        scope: d.input.scope.clone(),
+        timezone: d.input.timezone.clone(),
+        used: amount(m, d.report.used),
     }
 }
 
@@ -521,41 +476,10 @@ fn count(c: Option<u64>, what: &'static str, default: u64) -> Result<u64, ApiErr
 
 // ----- limits ------------------------------------------------------------------------
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LimitBody {
-    #[serde(default, deserialize_with = "bounded_scope")]
-    scope: BTreeMap<String, String>,
-    metric: String,
-    max: serde_json::Number,
-    period: String,
-    #[serde(default)]
-    calendar_aligned: bool,
-    #[serde(default = "utc")]
-    timezone: String,
-    mode: Option<String>,
-    members: Option<Vec<MemberBody>>,
-}
-
-/// A member of a hard limit: a node id, or `{"node": id, "weight": n}`.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum MemberBody {
-    Node(String),
-    Weighted(Obj<WeightedMember>),
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WeightedMember {
-    node: String,
-    weight: u32,
-}
-
 /// `mode` and `members` of a limit body, checked.
 fn limit_mode(
     mode: Option<&str>,
-    members: Option<Vec<MemberBody>>,
+    members: Option<Vec<MemberSpec>>,
 ) -> Result<(Mode, Vec<tally_core::Member>), ApiError> {
     let mode = match mode {
         None => Mode::Soft,
@@ -580,8 +504,8 @@ fn limit_mode(
     let mut out: Vec<tally_core::Member> = members
         .into_iter()
         .map(|m| match m {
-            MemberBody::Node(node) => tally_core::Member { node, weight: 1 },
-            MemberBody::Weighted(Obj(w)) => tally_core::Member {
+            MemberSpec::Node(node) => tally_core::Member { node, weight: 1 },
+            MemberSpec::Weighted(w) => tally_core::Member {
                 node: w.node,
                 weight: w.weight,
             },
@@ -605,10 +529,6 @@ fn limit_mode(
     Ok((mode, out))
 }
 
-fn utc() -> String {
-    "UTC".into()
-}
-
 async fn put_limit(
     State(s): App,
     headers: HeaderMap,
@@ -616,7 +536,7 @@ async fn put_limit(
     body: RawBody,
 ) -> ApiResult {
     authorize(&s, &headers, Role::Admin)?;
-    let b: LimitBody = parse_json(&body)?;
+    let b: LimitRequest = parse_json(&body)?;
     check_id(&id, "limit id")?;
     let metric = Metric::parse(&b.metric).ok_or_else(|| {
         ApiError::invalid(format!(
@@ -636,12 +556,12 @@ async fn put_limit(
         max,
         period,
         calendar_aligned: b.calendar_aligned,
-        timezone: b.timezone,
+        timezone: b.timezone.unwrap_or_else(|| "UTC".into()),
         mode,
         members,
     };
     let d = s.node.put_limit(&id, input).await?;
-    ok(view_json(&d))
+    ok(view(&d))
 }
 
 async fn get_limit(State(s): App, headers: HeaderMap, Params(id): Params<String>) -> ApiResult {
@@ -650,7 +570,7 @@ async fn get_limit(State(s): App, headers: HeaderMap, Params(id): Params<String>
         .node
         .limit(&id)
         .ok_or_else(|| ApiError::not_found(format!("no limit with id {id:?}")))?;
-    ok(view_json(&d))
+    ok(view(&d))
 }
 
 async fn list_limits(State(s): App, headers: HeaderMap, uri: axum::http::Uri) -> ApiResult {
@@ -658,17 +578,22 @@ async fn list_limits(State(s): App, headers: HeaderMap, uri: axum::http::Uri) ->
     let mut filter = Scope::new();
     if let Some(q) = uri.query() {
         for (k, v) in form_pairs(q)? {
-            let dim = k.strip_prefix("scope.").ok_or_else(|| {
-                ApiError::invalid(format!(
-                    "unknown query parameter {k:?}; filter with scope.<dimension>=<value>"
-                ))
-            })?;
+            // `scope.team=eng`, or OpenAPI's deepObject spelling `scope[team]=eng`.
+            let dim = k
+                .strip_prefix("scope.")
+                .or_else(|| k.strip_prefix("scope[").and_then(|d| d.strip_suffix(']')))
+                .ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "unknown query parameter {k:?}; filter with scope.<dimension>=<value>"
+                    ))
+                })?;
             units::validate_dimension(dim).map_err(|e| ApiError::invalid(e.to_string()))?;
             filter.insert(dim.to_string(), v);
         }
     }
-    let limits: Vec<Value> = s.node.limits(&filter).iter().map(view_json).collect();
-    ok(json!({ "limits": limits }))
+    ok(LimitList {
+        limits: s.node.limits(&filter).iter().map(view).collect(),
+    })
 }
 
 /// Decodes `a=b&c=d` with percent-escapes and `+` as space.
@@ -705,77 +630,33 @@ pub(crate) fn form_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
 /// Epochs a history reply lists when the query does not say.
 const HISTORY_EPOCHS_DEFAULT: usize = 100;
 
-/// A metric amount in the limit's units: USD for cost, a count otherwise.
-struct Amount(Metric, u64);
-
-impl Serialize for Amount {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
-            Metric::Cost => s.serialize_f64(Micros(self.1).to_usd()),
-            _ => s.serialize_u64(self.1),
-        }
-    }
-}
-
-/// `GET /v1/limits/{id}/history`.
-#[derive(Serialize)]
-struct HistoryReply {
-    id: String,
-    metric: &'static str,
-    /// Newest first.
-    epochs: Vec<HistoryEpoch>,
-}
-
-#[derive(Serialize)]
-struct HistoryEpoch {
-    /// `null` for a `never` period.
-    period_start: Option<String>,
-    /// When the period ended (or, for the current epoch, `resets_at`); `null` for `never`.
-    period_end: Option<String>,
-    /// The epoch's reset id (a decimal string: it does not fit a JSON number exactly).
-    reset: String,
-    /// The epoch checks count against now.
-    current: bool,
-    /// `baseline + Σ nodes`.
-    used: Amount,
-    /// Usage the epoch started with (a set-usage reset).
-    baseline: Amount,
-    nodes: BTreeMap<String, Amount>,
-}
-
-impl HistoryReply {
-    fn new(id: String, h: LimitHistory) -> HistoryReply {
-        let m = h.metric;
-        let time = |ms: i64| {
-            jiff::Timestamp::from_millisecond(ms)
-                .ok()
-                .map(|t| t.to_string())
-        };
-        HistoryReply {
-            id,
-            metric: m.as_str(),
-            epochs: h
-                .epochs
-                .into_iter()
-                .map(|e| HistoryEpoch {
-                    period_start: if h.never {
-                        None
-                    } else {
-                        time(e.period_start_ms)
-                    },
-                    period_end: e.period_end_ms.and_then(time),
-                    reset: e.epoch.reset.to_string(),
-                    current: e.current,
-                    used: Amount(m, e.used),
-                    baseline: Amount(m, e.baseline),
-                    nodes: e
-                        .nodes
-                        .into_iter()
-                        .map(|(n, v)| (n, Amount(m, v)))
-                        .collect(),
-                })
-                .collect(),
-        }
+fn history_reply(id: String, h: LimitHistory) -> HistoryReply {
+    let m = h.metric;
+    let time = rfc3339;
+    HistoryReply {
+        id,
+        metric: m.as_str().to_string(),
+        epochs: h
+            .epochs
+            .into_iter()
+            .map(|e| HistoryEpoch {
+                period_start: if h.never {
+                    None
+                } else {
+                    time(e.period_start_ms)
+                },
+                period_end: e.period_end_ms.and_then(time),
+                reset: e.epoch.reset.to_string(),
+                current: e.current,
+                used: amount(m, e.used),
+                baseline: amount(m, e.baseline),
+                nodes: e
+                    .nodes
+                    .into_iter()
+                    .map(|(n, v)| (n, amount(m, v)))
+                    .collect(),
+            })
+            .collect(),
     }
 }
 
@@ -842,19 +723,13 @@ async fn limit_history(
     check_id(&id, "limit id")?;
     let query = history_query(uri.query())?;
     let h = s.node.history(&id, query).await?;
-    Ok(axum::Json(HistoryReply::new(id, h)).into_response())
+    ok(history_reply(id, h))
 }
 
 async fn delete_limit(State(s): App, headers: HeaderMap, Params(id): Params<String>) -> ApiResult {
     authorize(&s, &headers, Role::Admin)?;
     s.node.delete_limit(&id).await?;
-    ok(json!({"deleted": true}))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ResetBody {
-    used: Option<serde_json::Number>,
+    ok(Deleted { deleted: true })
 }
 
 async fn reset_limit(
@@ -864,7 +739,7 @@ async fn reset_limit(
     body: RawBody,
 ) -> ApiResult {
     authorize(&s, &headers, Role::Admin)?;
-    let b: ResetBody = parse_json(&body)?;
+    let b: ResetRequest = parse_json(&body)?;
     let d = s
         .node
         .limit(&id)
@@ -874,17 +749,10 @@ async fn reset_limit(
         None => 0,
     };
     let d = s.node.reset_limit(&id, baseline).await?;
-    ok(view_json(&d))
+    ok(view(&d))
 }
 
 // ----- entities ----------------------------------------------------------------------
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EntityBody {
-    #[serde(default, deserialize_with = "bounded_scope")]
-    parents: BTreeMap<String, String>,
-}
 
 fn check_entity(dim: &str, value: &str) -> Result<(), ApiError> {
     units::validate_dimension(dim).map_err(|e| ApiError::invalid(e.to_string()))?;
@@ -898,11 +766,15 @@ async fn put_entity(
     body: RawBody,
 ) -> ApiResult {
     authorize(&s, &headers, Role::Admin)?;
-    let b: EntityBody = parse_json(&body)?;
+    let b: EntityRequest = parse_json(&body)?;
     check_entity(&dim, &value)?;
     check_attributes(&b.parents)?;
     let e = s.node.put_entity(&dim, &value, b.parents).await?;
-    ok(json!({"dimension": e.dimension, "value": e.value, "parents": e.parents}))
+    ok(EntityView {
+        dimension: e.dimension,
+        parents: e.parents,
+        value: e.value,
+    })
 }
 
 async fn get_entity(
@@ -915,7 +787,11 @@ async fn get_entity(
         .node
         .entity(&dim, &value)
         .ok_or_else(|| ApiError::not_found(format!("no entity {dim}/{value}")))?;
-    ok(json!({"dimension": e.dimension, "value": e.value, "parents": e.parents}))
+    ok(EntityView {
+        dimension: e.dimension,
+        parents: e.parents,
+        value: e.value,
+    })
 }
 
 async fn delete_entity(
@@ -925,80 +801,25 @@ async fn delete_entity(
 ) -> ApiResult {
     authorize(&s, &headers, Role::Admin)?;
     s.node.delete_entity(&dim, &value).await?;
-    ok(json!({"deleted": true}))
+    ok(Deleted { deleted: true })
 }
 
 // ----- check and usage ---------------------------------------------------------------
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CheckBody<'a> {
-    #[serde(default, borrow)]
-    attributes: Attributes<'a>,
-    cost: Option<f64>,
-    tokens: Option<u64>,
-    #[serde(default)]
-    reserve: bool,
-    ttl_s: Option<u64>,
-}
-
-/// Request attributes borrowed from the body where they need no unescaping (a check
-/// allocates nothing for them). A repeated name keeps its last value, as a map would.
-#[derive(Default)]
-struct Attributes<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
-
-#[derive(Deserialize)]
-struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
-
-impl Attributes<'_> {
-    fn validate(&self) -> Result<(), ApiError> {
-        check_attribute_pairs(self.0.iter().map(|(k, v)| (&**k, &**v)), self.0.len())
-    }
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
-            type Value = Attributes<'a>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a map of attribute names to string values")
-            }
-            fn visit_map<M: serde::de::MapAccess<'de>>(
-                self,
-                mut m: M,
-            ) -> Result<Self::Value, M::Error> {
-                let mut out: Vec<(Cow<'a, str>, Cow<'a, str>)> = Vec::with_capacity(ATTRIBUTES_MAX);
-                while let Some((Text(k), Text(v))) = m.next_entry::<Text<'a>, Text<'a>>()? {
-                    if let Some(slot) = out.iter_mut().find(|(ok, _)| *ok == k) {
-                        slot.1 = v;
-                    } else if out.len() == ATTRIBUTES_MAX {
-                        // Refused at the first name past the cap, so a huge map costs no
-                        // more than its first few entries (and the search stays tiny).
-                        return Err(serde::de::Error::custom(format_args!(
-                            "attributes has more than {ATTRIBUTES_MAX} entries; at most {ATTRIBUTES_MAX} are allowed"
-                        )));
-                    } else {
-                        out.push((k, v));
-                    }
-                }
-                Ok(Attributes(out))
-            }
-        }
-        d.deserialize_map(Visit(std::marker::PhantomData))
-    }
+fn validate_attributes(a: &Attributes<'_>) -> Result<(), ApiError> {
+    check_attribute_pairs(a.pairs(), a.0.len())
 }
 
 async fn check(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
     authorize(&s, &headers, Role::Client)?;
-    let b: CheckBody = parse_json(&body)?;
-    b.attributes.validate()?;
+    let b: CheckRequest = parse_json(&body)?;
+    validate_attributes(&b.attributes)?;
     let estimate = Amounts {
         cost: cost(b.cost)?,
         tokens: count(b.tokens, "tokens", 0)?,
         requests: 1,
     };
-    let attrs: Vec<(&str, &str)> = b.attributes.0.iter().map(|(k, v)| (&**k, &**v)).collect();
+    let attrs: Vec<(&str, &str)> = b.attributes.pairs().collect();
     let reserve = match (b.reserve, b.ttl_s) {
         (false, Some(_)) => {
             return Err(ApiError::invalid(
@@ -1011,47 +832,125 @@ async fn check(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
         (true, None) => Some(tally_node::RESERVATION_TTL_DEFAULT_MS),
     };
     let r = s.node.check_reserve(&attrs, estimate, reserve)?;
-    let mut j = Json::with_capacity(reply_capacity(r.limits.len()));
-    j.raw("{\"allowed\":").bool(r.allowed);
-    j.raw(",\"stale\":").bool(r.stale);
+    let reservation = r.reservation.as_ref().map(|res| Reservation {
+        id: res.id.clone(),
+        node: s.node.node_id().to_string(),
+        expires_at: rfc3339(res.expires_at_ms).unwrap_or_default(),
+    });
+    json_reply(check_reply_json(
+        r.allowed,
+        r.stale,
+        &r.limits,
+        reservation.as_ref(),
+    ))
+}
+
+/// The [`tally_api::CheckReply`] of a check, written directly (see [`crate::json`]).
+pub fn check_reply_json(
+    allowed: bool,
+    stale: bool,
+    limits: &[LimitReport],
+    reservation: Option<&Reservation>,
+) -> Json {
+    let mut j = Json::with_capacity(reply_capacity(limits.len()));
+    j.raw("{\"allowed\":").bool(allowed);
+    j.raw(",\"stale\":").bool(stale);
     j.raw(",\"denied_by\":[");
-    for (i, l) in r.limits.iter().filter(|l| l.denied).enumerate() {
+    for (i, l) in limits.iter().filter(|l| l.denied).enumerate() {
         if i > 0 {
             j.raw(",");
         }
         j.str(&l.id);
     }
     j.raw("],\"limits\":");
-    write_reports(&mut j, &r.limits);
-    if let Some(res) = &r.reservation {
+    write_reports(&mut j, limits);
+    if let Some(res) = reservation {
         j.raw(",\"reservation\":{\"id\":").str(&res.id);
-        j.raw(",\"node\":").str(s.node.node_id());
-        j.raw(",\"expires_at\":").time(res.expires_at_ms);
+        j.raw(",\"node\":").str(&res.node);
+        j.raw(",\"expires_at\":").str(&res.expires_at);
         j.raw("}");
     }
     j.raw("}");
-    json_reply(j)
+    j
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UsageBody<'a> {
-    id: String,
-    #[serde(default, borrow)]
-    attributes: Attributes<'a>,
-    cost: Option<f64>,
-    tokens: Option<u64>,
-    requests: Option<u64>,
-    at: Option<String>,
-    reservation: Option<String>,
+/// The [`tally_api::UsageReply`] of a record, written directly (see [`crate::json`]).
+pub fn usage_reply_json(applied: bool, limits: &[LimitReport], overrun: &[(String, u64)]) -> Json {
+    let mut j = Json::with_capacity(reply_capacity(limits.len()));
+    j.raw("{\"applied\":").bool(applied);
+    j.raw(",\"limits\":");
+    write_reports(&mut j, limits);
+    write_overrun(&mut j, limits, overrun);
+    j.raw("}");
+    j
 }
 
-fn usage_record(b: UsageBody<'_>) -> Result<UsageRecord, ApiError> {
+/// The typed value [`check_reply_json`] writes: what serde would send.
+pub fn check_reply(
+    allowed: bool,
+    stale: bool,
+    limits: &[LimitReport],
+    reservation: Option<&Reservation>,
+) -> tally_api::CheckReply {
+    tally_api::CheckReply {
+        reservation: reservation.cloned(),
+        allowed,
+        stale,
+        denied_by: limits
+            .iter()
+            .filter(|l| l.denied)
+            .map(|l| l.id.clone())
+            .collect(),
+        limits: limits.iter().map(limit_status).collect(),
+    }
+}
+
+/// The typed value [`usage_reply_json`] writes.
+pub fn usage_reply(
+    applied: bool,
+    limits: &[LimitReport],
+    overrun: &[(String, u64)],
+) -> tally_api::UsageReply {
+    tally_api::UsageReply {
+        overrun: (!overrun.is_empty()).then(|| {
+            overrun
+                .iter()
+                .map(|(id, v)| {
+                    let metric = limits
+                        .iter()
+                        .find(|l| &l.id == id)
+                        .map_or(Metric::Requests, |l| l.metric);
+                    (id.clone(), amount(metric, *v))
+                })
+                .collect()
+        }),
+        applied,
+        limits: limits.iter().map(limit_status).collect(),
+    }
+}
+
+pub fn limit_status(l: &LimitReport) -> tally_api::LimitStatus {
+    tally_api::LimitStatus {
+        id: l.id.clone(),
+        metric: l.metric.as_str().to_string(),
+        used: amount(l.metric, l.used),
+        max: amount(l.metric, l.max),
+        remaining: amount(l.metric, l.remaining),
+        resets_at: l.resets_at_ms.and_then(rfc3339),
+        mode: (l.mode == Mode::Hard).then(|| "hard".to_string()),
+        free: (l.mode == Mode::Hard)
+            .then(|| tally_api::Balance::of(l.metric == Metric::Cost, l.free)),
+        reason: (l.mode == Mode::Hard).then(|| l.reason.map(|r| r.as_str().to_string())),
+        retry_after_ms: l.retry_after_ms,
+    }
+}
+
+fn usage_record(b: UsageRequest<'_>) -> Result<UsageRecord, ApiError> {
     check_id(&b.id, "record id")?;
     if let Some(r) = &b.reservation {
         check_reservation_id(r)?;
     }
-    b.attributes.validate()?;
+    validate_attributes(&b.attributes)?;
     let at_ms = match &b.at {
         Some(at) => Some(
             at.parse::<jiff::Timestamp>()
@@ -1067,12 +966,7 @@ fn usage_record(b: UsageBody<'_>) -> Result<UsageRecord, ApiError> {
             requests: count(b.requests, "requests", 1)?,
         },
         id: b.id,
-        attributes: b
-            .attributes
-            .0
-            .into_iter()
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect(),
+        attributes: b.attributes.into_owned(),
         at_ms,
         reservation: b.reservation,
     })
@@ -1092,13 +986,11 @@ async fn usage(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     let statuses = s.node.statuses(&pairs);
-    let mut j = Json::with_capacity(reply_capacity(statuses.len()));
-    j.raw("{\"applied\":").bool(outcome.applied);
-    j.raw(",\"limits\":");
-    write_reports(&mut j, &statuses);
-    write_overrun(&mut j, &statuses, &outcome.overrun);
-    j.raw("}");
-    json_reply(j)
+    json_reply(usage_reply_json(
+        outcome.applied,
+        &statuses,
+        &outcome.overrun,
+    ))
 }
 
 /// `"overrun": {limit: amount}` of a usage reply, when the record spent hard limits
@@ -1145,18 +1037,12 @@ async fn cancel_reservation(
     authorize(&s, &headers, Role::Client)?;
     check_reservation_id(&id)?;
     if s.node.cancel_reservation(&id) {
-        ok(json!({"released": true}))
+        ok(Released { released: true })
     } else {
         Err(ApiError::not_found(format!(
             "no open reservation {id:?} on this node: it was settled, released or expired (reservations are held by the node that made them)"
         )))
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DecommissionBody {
-    successor: Option<String>,
 }
 
 async fn decommission_node(
@@ -1167,8 +1053,8 @@ async fn decommission_node(
 ) -> ApiResult {
     authorize(&s, &headers, Role::Admin)?;
     check_id(&id, "node id")?;
-    let b: DecommissionBody = if body.bytes.is_empty() {
-        DecommissionBody { successor: None }
+    let b: DecommissionRequest = if body.bytes.is_empty() {
+        DecommissionRequest::default()
     } else {
         parse_json(&body)?
     };
@@ -1176,19 +1062,16 @@ async fn decommission_node(
         check_id(succ, "successor node id")?;
     }
     let rec = s.node.decommission(&id, b.successor.as_deref()).await?;
-    ok(json!({"node": rec.node, "successor": rec.successor, "decommissioned": true}))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BatchBody<'a> {
-    #[serde(borrow)]
-    records: Vec<Obj<UsageBody<'a>>>,
+    ok(Decommissioned {
+        decommissioned: true,
+        node: rec.node,
+        successor: rec.successor,
+    })
 }
 
 async fn usage_batch(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
     authorize(&s, &headers, Role::Client)?;
-    let b: BatchBody = parse_json(&body)?;
+    let b: BatchRequest = parse_json(&body)?;
     if b.records.len() > BATCH_RECORDS_MAX {
         return Err(ApiError::invalid(format!(
             "a batch has at most {BATCH_RECORDS_MAX} records, this one has {}",
@@ -1199,7 +1082,7 @@ async fn usage_batch(State(s): App, headers: HeaderMap, body: RawBody) -> ApiRes
         .records
         .into_iter()
         .enumerate()
-        .map(|(i, Obj(r))| {
+        .map(|(i, r)| {
             usage_record(r).map_err(|e| ApiError::invalid(format!("records[{i}]: {}", e.message)))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -1209,39 +1092,41 @@ async fn usage_batch(State(s): App, headers: HeaderMap, body: RawBody) -> ApiRes
     } else {
         s.node.record_outcomes(records).await.0?
     };
-    let results: Vec<Value> = ids
-        .iter()
-        .zip(outcomes)
-        .map(|(id, o)| {
-            let mut v = json!({"id": id, "applied": o.applied});
-            if !o.overrun.is_empty() {
-                let metric_of = |l: &str| {
-                    s.node
-                        .limit_spec(l)
-                        .map_or(Metric::Requests, |x| x.input.metric)
-                };
-                let over: serde_json::Map<String, Value> = o
-                    .overrun
-                    .iter()
-                    .map(|(l, n)| (l.clone(), amount(metric_of(l), *n)))
-                    .collect();
-                v["overrun"] = Value::Object(over);
-            }
-            v
-        })
-        .collect();
-    ok(json!({ "results": results }))
+    ok(BatchReply {
+        results: ids
+            .into_iter()
+            .zip(outcomes)
+            .map(|(id, o)| BatchResult {
+                applied: o.applied,
+                id,
+                overrun: (!o.overrun.is_empty()).then(|| {
+                    o.overrun
+                        .iter()
+                        .map(|(l, n)| {
+                            let metric = s
+                                .node
+                                .limit_spec(l)
+                                .map_or(Metric::Requests, |x| x.input.metric);
+                            (l.clone(), amount(metric, *n))
+                        })
+                        .collect()
+                }),
+            })
+            .collect(),
+    })
 }
 
 // ----- operations --------------------------------------------------------------------
 
 async fn healthz() -> ApiResult {
-    ok(json!({"status": "ok"}))
+    ok(Health {
+        status: "ok".into(),
+    })
 }
 
 async fn readyz(State(s): App) -> ApiResult {
     if s.node.ready() {
-        return ok(json!({"ready": true}));
+        return ok(Ready { ready: true });
     }
     let message = match s.node.storage_health() {
         tally_node::StorageHealth::Ok => "not caught up with a live peer yet",
@@ -1259,31 +1144,32 @@ async fn readyz(State(s): App) -> ApiResult {
 
 async fn cluster(State(s): App, headers: HeaderMap) -> ApiResult {
     authorize(&s, &headers, Role::Client)?;
-    let nodes: Vec<Value> = match s.node.members().await {
+    let nodes: Vec<Member> = match s.node.members().await {
         Some(members) => members
             .iter()
-            .map(|m| {
-                json!({
-                    "node_id": m.node_id,
-                    "gossip_addr": m.gossip_addr.to_string(),
-                    // A node whose values fail the MAC (another cluster key) talks to
-                    // chitchat but takes no part in the fleet.
-                    "live": m.live && m.verified,
-                    "generation": m.generation,
-                    // Gossip lag where known: how long ago a value from it was accepted.
-                    "newest_value_age_ms": m.newest_value_age.map(|d| d.as_millis() as u64),
-                })
+            .map(|m| Member {
+                gossip_addr: Some(m.gossip_addr.to_string()),
+                generation: m.generation,
+                // A node whose values fail the MAC (another cluster key) talks to
+                // chitchat but takes no part in the fleet.
+                live: m.live && m.verified,
+                // Gossip lag where known: how long ago a value from it was accepted.
+                newest_value_age_ms: m.newest_value_age.map(|d| d.as_millis() as u64),
+                node_id: m.node_id.clone(),
             })
             .collect(),
-        None => vec![json!({
-            "node_id": s.node.node_id(),
-            "gossip_addr": s.gossip_addr,
-            "live": true,
-            "generation": s.started_ms,
-            "newest_value_age_ms": null,
-        })],
+        None => vec![Member {
+            gossip_addr: s.gossip_addr.clone(),
+            generation: u64::try_from(s.started_ms).unwrap_or(0),
+            live: true,
+            newest_value_age_ms: None,
+            node_id: s.node.node_id().to_string(),
+        }],
     };
-    ok(json!({"node_id": s.node.node_id(), "nodes": nodes}))
+    ok(ClusterReply {
+        node_id: s.node.node_id().to_string(),
+        nodes,
+    })
 }
 
 async fn metrics(State(s): App) -> Response {
@@ -1292,8 +1178,27 @@ async fn metrics(State(s): App) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
+/// `GET /openapi.json`: the OpenAPI 3.1 document of this API (no auth), built once.
+async fn openapi() -> Response {
+    static DOC: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    let doc = DOC.get_or_init(|| Bytes::from(tally_api::openapi::document_text()));
+    ([(header::CONTENT_TYPE, "application/json")], doc.clone()).into_response()
+}
+
 async fn no_route(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!("no route for {method} {}", uri.path()))
+}
+
+/// A path that exists with a method it does not have: 405 (axum adds `Allow`).
+async fn no_method(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: "method_not_allowed",
+        message: format!(
+            "{} has no method {method}; the Allow header lists those it has",
+            uri.path()
+        ),
+    }
 }
 
 /// The router of API.md.
@@ -1302,6 +1207,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .route("/v1/cluster", get(cluster))
         .route("/v1/limits", get(list_limits))
         .route(
@@ -1325,6 +1231,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(crate::proxies::routes())
         .merge(crate::ui::routes())
         .fallback(no_route)
-        .method_not_allowed_fallback(no_route)
+        .method_not_allowed_fallback(no_method)
         .with_state(state)
 }

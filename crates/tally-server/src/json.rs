@@ -3,8 +3,12 @@
 //! units (exact decimal USD, no float formatting) and times with a fixed-format UTC
 //! printer, instead of building `serde_json` values. Other replies use `serde_json`.
 //!
-//! What it writes is the same JSON as serde's derive would, up to the spelling of numbers
-//! (`0.000001`, not `1e-6`): every amount parses to the same value.
+//! What it writes is the serde serialisation of the typed replies (`tally_api::CheckReply`,
+//! `tally_api::UsageReply`) byte for byte, except that an amount of 1 to 9 micro-USD is
+//! spelled `0.000001`…`0.000009` where serde writes `1e-6`…`9e-6`, and a usage sum past
+//! 1e9 USD is written as its exact micros where serde prints the float's shortest digits:
+//! every amount parses to the same value. The property test `writer_equals_typed_serialisation` below checks
+//! both on random replies; BENCHMARKS.md has what the writer buys.
 
 use tally_core::Metric;
 
@@ -238,6 +242,121 @@ mod tests {
                 j.time(ms);
             });
             assert_eq!(t, want);
+        }
+    }
+
+    use proptest::prelude::*;
+    use tally_node::LimitReport;
+
+    fn report() -> impl Strategy<Value = LimitReport> {
+        (
+            // Ids with every kind of character a JSON string must escape.
+            "[a-z0-9\"\\\\\n\t\u{1}é:._-]{1,12}",
+            prop_oneof![
+                Just(Metric::Cost),
+                Just(Metric::Tokens),
+                Just(Metric::Requests)
+            ],
+            prop_oneof![0..20u64, 0..1_000_000_000_000_000u64, Just(u64::MAX >> 11)],
+            0..1_000_000_000_000_000u64,
+            0..1_000_000_000_000_000u64,
+            proptest::option::of(-62_135_596_800_000..253_402_300_799_999i64),
+            any::<bool>(),
+            // Hard limits: (free, reason 0 none / 1 budget / 2 rights, retry after).
+            proptest::option::of((
+                prop_oneof![-20..20i64, -1_000_000_000_000_000..1_000_000_000_000_000i64],
+                0..3u8,
+                proptest::option::of(0..100_000u64),
+            )),
+        )
+            .prop_map(
+                |(id, metric, used, max, remaining, resets_at_ms, denied, hard)| {
+                    let (mode, free, reason, retry_after_ms) = match hard {
+                        None => (tally_core::Mode::Soft, 0, None, None),
+                        Some((free, r, retry)) => (
+                            tally_core::Mode::Hard,
+                            free,
+                            [
+                                None,
+                                Some(tally_core::DenyReason::Budget),
+                                Some(tally_core::DenyReason::Rights),
+                            ][r as usize],
+                            retry,
+                        ),
+                    };
+                    LimitReport {
+                        id,
+                        metric,
+                        used,
+                        max,
+                        remaining,
+                        period_start_ms: 0,
+                        resets_at_ms,
+                        denied,
+                        mode,
+                        free,
+                        reason,
+                        retry_after_ms,
+                    }
+                },
+            )
+    }
+
+    /// An amount serde spells differently: 1 to 9 micro-USD (`1e-6`), or a sum of usage
+    /// past 2^33 USD, where one f64 step is more than a micro-USD and serde prints the
+    /// float's shortest digits while the writer prints the exact micros.
+    fn spelled_differently(r: &LimitReport) -> bool {
+        r.metric == Metric::Cost
+            && [r.used, r.max, r.remaining, r.free.unsigned_abs()]
+                .iter()
+                .any(|v| (1..=9).contains(v) || *v > tally_core::units::MICROS_MAX)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn writer_equals_typed_serialisation(
+            limits in proptest::collection::vec(report(), 0..6),
+            allowed in any::<bool>(),
+            stale in any::<bool>(),
+            reserved in proptest::option::of(("[a-z0-9-]{1,12}~[0-9a-f]{1,11}~[0-9a-f]{1,4}", "[a-z0-9-]{1,12}")),
+            over in proptest::collection::vec(0..1_000_000u64, 0..3),
+        ) {
+            let reservation = reserved.map(|(id, node)| tally_api::Reservation {
+                id,
+                node,
+                expires_at: "2026-12-03T15:00:00.5Z".into(),
+            });
+            // Overruns name limits of the reply (by index), once each.
+            let overrun: Vec<(String, u64)> = over
+                .iter()
+                .zip(&limits)
+                .map(|(v, l)| (l.id.clone(), *v))
+                .collect::<std::collections::BTreeMap<_, _>>()
+                .into_iter()
+                .collect();
+            let exact = !limits.iter().any(spelled_differently)
+                && !overrun.iter().any(|(id, v)| {
+                    (1..=9).contains(v)
+                        && limits.iter().find(|l| &l.id == id).is_some_and(|l| l.metric == Metric::Cost)
+                });
+            let written = crate::http::check_reply_json(allowed, stale, &limits, reservation.as_ref()).into_bytes();
+            let typed = serde_json::to_vec(&crate::http::check_reply(allowed, stale, &limits, reservation.as_ref())).unwrap();
+            let parsed: serde_json::Value = serde_json::from_slice(&written).unwrap();
+            prop_assert_eq!(&parsed, &serde_json::from_slice::<serde_json::Value>(&typed).unwrap());
+            let back: tally_api::CheckReply = serde_json::from_slice(&written).unwrap();
+            prop_assert_eq!(back, crate::http::check_reply(allowed, stale, &limits, reservation.as_ref()));
+            if exact {
+                prop_assert_eq!(String::from_utf8(written).unwrap(), String::from_utf8(typed).unwrap());
+            }
+            let written = crate::http::usage_reply_json(allowed, &limits, &overrun).into_bytes();
+            let typed = serde_json::to_vec(&crate::http::usage_reply(allowed, &limits, &overrun)).unwrap();
+            let parsed: serde_json::Value = serde_json::from_slice(&written).unwrap();
+            prop_assert_eq!(&parsed, &serde_json::from_slice::<serde_json::Value>(&typed).unwrap());
+            if exact {
+                prop_assert_eq!(String::from_utf8(written).unwrap(), String::from_utf8(typed).unwrap());
+            }
         }
     }
 }

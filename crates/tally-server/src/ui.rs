@@ -21,7 +21,6 @@
 //! Must not touch: the check and usage handlers (the ring is filled by the node itself,
 //! only on denial).
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 use axum::Router;
@@ -29,7 +28,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde::Serialize;
 use tally_core::Micros;
 use tally_node::{DENIALS_MAX, Denial, Metrics};
 
@@ -180,15 +178,7 @@ fn asset(file: &str, req: &HeaderMap) -> Response {
 
 // ----- GET /v1/whoami ------------------------------------------------------------------
 
-/// `GET /v1/whoami`.
-#[derive(Serialize)]
-struct WhoAmI<'a> {
-    /// `admin` or `client`.
-    role: &'static str,
-    /// `false` on a node started without tokens (loopback only; every caller is admin).
-    tokens_required: bool,
-    node_id: &'a str,
-}
+use tally_api::{Denial as DenialView, DenialsReply, WhoAmI};
 
 async fn whoami(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     let role = authorize(&s, &headers, Role::Client)?;
@@ -196,56 +186,27 @@ async fn whoami(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Result<Re
         role: match role {
             Role::Admin => "admin",
             Role::Client => "client",
-        },
+        }
+        .to_string(),
         tokens_required: s.auth.admin_token.is_some() || s.auth.client_token.is_some(),
-        node_id: s.node.node_id(),
+        node_id: s.node.node_id().to_string(),
     };
     Ok(axum::Json(body).into_response())
 }
 
 // ----- GET /v1/denials -----------------------------------------------------------------
 
-/// `GET /v1/denials`: the most recent denied checks of this node, newest first.
-#[derive(Serialize)]
-struct DenialsReply<'a> {
-    node_id: &'a str,
-    /// Most denials the node keeps (older ones are forgotten; nothing is on disk).
-    capacity: usize,
-    /// Checks denied since the node started (`tally_checks_denied_total`).
-    denied_total: u64,
-    /// Denials not kept because the ring was busy at that instant (a check never waits).
-    skipped: u64,
-    denials: Vec<DenialView>,
-}
-
-#[derive(Serialize)]
-struct DenialView {
-    /// Increases by one per denial kept since the node started.
-    seq: u64,
-    at: String,
-    /// The attributes the check was asked with (before expansion through parents).
-    attributes: BTreeMap<String, String>,
-    denied_by: Vec<String>,
-    /// Denying limits beyond those listed in `denied_by`.
-    denied_by_more: usize,
-    /// The check's estimates: USD and tokens.
-    cost: f64,
-    tokens: u64,
-}
-
-impl From<Denial> for DenialView {
-    fn from(d: Denial) -> DenialView {
-        DenialView {
-            seq: d.seq,
-            at: jiff::Timestamp::from_millisecond(d.at_ms)
-                .map(|t| t.to_string())
-                .unwrap_or_default(),
-            attributes: d.attributes.into_iter().collect(),
-            denied_by: d.denied_by,
-            denied_by_more: d.denied_by_more,
-            cost: Micros(d.estimate.cost.0).to_usd(),
-            tokens: d.estimate.tokens,
-        }
+fn denial_view(d: Denial) -> DenialView {
+    DenialView {
+        seq: d.seq,
+        at: jiff::Timestamp::from_millisecond(d.at_ms)
+            .map(|t| t.to_string())
+            .unwrap_or_default(),
+        attributes: d.attributes.into_iter().collect(),
+        denied_by: d.denied_by,
+        denied_by_more: d.denied_by_more as u64,
+        cost: Micros(d.estimate.cost.0).to_usd(),
+        tokens: d.estimate.tokens,
     }
 }
 
@@ -274,14 +235,14 @@ async fn denials(
     }
     let node = &s.node;
     let body = DenialsReply {
-        node_id: node.node_id(),
-        capacity: DENIALS_MAX,
+        node_id: node.node_id().to_string(),
+        capacity: DENIALS_MAX as u64,
         denied_total: Metrics::get(&node.metrics().checks_denied_total),
         skipped: node.denials_skipped(),
         denials: node
             .recent_denials(max)
             .into_iter()
-            .map(DenialView::from)
+            .map(denial_view)
             .collect(),
     };
     Ok(axum::Json(body).into_response())

@@ -517,27 +517,7 @@ async fn read_lines(
     }
 }
 
-/// The reply of `POST /v1/usage/logs`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogsReply {
-    /// Non-empty lines read.
-    pub lines: u64,
-    /// Records applied now.
-    pub applied: u64,
-    /// Records whose id was already applied on this node (not counted again).
-    pub duplicates: u64,
-    /// Lines skipped: not a usage line, or refused by the node.
-    pub malformed: u64,
-    /// Why, for the first few skipped lines.
-    pub errors: Vec<LineError>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LineError {
-    /// 1-based line number in the body (0 when the node refused a record of the batch).
-    pub line: usize,
-    pub message: String,
-}
+pub use tally_api::{LineError, LogsReply};
 
 /// `POST /v1/usage/logs`: a body of access-log lines; replies once their usage is durable.
 pub async fn handle(
@@ -573,7 +553,7 @@ pub async fn handle(
                 reply.malformed += 1;
                 if reply.errors.len() < REPLY_ERRORS_MAX {
                     reply.errors.push(LineError {
-                        line: i + 1,
+                        line: i as u64 + 1,
                         message: e,
                     });
                 }

@@ -9,7 +9,7 @@
 //! - `X-Tally-Cost: <USD>`, `X-Tally-Tokens: <n>`: estimates, as in `/v1/check`.
 //! - `X-Tally-Record-Id: <id>`: when allowed, also record the estimate as usage under
 //!   this id (durably, once; for proxies that cannot report usage after the response).
-//! - `X-Tally-Deny-Status: <400..599>` or `?deny_status=`: the status of a denial
+//! - `X-Tally-Deny-Status: <400..499>` or `?deny_status=`: the status of a denial
 //!   (default 429). nginx's `auth_request` passes only 401 and 403 through (anything
 //!   else becomes a 500), so nginx asks for 403 and maps it back to 429 itself; Caddy,
 //!   Traefik and Envoy pass any status to the client.
@@ -25,7 +25,6 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
 use tally_core::units::{self, ATTRIBUTES_MAX, Micros};
 use tally_core::{Amounts, Metric};
 use tally_node::{LimitReport, UsageRecord};
@@ -40,31 +39,7 @@ pub const DENY_STATUS: &str = "x-tally-deny-status";
 /// Status of a denial when the caller names none.
 pub const DENY_STATUS_DEFAULT: u16 = 429;
 
-/// One applicable limit, as in `/v1/check`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LimitView {
-    pub id: String,
-    pub metric: String,
-    /// USD for cost, a count otherwise.
-    pub used: f64,
-    pub max: f64,
-    pub remaining: f64,
-    /// RFC 3339, or null for a limit that never resets.
-    pub resets_at: Option<String>,
-}
-
-/// The body of every forward-auth answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ForwardAuthReply {
-    pub allowed: bool,
-    pub stale: bool,
-    pub denied_by: Vec<String>,
-    pub limits: Vec<LimitView>,
-    /// With `X-Tally-Record-Id` and allowed: whether the record was applied now (false:
-    /// its id was already applied). Absent otherwise.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub recorded: Option<bool>,
-}
+pub use tally_api::{ForwardAuthReply, LimitStatus};
 
 /// What the headers of a forward-auth request ask.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,11 +112,12 @@ pub fn ask(headers: &HeaderMap, uri: &Uri) -> Result<Ask, ApiError> {
     if let Some(id) = &record_id {
         check_id(id, "X-Tally-Record-Id")?;
     }
-    let mut deny = one(headers, DENY_STATUS)?.map(str::to_string);
+    // Both are checked when both are given; the query wins.
+    let mut deny = one(headers, DENY_STATUS)?.map(deny_status).transpose()?;
     if let Some(q) = uri.query() {
         for (k, v) in crate::http::form_pairs(q)? {
             match k.as_str() {
-                "deny_status" => deny = Some(v),
+                "deny_status" => deny = Some(deny_status(&v)?),
                 _ => {
                     return Err(ApiError::invalid(format!(
                         "unknown query parameter {k:?}; only deny_status is read"
@@ -150,19 +126,8 @@ pub fn ask(headers: &HeaderMap, uri: &Uri) -> Result<Ask, ApiError> {
             }
         }
     }
-    let deny_status = match deny {
-        Some(d) => d
-            .parse::<u16>()
-            .ok()
-            .filter(|s| (400..=599).contains(s))
-            .and_then(|s| StatusCode::from_u16(s).ok())
-            .ok_or_else(|| {
-                ApiError::invalid(format!(
-                    "deny status {d:?} must be an HTTP status from 400 to 599"
-                ))
-            })?,
-        None => StatusCode::from_u16(DENY_STATUS_DEFAULT).expect("a valid status"),
-    };
+    let deny_status =
+        deny.unwrap_or_else(|| StatusCode::from_u16(DENY_STATUS_DEFAULT).expect("a valid status"));
     Ok(Ask {
         attributes,
         estimate: Amounts {
@@ -176,11 +141,18 @@ pub fn ask(headers: &HeaderMap, uri: &Uri) -> Result<Ask, ApiError> {
     })
 }
 
-fn amount(metric: Metric, v: u64) -> f64 {
-    match metric {
-        Metric::Cost => Micros(v).to_usd(),
-        _ => v as f64,
-    }
+/// A denial's status: a client error (a denial is never the server failing, and a 5xx
+/// would make the proxy's and the client's monitoring page someone).
+fn deny_status(d: &str) -> Result<StatusCode, ApiError> {
+    d.parse::<u16>()
+        .ok()
+        .filter(|s| (400..=499).contains(s))
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "deny status {d:?} must be an HTTP status from 400 to 499"
+            ))
+        })
 }
 
 fn amount_text(metric: Metric, v: u64) -> String {
@@ -188,12 +160,6 @@ fn amount_text(metric: Metric, v: u64) -> String {
         Metric::Cost => Micros(v).to_string(),
         _ => v.to_string(),
     }
-}
-
-fn rfc3339(ms: i64) -> Option<String> {
-    jiff::Timestamp::from_millisecond(ms)
-        .ok()
-        .map(|t| t.to_string())
 }
 
 /// Seconds from `now_ms` until `at_ms`, rounded up.
@@ -238,17 +204,7 @@ pub async fn handle(
             .filter(|l| l.denied)
             .map(|l| l.id.clone())
             .collect(),
-        limits: limits
-            .iter()
-            .map(|l| LimitView {
-                id: l.id.clone(),
-                metric: l.metric.as_str().to_string(),
-                used: amount(l.metric, l.used),
-                max: amount(l.metric, l.max),
-                remaining: amount(l.metric, l.remaining),
-                resets_at: l.resets_at_ms.and_then(rfc3339),
-            })
-            .collect(),
+        limits: limits.iter().map(crate::http::limit_status).collect(),
         recorded,
     };
     let mut out = HeaderMap::new();
@@ -380,8 +336,14 @@ mod tests {
                 "more than once",
             ),
             (vec![("X-Tally-Record-Id", "a b")], "", "X-Tally-Record-Id"),
-            (vec![("X-Tally-Deny-Status", "200")], "", "400 to 599"),
-            (vec![], "?deny_status=99", "400 to 599"),
+            (vec![("X-Tally-Deny-Status", "200")], "", "400 to 499"),
+            (vec![], "?deny_status=99", "400 to 499"),
+            (vec![], "?deny_status=503", "400 to 499"),
+            (
+                vec![("X-Tally-Deny-Status", "{}")],
+                "?deny_status=403",
+                "400 to 499",
+            ),
             (vec![], "?other=1", "unknown query parameter"),
             (nine, "", "at most 8"),
         ] {

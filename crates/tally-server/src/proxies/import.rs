@@ -9,44 +9,11 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
 use tally_rls::import::{self as rl, Action};
 
 use crate::http::{ApiError, AppState, RawBody, Role, authorize, form_pairs};
 
-/// What happened to one rule.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RuleOutcome {
-    /// The tally limit id of the rule.
-    pub id: String,
-    /// The descriptor path, `key=value/key` (a key alone matches every value).
-    pub descriptor: String,
-    /// `created`, `updated`, `unchanged` or `deleted`.
-    pub action: String,
-    /// Where tally differs from envoyproxy/ratelimit for this rule, or what it ignores.
-    #[serde(default)]
-    pub notes: Vec<String>,
-}
-
-/// A descriptor of the config that became no limit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SkippedDescriptor {
-    pub descriptor: String,
-    pub reason: String,
-}
-
-/// The reply.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImportReply {
-    pub domain: String,
-    pub dry_run: bool,
-    /// Every rule of the config, then the domain's rules the config no longer has.
-    pub rules: Vec<RuleOutcome>,
-    /// Wildcard instances removed with deleted rules.
-    pub instances_deleted: usize,
-    /// Descriptors tally cannot express (no limit was made for them).
-    pub skipped: Vec<SkippedDescriptor>,
-}
+pub use tally_api::{ImportReply, RuleOutcome, SkippedDescriptor};
 
 fn dry_run(uri: &Uri) -> Result<bool, ApiError> {
     let mut dry = false;
@@ -115,7 +82,7 @@ pub async fn handle(
                 },
             })
             .collect(),
-        instances_deleted: applied.instances_deleted,
+        instances_deleted: applied.instances_deleted as u64,
         skipped: plan
             .skipped
             .iter()

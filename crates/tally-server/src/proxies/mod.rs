@@ -13,7 +13,7 @@ pub mod import;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::{any, post};
+use axum::routing::{MethodFilter, on, post};
 
 use crate::http::AppState;
 
@@ -25,14 +25,28 @@ pub struct Proxies {
     pub logs: access_log::LogMetrics,
 }
 
+/// Envoy's HTTP ext_authz sends the original request's method: forward-auth answers the
+/// eight methods OpenAPI can describe (others are a 405, as on every path).
+const FORWARD_AUTH_METHODS: MethodFilter = MethodFilter::GET
+    .or(MethodFilter::POST)
+    .or(MethodFilter::PUT)
+    .or(MethodFilter::DELETE)
+    .or(MethodFilter::PATCH)
+    .or(MethodFilter::HEAD)
+    .or(MethodFilter::OPTIONS)
+    .or(MethodFilter::TRACE);
+
 /// The routes of this module, merged into `http::router`.
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
-        .route("/v1/forward-auth", any(forward_auth::handle))
+        .route(
+            "/v1/forward-auth",
+            on(FORWARD_AUTH_METHODS, forward_auth::handle),
+        )
         // Envoy's HTTP ext_authz appends the original path to its path_prefix.
         .route(
             "/v1/forward-auth/{*original_path}",
-            any(forward_auth::handle),
+            on(FORWARD_AUTH_METHODS, forward_auth::handle),
         )
         .route("/v1/usage/logs", post(access_log::handle))
         .route("/v1/import/envoy-ratelimit", post(import::handle))
