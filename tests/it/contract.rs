@@ -168,7 +168,18 @@ fn every_reply_is_its_type_byte_for_byte() {
     let res = r.reservation.expect("allowed with a reservation");
     let (s, t) = send(&c, "POST", "/v1/check", Some(&reserve));
     let denied: CheckReply = typed(s, 200, &t);
-    assert_eq!(denied.limits[0].reason, Some(Some("rights".into())), "{t}");
+    let hard_entry = denied
+        .limits
+        .iter()
+        .find(|l| l.id == "hard")
+        .expect("hard applies");
+    assert_eq!(hard_entry.reason, Some(Some("rights".into())), "{t}");
+    let soft_entry = denied
+        .limits
+        .iter()
+        .find(|l| l.id == "all-tokens")
+        .expect("all-tokens applies");
+    assert_eq!(soft_entry.reason, None, "a soft entry has no reason: {t}");
     let settle = UsageRequest {
         id: "hard-1".into(),
         attributes: [("app", "hard")].into_iter().collect(),
