@@ -288,3 +288,57 @@ fn sigterm_drains_and_keeps_acknowledged_records() {
     resend_is_noop(&node, &ids, 100);
     check_totals(&node, total..=total);
 }
+
+/// A shutdown signal that arrives while the node is still starting (the store is being
+/// opened, nothing listens yet) stops it cleanly: exit 0 once it is open, not the default
+/// action of the signal (143 for SIGTERM, 130 for SIGINT). The test waits until the
+/// database file exists, which the node creates while opening the store, and signals then.
+/// Before the handlers were installed first, every run here exited 143 / 130.
+#[test]
+fn shutdown_signal_during_start_up_exits_cleanly() {
+    for (signal, name) in [("-TERM", "SIGTERM"), ("-INT", "SIGINT")] {
+        for attempt in 0..3 {
+            let dir = tempfile::Builder::new()
+                .prefix("tally-it-")
+                .tempdir()
+                .expect("create temp dir");
+            let data_dir = dir.path().join("data");
+            let db = data_dir.join("tally.redb");
+            let child = std::process::Command::new(tally_tests::tally_bin())
+                .arg("serve")
+                .args(["--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(&data_dir)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn tally");
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while !db.exists() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the node never created {}",
+                    db.display()
+                );
+                std::hint::spin_loop();
+            }
+            let sent = std::process::Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(sent.success(), "kill {signal} failed");
+            let out = child.wait_with_output().expect("wait for tally");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{name} during start-up (attempt {attempt}): {}; stderr:\n{stderr}",
+                out.status
+            );
+            assert!(
+                stderr.contains(&format!("{name} received")),
+                "{name} during start-up: no `{name} received` in:\n{stderr}"
+            );
+        }
+    }
+}
