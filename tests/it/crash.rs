@@ -342,3 +342,90 @@ fn shutdown_signal_during_start_up_exits_cleanly() {
         }
     }
 }
+
+/// Sends the headers of a `POST /v1/usage` with `Expect: 100-continue` and waits for the
+/// node's `100 Continue`, which hyper sends only once the handler reads the body: from
+/// then on the request is in flight inside the node. Returns the connection and the body
+/// still to send.
+fn start_in_flight(node: &Node, id: &str) -> (std::net::TcpStream, Vec<u8>) {
+    use std::io::{BufRead as _, Write as _};
+    let addr = node.url().trim_start_matches("http://");
+    let mut tcp = std::net::TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let body = serde_json::to_vec(&record(id)).expect("serialize");
+    write!(
+        tcp,
+        "POST /v1/usage HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    )
+    .expect("send headers");
+    let mut reader = std::io::BufReader::new(tcp.try_clone().expect("clone"));
+    let mut status = String::new();
+    reader.read_line(&mut status).expect("read 100 Continue");
+    assert!(
+        status.starts_with("HTTP/1.1 100"),
+        "expected 100 Continue for {id}, got {status:?}"
+    );
+    let mut blank = String::new();
+    reader.read_line(&mut blank).expect("read end of 100 Continue");
+    assert_eq!(blank, "\r\n", "after 100 Continue");
+    (tcp, body)
+}
+
+/// Sends the rest of a request started by [`start_in_flight`] and returns its reply. Fails
+/// if the node dropped the connection instead of answering.
+fn finish_in_flight(mut tcp: std::net::TcpStream, body: &[u8], id: &str) -> (u16, Value) {
+    use std::io::{Read as _, Write as _};
+    tcp.write_all(body)
+        .unwrap_or_else(|e| panic!("{id}: the node dropped the in-flight request: {e}"));
+    let mut text = String::new();
+    tcp.read_to_string(&mut text)
+        .unwrap_or_else(|e| panic!("{id}: the node dropped the in-flight request: {e}"));
+    let status: u16 = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{id}: no HTTP status in the reply {text:?} (request dropped)"));
+    let json = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_else(|| panic!("{id}: no body in {text:?}"));
+    // The reply may be chunked; the JSON object is the part between the outer braces.
+    let json = &json[json.find('{').expect("JSON body")..=json.rfind('}').expect("JSON body")];
+    (status, serde_json::from_str(json).expect("JSON reply"))
+}
+
+/// Draining (I1): requests in flight when SIGTERM or SIGINT arrives are answered, applied
+/// and durable, and the node then exits 0. Each request is provably inside the node's
+/// handler (it got `100 Continue`) before the signal; its body is sent only after the
+/// signal. A node that dropped them instead fails here: the reply read errors or is empty.
+#[test]
+fn shutdown_signal_answers_requests_in_flight() {
+    for signal in ["-TERM", "-INT"] {
+        let mut node = Node::single();
+        create_limits(&node);
+        let in_flight: Vec<_> = (0..3)
+            .map(|i| {
+                let id = format!("in-flight{signal}-{i}");
+                let (tcp, body) = start_in_flight(&node, &id);
+                (id, tcp, body)
+            })
+            .collect();
+        let pid = node.pid().to_string();
+        let sent = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill {signal} failed");
+        for (id, tcp, body) in in_flight {
+            let (status, reply) = finish_in_flight(tcp, &body, &id);
+            assert_eq!(status, 200, "{signal}: {id}: {reply}");
+            assert_eq!(reply["applied"], json!(true), "{signal}: {id}: {reply}");
+        }
+        let status = node.wait_exit();
+        assert_eq!(status.code(), Some(0), "{signal}: exit status {status}");
+        node.restart();
+        check_totals(&node, 3..=3);
+    }
+}
