@@ -1,4 +1,4 @@
-//! The writer under storage faults, on the real store over [`faults::FaultyDisk`]: a failed
+//! The writer (and, last, the cluster sweep that follows it) under storage faults, on the real store over [`faults::FaultyDisk`]: a failed
 //! sync is never acknowledged and stops writing; a full disk refuses writes and they
 //! resume by themselves; a full queue is `Unavailable` after `queue_wait`; maintenance
 //! commits follow the same rules. Each test ends with a power loss and a restart, and
@@ -366,4 +366,87 @@ async fn tombstones_are_collected_after_their_retention() {
     let node = power_cycle(node, &disk, &clock).await;
     assert_eq!(tombstones(&node), (vec![], vec![]), "disk after GC");
     assert!(node.limit("reqs").is_none());
+}
+
+/// The cluster's sweep stops gossiping what no longer counts (stale-key removal): the
+/// own slot of an epoch whose period ended, and the tombstone of a deleted limit once
+/// maintenance collected it. Real gossip (chitchat on loopback UDP), a fleet of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_unpublishes_closed_epochs_and_collected_tombstones() {
+    let (disk, clock) = (FaultyDisk::new(), clock());
+    let node = open(&disk, &clock, |_| {});
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    node.start_cluster(crate::ClusterConfig {
+        listen: addr,
+        advertise: addr,
+        seeds: vec![],
+        cluster_id: "writer-tests".into(),
+        key: crate::ClusterKey::new(&[7; 32]).unwrap(),
+        interval: Duration::from_millis(100),
+        transport: tally_gossip::udp_transport(),
+        isolated_unready_after: None,
+    })
+    .await
+    .unwrap();
+    let mut hourly = LimitInput {
+        scope: [("team".to_string(), "eng".to_string())].into(),
+        metric: Metric::Requests,
+        max: 1_000_000,
+        period: "1h".parse().unwrap(),
+        calendar_aligned: true,
+        timezone: "UTC".into(),
+    };
+    node.put_limit("hourly", hourly.clone()).await.unwrap();
+    hourly.max = 5;
+    node.put_limit("gone", hourly).await.unwrap();
+    node.delete_limit("gone").await.unwrap();
+    node.record(vec![rec("s1")]).await.unwrap();
+    let epoch = node.limit("hourly").unwrap().epoch;
+    let slot_key = tally_gossip::GossipKey::Slot {
+        limit: "hourly".into(),
+        epoch,
+    }
+    .encode();
+    let tombstone_key = tally_gossip::GossipKey::Limit("gone".into()).encode();
+    let keys = || async {
+        let g = &node.shared.cluster.get().unwrap().gossip;
+        let mut k = g.own_keys(tally_gossip::SLOT_PREFIX).await;
+        k.extend(g.own_keys(tally_gossip::LIMIT_PREFIX).await);
+        k
+    };
+    let wait_for = |want: bool, key: String| {
+        let keys = &keys;
+        async move {
+            let started = Instant::now();
+            while keys().await.contains(&key) != want {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "{key} {} gossip within 20 s; published: {:?}",
+                    if want { "never reached" } else { "never left" },
+                    keys().await
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_for(true, slot_key.clone()).await;
+    wait_for(true, tombstone_key.clone()).await;
+    // The hour ends: the epoch is closed, its slot stays on disk as history only.
+    clock.0.store(T0 + 3_600_000, Ordering::SeqCst);
+    node.maintain_now().await.unwrap();
+    wait_for(false, slot_key).await;
+    assert!(keys().await.contains(&tombstone_key), "tombstone kept");
+    // The tombstone's retention ends and maintenance collects it.
+    clock.0.store(
+        T0 + tally_core::config::TOMBSTONE_RETENTION_MS + 1_000,
+        Ordering::SeqCst,
+    );
+    node.maintain_now().await.unwrap();
+    wait_for(false, tombstone_key).await;
+    node.shutdown().await;
 }
