@@ -1,8 +1,11 @@
-//! The writer (and, last, the cluster sweep that follows it) under storage faults, on the real store over [`faults::FaultyDisk`]: a failed
+//! The writer under storage faults, on the real store over [`faults::FaultyDisk`]: a failed
 //! sync is never acknowledged and stops writing; a full disk refuses writes and they
 //! resume by themselves; a full queue is `Unavailable` after `queue_wait`; maintenance
 //! commits follow the same rules. Each test ends with a power loss and a restart, and
 //! checks that memory and disk agreed: exactly the acknowledged records count (I1, I2).
+//! Then what the writer does with values from peers (own echoes), maintenance that
+//! succeeds (dedup expiry, tombstone GC), and the cluster sweep that follows it
+//! (stale gossip keys).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
