@@ -90,7 +90,7 @@ pub async fn run(driver: Rc<Driver>) -> turmoil::Result {
             Some(cmd) => {
                 driver.busy.set(driver.busy.get() + 1);
                 let d = driver.clone();
-                tokio::task::spawn_local(async move {
+                let work = tokio::task::spawn_local(async move {
                     match cmd {
                         Cmd::Traffic(t) => traffic(&d, t).await,
                         Cmd::Http {
@@ -107,6 +107,16 @@ pub async fn run(driver: Rc<Driver>) -> turmoil::Result {
                             };
                             *out.borrow_mut() = Some(r);
                         }
+                    }
+                });
+                // A panic in a command (an assertion of the gateway, a bug in the harness)
+                // fails the run instead of silently leaving its records unsent.
+                let d = driver.clone();
+                tokio::task::spawn_local(async move {
+                    if let Err(e) = work.await {
+                        d.violations
+                            .borrow_mut()
+                            .push(format!("a gateway command task failed: {e}"));
                     }
                     d.busy.set(d.busy.get() - 1);
                 });
@@ -145,7 +155,11 @@ async fn traffic(d: &Rc<Driver>, t: Traffic) {
         }
     }
     for task in tasks {
-        let _ = task.await;
+        if let Err(e) = task.await {
+            d.violations
+                .borrow_mut()
+                .push(format!("a traffic task of {} failed: {e}", t.tag));
+        }
     }
 }
 
@@ -158,7 +172,10 @@ struct Rec {
 
 async fn send(d: &Rc<Driver>, node: usize, other: usize, rec: Rec, retry: Retry) {
     if rec.gated {
-        let Some(addr) = d.addr(node) else { return };
+        let Some(addr) = d.addr(node) else {
+            d.ledger.borrow_mut().check_failed += 1;
+            return;
+        };
         let body = json!({"attributes": {"team": "eng"}, "tokens": rec.tokens});
         match request(
             addr,
@@ -174,8 +191,11 @@ async fn send(d: &Rc<Driver>, node: usize, other: usize, rec: Rec, retry: Retry)
                 d.ledger.borrow_mut().denied += 1;
                 return;
             }
-            // A gateway that cannot check fails closed.
-            _ => return,
+            // A gateway that cannot check fails closed (counted: floors bound it).
+            _ => {
+                d.ledger.borrow_mut().check_failed += 1;
+                return;
+            }
         }
     }
     let mut acked = false;
@@ -191,6 +211,7 @@ async fn send(d: &Rc<Driver>, node: usize, other: usize, rec: Rec, retry: Retry)
         }
     }
     if !acked {
+        d.ledger.borrow_mut().given_up += 1;
         return;
     }
     match retry {

@@ -68,6 +68,11 @@ pub struct Report {
     pub samples: u64,
     /// Crashes that hit a node while its writer held queued records.
     pub mid_commit_crashes: u64,
+    /// Distinct record ids acknowledged, gated records whose check got no answer, and
+    /// records given up on (floors in `main.rs` bound these against the plan).
+    pub acked_ids: usize,
+    pub check_failed: u64,
+    pub given_up: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -858,6 +863,9 @@ impl Fleet {
         self.report.unknown = l.unknown();
         self.report.denied = l.denied;
         self.report.cross_node_retries = l.cross_node_retries;
+        self.report.acked_ids = l.acked_ids();
+        self.report.check_failed = l.check_failed;
+        self.report.given_up = l.given_up;
         drop(l);
         self.report.sim_ms = self.now_ms();
         Ok(())

@@ -114,6 +114,10 @@ pub struct Ledger {
     /// Records sent again to another node after an acknowledgement (counted twice by
     /// design: deduplication is per node, DESIGN.md I2).
     pub cross_node_retries: u64,
+    /// Gated records not sent because their check got no answer (fail closed).
+    pub check_failed: u64,
+    /// Records the client gave up on (never acknowledged within its attempts).
+    pub given_up: u64,
 }
 
 /// Bounds for one (limit, epoch, origin).
@@ -133,6 +137,16 @@ impl Ledger {
             .iter()
             .filter(|a| matches!(a.outcome, Outcome::Acked(_)))
             .count()
+    }
+
+    /// Distinct record ids acknowledged at least once.
+    pub fn acked_ids(&self) -> usize {
+        self.attempts
+            .iter()
+            .filter(|a| matches!(a.outcome, Outcome::Acked(_)))
+            .map(|a| a.id.as_str())
+            .collect::<BTreeSet<_>>()
+            .len()
     }
 
     pub fn unknown(&self) -> usize {
