@@ -148,6 +148,20 @@ fn client(thread: usize, load: Arc<Load>) -> Outcome {
     }
 }
 
+/// Waits until the clients have `more` records acknowledged beyond what they had, instead
+/// of sleeping a fixed time that a loaded machine may not fill with any work.
+fn wait_acked(load: &Load, more: u64) {
+    let want = load.acked.load(Ordering::SeqCst) + more;
+    while load.acked.load(Ordering::SeqCst) < want {
+        assert!(
+            Instant::now() < load.deadline,
+            "clients got only {} of {want} acknowledgements before the deadline",
+            load.acked.load(Ordering::SeqCst)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn start_clients(load: &Arc<Load>) -> Vec<JoinHandle<Outcome>> {
     (0..THREADS)
         .map(|t| {
@@ -231,7 +245,7 @@ fn sigkill_under_load_loses_and_duplicates_nothing() {
         );
         *load.target.write().expect("target lock") = Some(node.client());
     }
-    std::thread::sleep(Duration::from_millis(300));
+    wait_acked(&load, 50);
     let ids = stop_clients(&load, handles);
     let total = ids.len() as u64;
     assert!(total > 0, "no record was ever acknowledged");
@@ -271,7 +285,7 @@ fn sigterm_drains_and_keeps_acknowledged_records() {
         deadline: Instant::now() + LOAD_DEADLINE,
     });
     let handles = start_clients(&load);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_acked(&load, 50);
     *load.target.write().expect("target lock") = None;
     let status = node.terminate();
     assert_eq!(status.code(), Some(0), "SIGTERM under load: {status}");
@@ -280,7 +294,7 @@ fn sigterm_drains_and_keeps_acknowledged_records() {
     node.restart();
     check_totals(&node, acked_before..=acked_before + THREADS as u64);
     *load.target.write().expect("target lock") = Some(node.client());
-    std::thread::sleep(Duration::from_millis(100));
+    wait_acked(&load, 20);
     let mut ids = stop_clients(&load, handles);
     ids.extend((0..20).map(|i| format!("seq-{i}")));
     let total = ids.len() as u64;
