@@ -53,8 +53,9 @@ pub struct Driver {
     pub clocks: Vec<Arc<SimClock>>,
     /// Limit ids every record is observed against (all plan limits match every record).
     pub limits: Vec<String>,
-    /// Period specs of limits whose records may carry `at`, to place them (I5 oracle).
-    pub at_specs: RefCell<HashMap<String, tally_core::PeriodSpec>>,
+    /// (period, timezone) of the calendar-aligned and all-time limits, to place records
+    /// that carry `at` with the independent oracle ([`crate::oracle`]).
+    pub at_specs: RefCell<HashMap<String, (String, String)>>,
     pub elapsed_ms: Arc<std::sync::atomic::AtomicI64>,
     /// What the gateway saw that must not happen; the executor fails the run on it.
     pub violations: RefCell<Vec<String>>,
@@ -284,7 +285,11 @@ async fn attempt(d: &Rc<Driver>, node: usize, rec: &Rec) -> Outcome {
             limit: limit.clone(),
             pre,
             post,
-            at_period: at_ms.and_then(|at| specs.get(limit).map(|s| s.window(at).index)),
+            at_period: at_ms.and_then(|at| {
+                specs
+                    .get(limit)
+                    .map(|(period, tz)| crate::oracle::aligned_window(period, tz, at).0)
+            }),
         })
         .collect();
     d.ledger.borrow_mut().push(Attempt {

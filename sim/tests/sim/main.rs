@@ -19,6 +19,7 @@ mod fleet;
 mod host;
 mod ledger;
 mod net;
+mod oracle;
 mod scenario;
 
 use std::io::Write as _;
