@@ -682,7 +682,61 @@ impl Fleet {
             self.report.convergence.push((rounds, ms(took)));
         }
         self.event(format!("converged after {rounds} rounds ({} ms)", ms(took)));
-        self.check_ledger()
+        self.check_ledger()?;
+        self.check_history()
+    }
+
+    /// I1/I2 in every epoch, past ones included (records with a late `at`, records that
+    /// crossed a period boundary in flight): each running node's own slot of every epoch
+    /// in its history (`GET /v1/limits/{id}/history`, read from its disk) lies within what
+    /// the ledger allows for the records that node took in that epoch. Closed epochs are
+    /// no longer gossiped, so each node answers for its own slots only.
+    fn check_history(&mut self) -> Result<(), Violation> {
+        let mut checked = 0u64;
+        for node in self.up_nodes() {
+            let name = self.names[node].clone();
+            for def in self.plan.limits.clone() {
+                let path = format!("/v1/limits/{}/history?limit=1000", def.id);
+                let v = match self.http(node, "GET", &path, None)? {
+                    HttpOutcome::Response(200, v) => v,
+                    other => return Err(format!("{name}: GET {path}: {other:?}")),
+                };
+                let unit = unit_of(&input_of(&def));
+                for e in v["epochs"].as_array().into_iter().flatten() {
+                    let period = match e["period_start"].as_str() {
+                        Some(t) => t
+                            .parse::<jiff::Timestamp>()
+                            .map_err(|err| format!("{name}: {path}: {t}: {err}"))?
+                            .as_millisecond(),
+                        None => crate::oracle::NEVER_START_MS,
+                    };
+                    let reset = e["reset"]
+                        .as_str()
+                        .and_then(|r| r.parse().ok())
+                        .ok_or_else(|| format!("{name}: {path}: no reset in {e}"))?;
+                    let epoch = Epoch { period, reset };
+                    let own = e["nodes"][name.as_str()].as_u64().unwrap_or(0);
+                    let b = self
+                        .driver
+                        .ledger
+                        .borrow()
+                        .bounds(def.id, unit, epoch, &name);
+                    if own < b.lower || own > b.upper {
+                        return Err(format!(
+                            "{}: limit {} epoch {epoch} (current: {}): {name}'s own slot on its disk is {own}, the ledger allows {}..={} (lost or double-counted usage in this epoch)",
+                            if own < b.lower { "I1" } else { "I2" },
+                            def.id,
+                            e["current"],
+                            b.lower,
+                            b.upper
+                        ));
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        self.event(format!("history: {checked} own slots checked in every epoch"));
+        Ok(())
     }
 
     /// I8: malformed requests get a 4xx and leave the node's state as it was.
