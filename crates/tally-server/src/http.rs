@@ -857,9 +857,15 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
     }
 }
 
-async fn check(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
-    authorize(&s, &headers, Role::Client)?;
-    let b: CheckBody = parse_json(&body)?;
+/// Everything tally does with a `POST /v1/check` body before it asks the node: parse it
+/// (attributes borrowed from the body), validate names, values and amounts, then call
+/// `then` with the attributes and the estimate. Public so the benchmark floor
+/// (`tally-bench`) does exactly this work and differs from tally only in the check itself.
+pub fn parse_check<R>(
+    body: &[u8],
+    then: impl FnOnce(&[(&str, &str)], Amounts) -> R,
+) -> Result<R, ApiError> {
+    let b: CheckBody = parse_json(body)?;
     b.attributes.validate()?;
     let estimate = Amounts {
         cost: cost(b.cost)?,
@@ -867,7 +873,12 @@ async fn check(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
         requests: 1,
     };
     let attrs: Vec<(&str, &str)> = b.attributes.0.iter().map(|(k, v)| (&**k, &**v)).collect();
-    let r = s.node.check(&attrs, estimate);
+    Ok(then(&attrs, estimate))
+}
+
+async fn check(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
+    authorize(&s, &headers, Role::Client)?;
+    let r = parse_check(&body, |attrs, estimate| s.node.check(attrs, estimate))?;
     let mut j = Json::with_capacity(reply_capacity(r.limits.len()));
     j.raw("{\"allowed\":").bool(r.allowed);
     j.raw(",\"stale\":").bool(r.stale);
