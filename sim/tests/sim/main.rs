@@ -10,7 +10,7 @@
 //! - `cargo test -p sim` — the fixed CI seeds (`sim::CI_SEEDS` per scenario);
 //! - `TALLY_SIM_SEED=<seed> cargo test -p sim --test sim <scenario>` — one seed;
 //! - `TALLY_SIM_SEEDS=<n>` — a soak of `n` seeds per scenario;
-//! - `cargo test -p sim --test sim big_fleet_convergence -- --ignored` — the 25-node,
+//! - `cargo test --release -p sim --test sim big_fleet_convergence -- --ignored` — the 25-node,
 //!   10 000-limit convergence goal; `-- --nocapture` shows the measurements.
 
 mod big;
@@ -390,7 +390,7 @@ fn regressions() {
 /// The 25-node, 10 000-limit convergence goal. Ignored in `cargo test --workspace` because
 /// it takes minutes; `.ci/run` runs it by name with `--ignored`.
 #[test]
-#[ignore = "minutes long: .ci/run runs it by name (cargo test -p sim --test sim big_fleet_convergence -- --ignored)"]
+#[ignore = "minutes long: .ci/run runs it by name (cargo test --release -p sim --test sim big_fleet_convergence -- --ignored)"]
 fn big_fleet_convergence() {
     install_panic_hook();
     init_tracing();
