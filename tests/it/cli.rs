@@ -67,7 +67,10 @@ fn wait_out_period_ends(margin: std::time::Duration) {
         .and_then(|d| d.checked_add(1.month()))
         .expect("next month");
     let berlin: Zoned = now.in_tz("Europe/Berlin").expect("Europe/Berlin");
-    let day_end = berlin.tomorrow().and_then(|d| d.start_of_day()).expect("tomorrow");
+    let day_end = berlin
+        .tomorrow()
+        .and_then(|d| d.start_of_day())
+        .expect("tomorrow");
     for end in [month_end.timestamp(), day_end.timestamp()] {
         let until = end.as_millisecond() - now.as_millisecond();
         if until >= 0 && (until as u128) < margin.as_millis() {

@@ -248,15 +248,19 @@ fn three_nodes_replicate_config_and_usage() {
 /// Waits until `GET path` answers `status` on every node of `nodes`.
 #[track_caller]
 fn wait_status(nodes: &[&Node], path: &str, status: u16) -> Duration {
-    wait_for(CONFIG_TIMEOUT, &format!("{path} to answer {status} everywhere"), || {
-        for node in nodes {
-            let (got, body) = node.get(path);
-            if got != status {
-                return Err(format!("{}: {got} {body}", node.node_id()));
+    wait_for(
+        CONFIG_TIMEOUT,
+        &format!("{path} to answer {status} everywhere"),
+        || {
+            for node in nodes {
+                let (got, body) = node.get(path);
+                if got != status {
+                    return Err(format!("{}: {got} {body}", node.node_id()));
+                }
             }
-        }
-        Ok(())
-    })
+            Ok(())
+        },
+    )
     .1
 }
 
@@ -286,7 +290,8 @@ fn entities_and_deletions_replicate_across_nodes() {
             Ok(())
         });
         put_limit_everywhere(a, &all, "t9-cost", cost_limit("t9", 100.0));
-        let by_key = |id: &str| json!({"id": id, "attributes": {"virtual_key": "vk-9"}, "cost": 1.0});
+        let by_key =
+            |id: &str| json!({"id": id, "attributes": {"virtual_key": "vk-9"}, "cost": 1.0});
         // C learned the entity from A: a record naming only the key counts for team t9.
         let reply = ok(c.post("/v1/usage", by_key("e-1")));
         assert_eq!(reply["applied"], json!(true), "{reply}");
@@ -296,11 +301,18 @@ fn entities_and_deletions_replicate_across_nodes() {
 
         // The entity is deleted on B: A and C forget it, and the key no longer expands.
         let (status, body) = b.delete(vk);
-        assert!(status == 200 || status == 204, "DELETE {vk}: {status} {body}");
+        assert!(
+            status == 200 || status == 204,
+            "DELETE {vk}: {status} {body}"
+        );
         wait_status(&all, vk, 404);
         let reply = ok(a.post("/v1/usage", by_key("e-2")));
         assert_eq!(reply["applied"], json!(true), "{reply}");
-        assert_eq!(reply["limits"], json!([]), "vk-9 still expands on A: {reply}");
+        assert_eq!(
+            reply["limits"],
+            json!([]),
+            "vk-9 still expands on A: {reply}"
+        );
         wait_usage(&all, "t9-cost", &Usage::of(&one_on_c), CONVERGE_TIMEOUT);
     }
 
@@ -320,8 +332,16 @@ fn entities_and_deletions_replicate_across_nodes() {
     std::thread::sleep(Duration::from_millis(1_000));
     for node in &all {
         let (status, body) = node.get("/v1/limits/t9-cost");
-        assert_eq!(status, 404, "{} resurrected the limit: {body}", node.node_id());
-        let reply = ok(node.post("/v1/check", json!({"attributes": {"team": "t9"}, "cost": 1.0})));
+        assert_eq!(
+            status,
+            404,
+            "{} resurrected the limit: {body}",
+            node.node_id()
+        );
+        let reply = ok(node.post(
+            "/v1/check",
+            json!({"attributes": {"team": "t9"}, "cost": 1.0}),
+        ));
         assert_eq!(reply["limits"], json!([]), "{}: {reply}", node.node_id());
     }
 }

@@ -383,7 +383,9 @@ fn start_in_flight(node: &Node, id: &str) -> (std::net::TcpStream, Vec<u8>) {
         "expected 100 Continue for {id}, got {status:?}"
     );
     let mut blank = String::new();
-    reader.read_line(&mut blank).expect("read end of 100 Continue");
+    reader
+        .read_line(&mut blank)
+        .expect("read end of 100 Continue");
     assert_eq!(blank, "\r\n", "after 100 Continue");
     (tcp, body)
 }

@@ -57,8 +57,8 @@ fn aligned(period: &str, tz: &str, t: i64) -> (i64, i64) {
     let z = ts(t).to_zoned(tz.clone());
     let local_ms = |unit_ms: i64| {
         // Milliseconds since the local unit boundary, whatever the UTC offset.
-        let secs_of_day = i64::from(z.hour()) * 3600 + i64::from(z.minute()) * 60
-            + i64::from(z.second());
+        let secs_of_day =
+            i64::from(z.hour()) * 3600 + i64::from(z.minute()) * 60 + i64::from(z.second());
         let ms_of_day = secs_of_day * 1000 + i64::from(z.millisecond());
         ms_of_day.rem_euclid(unit_ms)
     };
@@ -152,7 +152,12 @@ fn the_oracles_agree_with_dates_worked_out_by_hand() {
         (ms("2025-01-01T00:15:00Z"), ms("2025-01-01T00:45:00Z"))
     );
     assert_eq!(
-        rolling("1M", "UTC", ms("2025-01-31T10:00:00Z"), ms("2025-03-01T00:00:00Z")),
+        rolling(
+            "1M",
+            "UTC",
+            ms("2025-01-31T10:00:00Z"),
+            ms("2025-03-01T00:00:00Z")
+        ),
         (ms("2025-02-28T10:00:00Z"), ms("2025-03-31T10:00:00Z"))
     );
 }
@@ -221,13 +226,27 @@ fn input(key: &str, period: &str, max: u64) -> LimitInput {
 #[derive(Debug, Clone)]
 enum Op {
     /// A record on `node` of `amount` tokens for limit `limit`, at T0 + dt.
-    Record { node: usize, limit: usize, amount: u64, dt: i64 },
+    Record {
+        node: usize,
+        limit: usize,
+        amount: u64,
+        dt: i64,
+    },
     /// Every replica exchanges everything (a healed fleet), with a copy dropped by mask.
-    Sync { from: usize, to: usize, drop_mask: u8 },
+    Sync {
+        from: usize,
+        to: usize,
+        drop_mask: u8,
+    },
     /// `max` edited on `node` (counting unchanged: usage stays).
     Edit { node: usize, limit: usize, max: u64 },
     /// A reset on `node` to `used` (a set-usage when not 0) at T0 + dt.
-    Reset { node: usize, limit: usize, used: u64, dt: i64 },
+    Reset {
+        node: usize,
+        limit: usize,
+        used: u64,
+        dt: i64,
+    },
     /// Deleted on `node` and created again there (a fresh limit: usage starts over).
     Recreate { node: usize, limit: usize },
 }

@@ -318,10 +318,7 @@ fn create_dir_durably(dir: &Path) -> io::Result<()> {
 }
 
 /// [`create_dir_durably`] with the fsync passed in (tests record what it syncs).
-fn create_dir_syncing(
-    dir: &Path,
-    mut sync: impl FnMut(&Path) -> io::Result<()>,
-) -> io::Result<()> {
+fn create_dir_syncing(dir: &Path, mut sync: impl FnMut(&Path) -> io::Result<()>) -> io::Result<()> {
     let mut created = Vec::new();
     let mut p = dir;
     while !p.as_os_str().is_empty() && !p.exists() {

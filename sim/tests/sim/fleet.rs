@@ -379,11 +379,8 @@ impl Fleet {
                 let inp = &d.input;
                 if inp.calendar_aligned || inp.period == Period::Never {
                     // The calendar's answer, not PeriodSpec's (the code under test).
-                    let w = crate::oracle::aligned_window(
-                        &inp.period.to_string(),
-                        &inp.timezone,
-                        now,
-                    );
+                    let w =
+                        crate::oracle::aligned_window(&inp.period.to_string(), &inp.timezone, now);
                     let (start, resets) = w;
                     if d.epoch.period != start
                         || (inp.period != Period::Never && d.report.period_start_ms != start)
@@ -735,7 +732,9 @@ impl Fleet {
                 }
             }
         }
-        self.event(format!("history: {checked} own slots checked in every epoch"));
+        self.event(format!(
+            "history: {checked} own slots checked in every epoch"
+        ));
         Ok(())
     }
 

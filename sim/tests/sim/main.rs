@@ -137,9 +137,18 @@ fn acked_floor_pct(scenario: &str) -> u64 {
     match scenario {
         "split_brain" => 40,
         "flaky_links" => 50,
-        "crash_commit" | "power_loss" | "torn_write" | "sync_error" | "disk_full"
-        | "replace_node" | "clock_skew" | "clock_skew_future_at" | "reset_race"
-        | "config_race" | "config_race_period" | "client_retries" => 100,
+        "crash_commit"
+        | "power_loss"
+        | "torn_write"
+        | "sync_error"
+        | "disk_full"
+        | "replace_node"
+        | "clock_skew"
+        | "clock_skew_future_at"
+        | "reset_race"
+        | "config_race"
+        | "config_race_period"
+        | "client_retries" => 100,
         _ => 0,
     }
 }
@@ -161,9 +170,19 @@ fn mid_commit_floor_pct(scenario: &str) -> u64 {
 fn rounds_max(scenario: &str) -> u64 {
     match scenario {
         "clock_skew" => 12,
-        "split_brain" | "flaky_links" | "crash_commit" | "power_loss" | "torn_write"
-        | "sync_error" | "disk_full" | "replace_node" | "clock_skew_future_at"
-        | "reset_race" | "config_race" | "config_race_period" | "client_retries" => 5,
+        "split_brain"
+        | "flaky_links"
+        | "crash_commit"
+        | "power_loss"
+        | "torn_write"
+        | "sync_error"
+        | "disk_full"
+        | "replace_node"
+        | "clock_skew_future_at"
+        | "reset_race"
+        | "config_race"
+        | "config_race_period"
+        | "client_retries" => 5,
         _ => Knobs::default().rounds_max,
     }
 }
