@@ -11,7 +11,7 @@
 //! - `TALLY_SIM_SEED=<seed> cargo test -p sim --test sim <scenario>` reruns one seed.
 //! - `TALLY_SIM_SEEDS=<n>` runs `n` seeds per scenario (a soak; the first [`CI_SEEDS`] are
 //!   the CI ones).
-//! - `TALLY_SIM_BIG=1 cargo test -p sim --test sim big_fleet_convergence` runs the 25-node,
+//! - `cargo test --release -p sim --test sim big_fleet_convergence -- --ignored` runs the 25-node,
 //!   10 000-limit convergence goal.
 
 /// Seeds per scenario in the default (CI) run.

@@ -53,8 +53,37 @@ fn rows(text: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// The test reads usage back from a calendar month (UTC) and a calendar day
+/// (Europe/Berlin): if either period ended while it ran, the usage would be history and
+/// the test would fail for no fault of tally. Within `margin` of either boundary, this
+/// waits until both are safely behind (at most `margin` plus a second, once a day).
+fn wait_out_period_ends(margin: std::time::Duration) {
+    use jiff::{ToSpan as _, Zoned};
+    let now = jiff::Timestamp::now();
+    let utc = now.to_zoned(jiff::tz::TimeZone::UTC);
+    let month_end = utc
+        .first_of_month()
+        .and_then(|d| d.start_of_day())
+        .and_then(|d| d.checked_add(1.month()))
+        .expect("next month");
+    let berlin: Zoned = now.in_tz("Europe/Berlin").expect("Europe/Berlin");
+    let day_end = berlin
+        .tomorrow()
+        .and_then(|d| d.start_of_day())
+        .expect("tomorrow");
+    for end in [month_end.timestamp(), day_end.timestamp()] {
+        let until = end.as_millisecond() - now.as_millisecond();
+        if until >= 0 && (until as u128) < margin.as_millis() {
+            eprintln!("a period ends at {end}: waiting {until} ms so the test runs in one period");
+            std::thread::sleep(std::time::Duration::from_millis(until as u64 + 1_000));
+        }
+    }
+}
+
 #[test]
 fn client_commands_print_tables_and_json() {
+    // The whole test takes a few seconds, a minute at most on a loaded machine.
+    wait_out_period_ends(std::time::Duration::from_secs(120));
     let node = Node::single();
     let url = node.url();
     let run = |args: &[&str]| {

@@ -245,6 +245,107 @@ fn three_nodes_replicate_config_and_usage() {
     );
 }
 
+/// Waits until `GET path` answers `status` on every node of `nodes`.
+#[track_caller]
+fn wait_status(nodes: &[&Node], path: &str, status: u16) -> Duration {
+    wait_for(
+        CONFIG_TIMEOUT,
+        &format!("{path} to answer {status} everywhere"),
+        || {
+            for node in nodes {
+                let (got, body) = node.get(path);
+                if got != status {
+                    return Err(format!("{}: {got} {body}", node.node_id()));
+                }
+            }
+            Ok(())
+        },
+    )
+    .1
+}
+
+/// I4 for config other than limits: an entity written on one node replicates (another
+/// node expands a record's attributes through it), its deletion replicates (the same
+/// record then counts against nothing), and a limit deleted while a node was down (its
+/// disk still holds the limit) stays deleted when that node comes back: the tombstone
+/// wins on the returning node and the old record does not come back on the others.
+/// (Tombstone expiry after its 7-day retention needs a clock the processes do not
+/// share; `tally-node`'s `tombstones_are_collected_after_their_retention` and
+/// `the_sweep_unpublishes_closed_epochs_and_collected_tombstones` cover it.)
+#[test]
+fn entities_and_deletions_replicate_across_nodes() {
+    let mut fleet = Fleet::start(3);
+    {
+        let all: Vec<&Node> = fleet.nodes.iter().collect();
+        let (a, b, c) = (all[0], all[1], all[2]);
+        let vk = "/v1/entities/virtual_key/vk-9";
+        ok(a.put(vk, json!({"parents": {"team": "t9"}})));
+        wait_for(CONFIG_TIMEOUT, "vk-9 on every node", || {
+            for node in &all {
+                let (status, body) = node.get(vk);
+                if status != 200 || body["parents"] != json!({"team": "t9"}) {
+                    return Err(format!("{}: {status} {body}", node.node_id()));
+                }
+            }
+            Ok(())
+        });
+        put_limit_everywhere(a, &all, "t9-cost", cost_limit("t9", 100.0));
+        let by_key =
+            |id: &str| json!({"id": id, "attributes": {"virtual_key": "vk-9"}, "cost": 1.0});
+        // C learned the entity from A: a record naming only the key counts for team t9.
+        let reply = ok(c.post("/v1/usage", by_key("e-1")));
+        assert_eq!(reply["applied"], json!(true), "{reply}");
+        assert_eq!(reply["limits"][0]["id"], json!("t9-cost"), "{reply}");
+        let one_on_c: BTreeMap<String, i128> = [(c.node_id().to_string(), 1_000_000)].into();
+        wait_usage(&all, "t9-cost", &Usage::of(&one_on_c), CONVERGE_TIMEOUT);
+
+        // The entity is deleted on B: A and C forget it, and the key no longer expands.
+        let (status, body) = b.delete(vk);
+        assert!(
+            status == 200 || status == 204,
+            "DELETE {vk}: {status} {body}"
+        );
+        wait_status(&all, vk, 404);
+        let reply = ok(a.post("/v1/usage", by_key("e-2")));
+        assert_eq!(reply["applied"], json!(true), "{reply}");
+        assert_eq!(
+            reply["limits"],
+            json!([]),
+            "vk-9 still expands on A: {reply}"
+        );
+        wait_usage(&all, "t9-cost", &Usage::of(&one_on_c), CONVERGE_TIMEOUT);
+    }
+
+    // B goes down with the limit on its disk; C deletes the limit meanwhile.
+    fleet.nodes[1].kill9();
+    {
+        let (a, c) = (&fleet.nodes[0], &fleet.nodes[2]);
+        let (status, body) = c.delete("/v1/limits/t9-cost");
+        assert!(status == 200 || status == 204, "DELETE: {status} {body}");
+        wait_status(&[a, c], "/v1/limits/t9-cost", 404);
+    }
+    fleet.nodes[1].restart();
+    fleet.wait_formed(FLEET_READY_TIMEOUT);
+    let all: Vec<&Node> = fleet.nodes.iter().collect();
+    wait_status(&all, "/v1/limits/t9-cost", 404);
+    // And it stays gone: a few gossip rounds later no node has it back.
+    std::thread::sleep(Duration::from_millis(1_000));
+    for node in &all {
+        let (status, body) = node.get("/v1/limits/t9-cost");
+        assert_eq!(
+            status,
+            404,
+            "{} resurrected the limit: {body}",
+            node.node_id()
+        );
+        let reply = ok(node.post(
+            "/v1/check",
+            json!({"attributes": {"team": "t9"}, "cost": 1.0}),
+        ));
+        assert_eq!(reply["limits"], json!([]), "{}: {reply}", node.node_id());
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. SIGKILL of one node under load.
 

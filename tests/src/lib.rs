@@ -220,24 +220,30 @@ impl Node {
 
     /// SIGTERM and wait (bounded by [`EXIT_TIMEOUT`]) for the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("node is not running");
-        let pid = child.id().to_string();
+        let pid = self.pid().to_string();
         let sent = Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .expect("run kill -TERM");
         assert!(sent.success(), "kill -TERM {pid} failed: {sent}");
+        self.wait_exit()
+    }
+
+    /// Waits (bounded by [`EXIT_TIMEOUT`]) for the process to exit, after a signal the
+    /// caller sent, and returns its status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("node is not running");
         let deadline = Instant::now() + EXIT_TIMEOUT;
         loop {
             if let Some(status) = child.try_wait().expect("try_wait tally") {
-                self.log_line("harness", &format!("--- SIGTERM: exited {status} ---"));
+                self.log_line("harness", &format!("--- exited {status} ---"));
                 return status;
             }
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
                 self.dump_logs();
-                panic!("tally did not exit within {EXIT_TIMEOUT:?} of SIGTERM");
+                panic!("tally did not exit within {EXIT_TIMEOUT:?} of the signal");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -1054,11 +1060,17 @@ impl Fleet {
 pub struct Rng(u64);
 
 impl Rng {
-    /// Seed from `TALLY_TEST_SEED` if set, else from the clock; always printed so a failing
-    /// run can be repeated.
+    /// Seed from `TALLY_TEST_SEED` if set; else, in CI (`CI` set and not `false`), a fixed
+    /// seed derived from the test's name, so a CI run is repeatable; else from the clock.
+    /// Always printed so a failing run can be repeated.
     pub fn from_env_or_time(test: &str) -> Rng {
+        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
         let seed = match std::env::var("TALLY_TEST_SEED") {
             Ok(s) => s.parse().expect("TALLY_TEST_SEED must be a u64"),
+            // FNV-1a of the name: fixed per test, different between tests.
+            Err(_) if ci => test.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            }),
             Err(_) => SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .expect("clock after 1970")

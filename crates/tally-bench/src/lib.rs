@@ -1,6 +1,7 @@
 //! Benchmark helpers for tally. The crate's binary `tally-floor` is the floor of
 //! `scripts/bench_vs_redis.sh`: the least an HTTP check can cost on this stack (axum on
-//! tokio, serde_json, mimalloc), against which tally's `POST /v1/check` is compared.
+//! tokio, serde_json, mimalloc) with tally's own parsing and validation of the body
+//! (`tally_server::http::parse_check`), against which tally's `POST /v1/check` is compared.
 //!
 //! The library half is the floor's router, so tests can serve it on port 0.
 
@@ -10,10 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use tally_api::{CheckRequest, ErrorReply};
 
 /// Largest body read, as tally (1 MiB).
 pub const BODY_BYTES_MAX: usize = 1 << 20;
@@ -40,21 +40,21 @@ pub fn router(floor: Arc<Floor>) -> Router {
 }
 
 async fn check(State(floor): State<Arc<Floor>>, body: Bytes) -> Response {
-    // tally's own body type, parsed as tally parses it (attributes borrowed).
-    let parsed: CheckRequest = match serde_json::from_slice(&body) {
-        Ok(parsed) => parsed,
-        Err(error) => {
-            let reply = ErrorReply::new("invalid_argument", error.to_string());
-            return (StatusCode::BAD_REQUEST, axum::Json(reply)).into_response();
-        }
+    // The body is parsed and validated by tally's own function (borrowed attributes,
+    // name and value rules, amounts in micro-USD), so the floor does the same parsing
+    // work as tally; only the check against limits and the reply differ.
+    let parsed = tally_server::http::parse_check(&body, |attrs, estimate, _reserve| {
+        (attrs.len(), estimate.cost.0 + estimate.tokens)
+    });
+    let (attributes, estimate) = match parsed {
+        Ok(p) => p,
+        Err(error) => return error.into_response(),
     };
-    // Use what was parsed, as a check would, so none of it is optimised away.
-    let estimate = parsed.cost.unwrap_or(0.0) + parsed.tokens.unwrap_or(0) as f64;
     let seen = floor.checks.fetch_add(1, Ordering::Relaxed) + 1;
+    // Use what was parsed, as a check would, so none of it is optimised away.
     let reply = format!(
-        r#"{{"allowed":{},"checks":{seen},"attributes":{}}}"#,
-        estimate >= 0.0,
-        parsed.attributes.0.len()
+        r#"{{"allowed":{},"checks":{seen},"attributes":{attributes}}}"#,
+        estimate < u64::MAX,
     );
     ([(header::CONTENT_TYPE, "application/json")], reply).into_response()
 }
@@ -94,6 +94,12 @@ mod tests {
             "{reply}"
         );
         let reply = post(addr, r#"{"attributes":{},"nope":1}"#).await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+        // tally's validation: an attribute name with a space is refused, as by tally.
+        let reply = post(addr, r#"{"attributes":{"bad name":"x"}}"#).await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+        assert!(reply.contains(r#""code":"invalid_argument""#), "{reply}");
+        let reply = post(addr, r#"{"cost":-1}"#).await;
         assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
         assert_eq!(floor.checks(), 1);
     }

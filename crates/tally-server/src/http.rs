@@ -810,16 +810,22 @@ fn validate_attributes(a: &Attributes<'_>) -> Result<(), ApiError> {
     check_attribute_pairs(a.pairs(), a.0.len())
 }
 
-async fn check(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
-    authorize(&s, &headers, Role::Client)?;
-    let b: CheckRequest = parse_json(&body)?;
+/// Everything tally does with a `POST /v1/check` body before it asks the node: parse it
+/// (attributes borrowed from the body), validate names, values, amounts and the
+/// reservation fields, then call `then` with the attributes, the estimate and the
+/// reservation's lifetime. Public so the benchmark floor (`tally-bench`) does exactly this
+/// work and differs from tally only in the check itself.
+pub fn parse_check<R>(
+    body: &[u8],
+    then: impl FnOnce(&[(&str, &str)], Amounts, Option<i64>) -> R,
+) -> Result<R, ApiError> {
+    let b: CheckRequest = parse_json(body)?;
     validate_attributes(&b.attributes)?;
     let estimate = Amounts {
         cost: cost(b.cost)?,
         tokens: count(b.tokens, "tokens", 0)?,
         requests: 1,
     };
-    let attrs: Vec<(&str, &str)> = b.attributes.pairs().collect();
     let reserve = match (b.reserve, b.ttl_s) {
         (false, Some(_)) => {
             return Err(ApiError::invalid(
@@ -831,7 +837,15 @@ async fn check(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
         (true, Some(t)) => Some(i64::try_from(t.saturating_mul(1000)).unwrap_or(i64::MAX)),
         (true, None) => Some(tally_node::RESERVATION_TTL_DEFAULT_MS),
     };
-    let r = s.node.check_reserve(&attrs, estimate, reserve)?;
+    let attrs: Vec<(&str, &str)> = b.attributes.pairs().collect();
+    Ok(then(&attrs, estimate, reserve))
+}
+
+async fn check(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
+    authorize(&s, &headers, Role::Client)?;
+    let r = parse_check(&body, |attrs, estimate, reserve| {
+        s.node.check_reserve(attrs, estimate, reserve)
+    })??;
     let reservation = r.reservation.as_ref().map(|res| Reservation {
         id: res.id.clone(),
         node: s.node.node_id().to_string(),

@@ -19,6 +19,13 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .thread_name("tally")
         .build()
         .context("cannot start the async runtime")?;
+    // The handlers go in before anything slow (opening the store, a dedup rebuild): a
+    // SIGTERM or SIGINT during start-up then stops the node cleanly once it is open,
+    // instead of killing it with the default action (exit 143 / 130).
+    let shutdown = {
+        let _in_runtime = rt.enter();
+        shutdown_signal()
+    };
     rt.block_on(async move {
         let listener = TcpListener::bind(cfg.listen).await.with_context(|| {
             format!(
@@ -26,7 +33,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
                 cfg.listen
             )
         })?;
-        serve(cfg, listener, shutdown_signal()).await
+        serve(cfg, listener, shutdown).await
     })
 }
 
@@ -294,28 +301,33 @@ async fn start_proxies(
     Ok(extra)
 }
 
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the node");
-                std::future::pending::<()>().await;
-            }
+/// Installs the SIGTERM and SIGINT handlers now (call it inside the runtime) and returns
+/// a future that completes on the first of them. From this call on neither signal kills
+/// the process.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let listen = |kind: SignalKind, name: &'static str| match signal(kind) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for {name}; it stops the node without draining");
+            None
         }
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received, shutting down"),
-        () = term => tracing::info!("SIGTERM received, shutting down"),
+    let int = listen(SignalKind::interrupt(), "SIGINT");
+    let term = listen(SignalKind::terminate(), "SIGTERM");
+    let recv = |s: Option<tokio::signal::unix::Signal>| async move {
+        match s {
+            Some(mut s) => {
+                s.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    async move {
+        tokio::select! {
+            () = recv(int) => tracing::info!("SIGINT received, shutting down"),
+            () = recv(term) => tracing::info!("SIGTERM received, shutting down"),
+        }
     }
 }
 

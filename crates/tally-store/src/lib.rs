@@ -330,6 +330,11 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Creates `dir` (and missing parents) so that it survives a crash: every directory created
 /// here is fsynced, and so is the existing ancestor that got the first new entry.
 fn create_dir_durably(dir: &Path) -> io::Result<()> {
+    create_dir_syncing(dir, sync_dir)
+}
+
+/// [`create_dir_durably`] with the fsync passed in (tests record what it syncs).
+fn create_dir_syncing(dir: &Path, mut sync: impl FnMut(&Path) -> io::Result<()>) -> io::Result<()> {
     let mut created = Vec::new();
     let mut p = dir;
     while !p.as_os_str().is_empty() && !p.exists() {
@@ -345,11 +350,11 @@ fn create_dir_durably(dir: &Path) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let top = created.last().expect("not empty");
     match top.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent)?,
-        _ => sync_dir(Path::new("."))?,
+        Some(parent) if !parent.as_os_str().is_empty() => sync(parent)?,
+        _ => sync(Path::new("."))?,
     }
     for d in created.iter().rev() {
-        sync_dir(d)?;
+        sync(d)?;
     }
     Ok(())
 }
@@ -1053,6 +1058,35 @@ impl Batch<'_> {
 mod tests {
     use super::*;
     use tally_core::{Hlc, LimitInput, LimitSpec, Metric, Version};
+
+    /// A data directory tally creates survives a crash: the existing parent that got the
+    /// new entry is fsynced, then each created directory, outermost first; an existing
+    /// directory is not touched.
+    #[test]
+    fn created_data_dir_is_synced_in_its_parent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a").join("b");
+        let mut synced = Vec::new();
+        create_dir_syncing(&dir, |p| {
+            synced.push(p.to_path_buf());
+            Ok(())
+        })
+        .unwrap();
+        assert!(dir.is_dir());
+        assert_eq!(
+            synced,
+            [tmp.path().to_path_buf(), tmp.path().join("a"), dir.clone()]
+        );
+        synced.clear();
+        create_dir_syncing(&dir, |p| {
+            synced.push(p.to_path_buf());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(synced, Vec::<PathBuf>::new(), "existing directory");
+        // The real fsync works on these directories too.
+        create_dir_durably(&tmp.path().join("c")).unwrap();
+    }
 
     fn epoch(p: i64) -> Epoch {
         Epoch {

@@ -53,8 +53,9 @@ pub struct Driver {
     pub clocks: Vec<Arc<SimClock>>,
     /// Limit ids every record is observed against (all plan limits match every record).
     pub limits: Vec<String>,
-    /// Period specs of limits whose records may carry `at`, to place them (I5 oracle).
-    pub at_specs: RefCell<HashMap<String, tally_core::PeriodSpec>>,
+    /// (period, timezone) of the calendar-aligned and all-time limits, to place records
+    /// that carry `at` with the independent oracle ([`crate::oracle`]).
+    pub at_specs: RefCell<HashMap<String, (String, String)>>,
     pub elapsed_ms: Arc<std::sync::atomic::AtomicI64>,
     /// What the gateway saw that must not happen; the executor fails the run on it.
     pub violations: RefCell<Vec<String>>,
@@ -90,7 +91,7 @@ pub async fn run(driver: Rc<Driver>) -> turmoil::Result {
             Some(cmd) => {
                 driver.busy.set(driver.busy.get() + 1);
                 let d = driver.clone();
-                tokio::task::spawn_local(async move {
+                let work = tokio::task::spawn_local(async move {
                     match cmd {
                         Cmd::Traffic(t) => traffic(&d, t).await,
                         Cmd::Http {
@@ -107,6 +108,16 @@ pub async fn run(driver: Rc<Driver>) -> turmoil::Result {
                             };
                             *out.borrow_mut() = Some(r);
                         }
+                    }
+                });
+                // A panic in a command (an assertion of the gateway, a bug in the harness)
+                // fails the run instead of silently leaving its records unsent.
+                let d = driver.clone();
+                tokio::task::spawn_local(async move {
+                    if let Err(e) = work.await {
+                        d.violations
+                            .borrow_mut()
+                            .push(format!("a gateway command task failed: {e}"));
                     }
                     d.busy.set(d.busy.get() - 1);
                 });
@@ -146,7 +157,11 @@ async fn traffic(d: &Rc<Driver>, t: Traffic) {
         }
     }
     for task in tasks {
-        let _ = task.await;
+        if let Err(e) = task.await {
+            d.violations
+                .borrow_mut()
+                .push(format!("a traffic task of {} failed: {e}", t.tag));
+        }
     }
 }
 
@@ -172,7 +187,10 @@ impl Rec {
 
 async fn send(d: &Rc<Driver>, node: usize, other: usize, mut rec: Rec, retry: Retry) {
     if rec.gated {
-        let Some(addr) = d.addr(node) else { return };
+        let Some(addr) = d.addr(node) else {
+            d.ledger.borrow_mut().check_failed += 1;
+            return;
+        };
         let body = json!({"attributes": rec.attributes(), "tokens": rec.tokens, "reserve": true});
         match request(
             addr,
@@ -212,8 +230,11 @@ async fn send(d: &Rc<Driver>, node: usize, other: usize, mut rec: Rec, retry: Re
                 }
                 return;
             }
-            // A gateway that cannot check fails closed.
-            _ => return,
+            // A gateway that cannot check fails closed (counted: floors bound it).
+            _ => {
+                d.ledger.borrow_mut().check_failed += 1;
+                return;
+            }
         }
     }
     let mut acked = false;
@@ -229,6 +250,7 @@ async fn send(d: &Rc<Driver>, node: usize, other: usize, mut rec: Rec, retry: Re
         }
     }
     if !acked {
+        d.ledger.borrow_mut().given_up += 1;
         return;
     }
     match retry {
@@ -311,7 +333,11 @@ async fn attempt(d: &Rc<Driver>, node: usize, rec: &Rec) -> Outcome {
             limit: limit.clone(),
             pre,
             post,
-            at_period: at_ms.and_then(|at| specs.get(limit).map(|s| s.window(at).index)),
+            at_period: at_ms.and_then(|at| {
+                specs
+                    .get(limit)
+                    .map(|(period, tz)| crate::oracle::aligned_window(period, tz, at).0)
+            }),
         })
         .collect();
     d.ledger.borrow_mut().push(Attempt {

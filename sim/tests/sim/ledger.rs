@@ -121,6 +121,10 @@ pub struct Ledger {
     pub denied_budget: u64,
     /// Hard limit: its `used` in the first check it denied (utilisation at first denial).
     pub first_denial_used: Option<u64>,
+    /// Gated records not sent because their check got no answer (fail closed).
+    pub check_failed: u64,
+    /// Records the client gave up on (never acknowledged within its attempts).
+    pub given_up: u64,
 }
 
 /// Bounds for one (limit, epoch, origin).
@@ -140,6 +144,16 @@ impl Ledger {
             .iter()
             .filter(|a| matches!(a.outcome, Outcome::Acked(_)))
             .count()
+    }
+
+    /// Distinct record ids acknowledged at least once.
+    pub fn acked_ids(&self) -> usize {
+        self.attempts
+            .iter()
+            .filter(|a| matches!(a.outcome, Outcome::Acked(_)))
+            .map(|a| a.id.as_str())
+            .collect::<BTreeSet<_>>()
+            .len()
     }
 
     pub fn unknown(&self) -> usize {

@@ -10,7 +10,7 @@
 //! - `cargo test -p sim` — the fixed CI seeds (`sim::CI_SEEDS` per scenario);
 //! - `TALLY_SIM_SEED=<seed> cargo test -p sim --test sim <scenario>` — one seed;
 //! - `TALLY_SIM_SEEDS=<n>` — a soak of `n` seeds per scenario;
-//! - `TALLY_SIM_BIG=1 cargo test --release -p sim --test sim big_fleet` — the 25-node,
+//! - `cargo test --release -p sim --test sim big_fleet_convergence -- --ignored` — the 25-node,
 //!   10 000-limit convergence goal; `-- --nocapture` shows the measurements.
 
 mod big;
@@ -19,6 +19,7 @@ mod fleet;
 mod host;
 mod ledger;
 mod net;
+mod oracle;
 mod scenario;
 
 use std::io::Write as _;
@@ -29,7 +30,7 @@ use std::time::Instant;
 use sim::Rng;
 
 use crate::fleet::{Fleet, Knobs, Report};
-use crate::scenario::Plan;
+use crate::scenario::{Op, Plan};
 
 static PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 static HOOK: Once = Once::new();
@@ -85,7 +86,11 @@ fn run_seed(scenario: &str, seed: u64, plan: Plan) -> Report {
     let rerun = format!("TALLY_SIM_SEED={seed} cargo test -p sim --test sim {scenario}");
     let mut events = Vec::new();
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let mut fleet = Fleet::new(seed, plan.clone(), Knobs::default())?;
+        let knobs = Knobs {
+            rounds_max: rounds_max(scenario),
+            ..Knobs::default()
+        };
+        let mut fleet = Fleet::new(seed, plan.clone(), knobs)?;
         let r = fleet.run();
         events = std::mem::take(&mut fleet.events);
         r.map(|()| fleet.report.clone())
@@ -105,6 +110,105 @@ fn run_seed(scenario: &str, seed: u64, plan: Plan) -> Report {
     );
 }
 
+/// Records a plan sends (traffic, the bursts of mid-commit crashes, and the one good
+/// record `BadInput` sends).
+fn planned_records(plan: &Plan) -> u64 {
+    plan.ops
+        .iter()
+        .map(|op| match op {
+            Op::Traffic(t) => u64::from(t.count),
+            Op::CrashMidCommit { records, .. } | Op::PowerLossMidCommit { records, .. } => {
+                u64::from(*records)
+            }
+            // BadInput sends the valid record of a refused batch once more, alone.
+            Op::BadInput(_) => 1,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Per scenario, the least share (in %) of a seed's planned records that must be
+/// acknowledged: a run whose traffic silently stops (every request failing, checks
+/// failing closed, a task lost) must fail, not pass with nothing checked. Clients retry
+/// until acknowledged, so every record of an ungated scenario is (8 seeds each, all 100%
+/// when these were set); gated traffic is denied once the budget is spent (least seen:
+/// split_brain 58%, flaky_links 67%). Scenarios not listed have no floor yet.
+fn acked_floor_pct(scenario: &str) -> u64 {
+    match scenario {
+        "split_brain" => 40,
+        "flaky_links" => 50,
+        "crash_commit"
+        | "power_loss"
+        | "torn_write"
+        | "sync_error"
+        | "disk_full"
+        | "replace_node"
+        | "clock_skew"
+        | "clock_skew_future_at"
+        | "reset_race"
+        | "config_race"
+        | "config_race_period"
+        | "client_retries" => 100,
+        _ => 0,
+    }
+}
+
+/// Scenarios whose point is a crash that hits a busy writer: at least this share (in %)
+/// of their seeds must do so (checked when 8 or more seeds ran; 8 of 8 did when set).
+fn mid_commit_floor_pct(scenario: &str) -> u64 {
+    match scenario {
+        "crash_commit" | "power_loss" | "torn_write" => 75,
+        _ => 0,
+    }
+}
+
+/// Gossip rounds after heal within which every node must agree (I4), per scenario.
+/// README states these bounds: 1000 seeds per scenario converged within 3 rounds, and
+/// within 11 with clocks skewed across period boundaries (skewed nodes disagree on the
+/// current epoch until their clocks pass it). Scenarios not listed keep the loose
+/// default of [`Knobs`].
+fn rounds_max(scenario: &str) -> u64 {
+    match scenario {
+        "clock_skew" => 12,
+        "split_brain"
+        | "flaky_links"
+        | "crash_commit"
+        | "power_loss"
+        | "torn_write"
+        | "sync_error"
+        | "disk_full"
+        | "replace_node"
+        | "clock_skew_future_at"
+        | "reset_race"
+        | "config_race"
+        | "config_race_period"
+        | "client_retries" => 5,
+        _ => Knobs::default().rounds_max,
+    }
+}
+
+/// The floors of one seed: every planned record is accounted for (acknowledged, denied by
+/// its check, failed closed or given up on: a record a lost task never sent breaks this),
+/// and enough were acknowledged.
+fn check_floors(scenario: &str, plan: &Plan, r: &Report) -> Result<(), String> {
+    let planned = planned_records(plan);
+    let accounted = r.acked_ids as u64 + r.denied + r.check_failed + r.given_up;
+    if accounted != planned {
+        return Err(format!(
+            "{planned} records planned but {accounted} accounted for ({} acknowledged, {} denied, {} checks failed closed, {} given up)",
+            r.acked_ids, r.denied, r.check_failed, r.given_up
+        ));
+    }
+    let floor = acked_floor_pct(scenario);
+    if (r.acked_ids as u64) * 100 < planned * floor {
+        return Err(format!(
+            "only {} of {planned} planned records were acknowledged; {scenario} needs at least {floor}% ({} denied, {} checks failed closed, {} given up)",
+            r.acked_ids, r.denied, r.check_failed, r.given_up
+        ));
+    }
+    Ok(())
+}
+
 /// Runs a scenario under the seeds the environment asks for and prints what it measured.
 fn run_scenario(scenario: &str, generate: fn(&mut Rng) -> Plan) {
     install_panic_hook();
@@ -116,16 +220,36 @@ fn run_scenario(scenario: &str, generate: fn(&mut Rng) -> Plan) {
         println!("sim {scenario}: seed {seed}");
         let plan = generate(&mut Rng::new(seed));
         let t = Instant::now();
-        let r = run_seed(scenario, seed, plan);
+        let r = run_seed(scenario, seed, plan.clone());
+        if let Err(e) = check_floors(scenario, &plan, &r) {
+            panic!(
+                "\nsim {scenario}: seed {seed} FAILED its floor: {e}\n\nplan: {plan:#?}\n\nrerun with:\n  TALLY_SIM_SEED={seed} cargo test -p sim --test sim {scenario}\n"
+            );
+        }
         println!(
-            "sim {scenario}: seed {seed} ok in {:.1} s wall, {} ms simulated, convergence {:?}, overshoot {}/{}",
+            "sim {scenario}: seed {seed} ok in {:.1} s wall, {} ms simulated, convergence {:?}, overshoot {}/{}, acknowledged {}/{} planned ({} denied, {} checks failed, {} given up), {} mid-commit crashes",
             t.elapsed().as_secs_f64(),
             r.sim_ms,
             r.convergence,
             r.overshoot,
-            r.budget_max
+            r.budget_max,
+            r.acked_ids,
+            planned_records(&plan),
+            r.denied,
+            r.check_failed,
+            r.given_up,
+            r.mid_commit_crashes,
         );
         reports.push(r);
+    }
+    let floor = mid_commit_floor_pct(scenario);
+    if seeds.len() >= 8 && floor > 0 {
+        let hit = reports.iter().filter(|r| r.mid_commit_crashes > 0).count();
+        assert!(
+            hit * 100 >= seeds.len() * floor as usize,
+            "sim {scenario}: a crash hit a busy writer in only {hit} of {} seeds; the scenario needs {floor}%",
+            seeds.len()
+        );
     }
     summarize(scenario, &seeds, started, &reports);
 }
@@ -335,14 +459,11 @@ fn regressions() {
     }
 }
 
+/// The 25-node, 10 000-limit convergence goal. Ignored in `cargo test --workspace` because
+/// it takes minutes; `.ci/run` runs it by name with `--ignored`.
 #[test]
+#[ignore = "minutes long: .ci/run runs it by name (cargo test --release -p sim --test sim big_fleet_convergence -- --ignored)"]
 fn big_fleet_convergence() {
-    if std::env::var("TALLY_SIM_BIG").as_deref() != Ok("1") {
-        println!(
-            "big_fleet_convergence is gated: set TALLY_SIM_BIG=1 to run the 25-node, 10 000-limit convergence goal (use --release)"
-        );
-        return;
-    }
     install_panic_hook();
     init_tracing();
     big::run();

@@ -513,9 +513,12 @@ pub fn replace_node(rng: &mut Rng) -> Plan {
 }
 
 /// Calendar boundaries a few seconds after the start: (start, label).
-const BOUNDARIES: [&str; 4] = [
+const BOUNDARIES: [&str; 5] = [
     // Month end and midnight UTC.
     "2025-01-31T23:59:57Z",
+    // Midnight in Berlin into the day its clocks spring forward: that day has 23 hours
+    // (day_berlin must reset at 22:00Z, not 23:00Z).
+    "2025-03-29T22:59:57Z",
     // Year end.
     "2024-12-31T23:59:57Z",
     // New York falls back at 06:00Z: the 01:00 hour repeats.

@@ -3,6 +3,9 @@
 //! resume by themselves; a full queue is `Unavailable` after `queue_wait`; maintenance
 //! commits follow the same rules. Each test ends with a power loss and a restart, and
 //! checks that memory and disk agreed: exactly the acknowledged records count (I1, I2).
+//! Then what the writer does with values from peers (own echoes), maintenance that
+//! succeeds (dedup expiry, tombstone GC), and the cluster sweep that follows it
+//! (stale gossip keys).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -260,4 +263,198 @@ async fn maintenance_commits_follow_the_same_rules() {
     disk.fail_syncs(Some(0));
     let node = power_cycle(node, &disk, &clock).await;
     assert_eq!(used(&node), 1);
+}
+
+/// Hands values "from peers" to the writer, as the cluster's incoming task does, and
+/// waits until it applied them (ops run in order: the maintenance op after them returns
+/// once they are done).
+async fn remote(node: &Node, items: Vec<tally_gossip::Incoming>) {
+    node.submit(1, |permit| crate::writer::Op::Remote {
+        items,
+        _permit: permit,
+    })
+    .await
+    .unwrap();
+    node.maintain_now().await.unwrap();
+}
+
+/// Own echoes: this node's slot comes back from gossip (relayed by a peer, or published by
+/// an earlier incarnation) with a higher value; the writer ignores it, since its own slots
+/// come only from its disk (I3 holds by construction, I1 would break by over-counting).
+/// A peer's slot in the same batch is merged and durable.
+#[tokio::test]
+async fn own_echoes_are_ignored_and_peer_slots_merged() {
+    let (disk, clock) = (FaultyDisk::new(), clock());
+    let node = open(&disk, &clock, |_| {});
+    with_limit(&node).await;
+    node.record(vec![rec("o1"), rec("o2"), rec("o3")])
+        .await
+        .unwrap();
+    let epoch = node.limit("reqs").unwrap().epoch;
+    let slot = |origin: &str, value| tally_gossip::Incoming::Slot {
+        origin: origin.into(),
+        limit: "reqs".into(),
+        epoch,
+        value,
+    };
+    remote(&node, vec![slot("node-a", 100), slot("node-b", 5)]).await;
+    let d = node.limit("reqs").unwrap();
+    assert_eq!(d.report.used, 8, "{:?}", d.nodes);
+    assert_eq!(d.nodes, [("node-a".into(), 3), ("node-b".into(), 5)]);
+    // A lower peer value changes nothing (slots merge by max).
+    remote(&node, vec![slot("node-b", 2)]).await;
+    assert_eq!(used(&node), 8);
+    let node = power_cycle(node, &disk, &clock).await;
+    let d = node.limit("reqs").unwrap();
+    assert_eq!(d.report.used, 8, "after a power loss: {:?}", d.nodes);
+    assert_eq!(d.nodes, [("node-a".into(), 3), ("node-b".into(), 5)]);
+}
+
+/// Dedup expiry: an id is remembered for the dedup window after its record was applied,
+/// then forgotten by the writer's maintenance, in memory and on disk (a resend counts
+/// again; before, it does not).
+#[tokio::test]
+async fn dedup_ids_expire_after_the_window() {
+    let (disk, clock) = (FaultyDisk::new(), clock());
+    let node = open(&disk, &clock, |c| c.dedup_window_ms = 60_000);
+    with_limit(&node).await;
+    assert_eq!(node.record(vec![rec("d1")]).await.unwrap(), vec![true]);
+    clock.0.store(T0 + 59_000, Ordering::SeqCst);
+    node.maintain_now().await.unwrap();
+    assert_eq!(node.record(vec![rec("d1")]).await.unwrap(), vec![false]);
+    let node = power_cycle(node, &disk, &clock).await;
+    assert_eq!(node.record(vec![rec("d1")]).await.unwrap(), vec![false]);
+    // The window ends (dedup ids expire in buckets: allow one bucket more).
+    clock.0.store(T0 + 2 * 60_000 + 1_000, Ordering::SeqCst);
+    node.maintain_now().await.unwrap();
+    let node = power_cycle(node, &disk, &clock).await;
+    assert_eq!(node.record(vec![rec("d1")]).await.unwrap(), vec![true]);
+    assert_eq!(used(&node), 2);
+}
+
+/// Tombstone GC: a deleted limit and a deleted entity stay as tombstones (so a late
+/// write from a peer cannot bring them back) for `TOMBSTONE_RETENTION_MS`, then the
+/// writer's maintenance removes them from disk and memory, also across a power loss.
+#[tokio::test]
+async fn tombstones_are_collected_after_their_retention() {
+    let (disk, clock) = (FaultyDisk::new(), clock());
+    let node = open(&disk, &clock, |_| {});
+    with_limit(&node).await;
+    let parents: tally_core::Scope = [("team".to_string(), "eng".to_string())].into();
+    node.put_entity("user", "ann", parents).await.unwrap();
+    node.delete_limit("reqs").await.unwrap();
+    node.delete_entity("user", "ann").await.unwrap();
+    let tombstones = |node: &Node| {
+        let state = node.shared.state.read();
+        (
+            state
+                .limit_records()
+                .filter(|r| r.spec.is_none())
+                .map(|r| r.id.clone())
+                .collect::<Vec<_>>(),
+            state
+                .entity_records()
+                .filter(|r| r.parents.is_none())
+                .map(|r| r.value.clone())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let both = (vec!["reqs".to_string()], vec!["ann".to_string()]);
+    assert_eq!(tombstones(&node), both);
+    let retention = tally_core::config::TOMBSTONE_RETENTION_MS;
+    clock.0.store(T0 + retention - 1_000, Ordering::SeqCst);
+    node.maintain_now().await.unwrap();
+    let node = power_cycle(node, &disk, &clock).await;
+    assert_eq!(tombstones(&node), both, "kept within the retention");
+    clock.0.store(T0 + retention + 1_000, Ordering::SeqCst);
+    node.maintain_now().await.unwrap();
+    assert_eq!(tombstones(&node), (vec![], vec![]), "memory after GC");
+    let node = power_cycle(node, &disk, &clock).await;
+    assert_eq!(tombstones(&node), (vec![], vec![]), "disk after GC");
+    assert!(node.limit("reqs").is_none());
+}
+
+/// The cluster's sweep stops gossiping what no longer counts (stale-key removal): the
+/// own slot of an epoch whose period ended, and the tombstone of a deleted limit once
+/// maintenance collected it. Real gossip (chitchat on loopback UDP), a fleet of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_unpublishes_closed_epochs_and_collected_tombstones() {
+    let (disk, clock) = (FaultyDisk::new(), clock());
+    let node = open(&disk, &clock, |_| {});
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    node.start_cluster(crate::ClusterConfig {
+        listen: addr,
+        advertise: addr,
+        seeds: vec![],
+        cluster_id: "writer-tests".into(),
+        key: crate::ClusterKey::new(&[7; 32]).unwrap(),
+        interval: Duration::from_millis(100),
+        transport: tally_gossip::udp_transport(),
+        isolated_unready_after: None,
+    })
+    .await
+    .unwrap();
+    let mut hourly = LimitInput {
+        scope: [("team".to_string(), "eng".to_string())].into(),
+        metric: Metric::Requests,
+        max: 1_000_000,
+        period: "1h".parse().unwrap(),
+        calendar_aligned: true,
+        timezone: "UTC".into(),
+        mode: Default::default(),
+        members: Vec::new(),
+    };
+    node.put_limit("hourly", hourly.clone()).await.unwrap();
+    hourly.max = 5;
+    node.put_limit("gone", hourly).await.unwrap();
+    node.delete_limit("gone").await.unwrap();
+    node.record(vec![rec("s1")]).await.unwrap();
+    let epoch = node.limit("hourly").unwrap().epoch;
+    let slot_key = tally_gossip::GossipKey::Slot {
+        limit: "hourly".into(),
+        epoch,
+    }
+    .encode();
+    let tombstone_key = tally_gossip::GossipKey::Limit("gone".into()).encode();
+    let keys = || async {
+        let g = &node.shared.cluster.get().unwrap().gossip;
+        let mut k = g.own_keys(tally_gossip::SLOT_PREFIX).await;
+        k.extend(g.own_keys(tally_gossip::LIMIT_PREFIX).await);
+        k
+    };
+    let wait_for = |want: bool, key: String| {
+        let keys = &keys;
+        async move {
+            let started = Instant::now();
+            while keys().await.contains(&key) != want {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "{key} {} gossip within 20 s; published: {:?}",
+                    if want { "never reached" } else { "never left" },
+                    keys().await
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_for(true, slot_key.clone()).await;
+    wait_for(true, tombstone_key.clone()).await;
+    // The hour ends: the epoch is closed, its slot stays on disk as history only.
+    clock.0.store(T0 + 3_600_000, Ordering::SeqCst);
+    node.maintain_now().await.unwrap();
+    wait_for(false, slot_key).await;
+    assert!(keys().await.contains(&tombstone_key), "tombstone kept");
+    // The tombstone's retention ends and maintenance collects it.
+    clock.0.store(
+        T0 + tally_core::config::TOMBSTONE_RETENTION_MS + 1_000,
+        Ordering::SeqCst,
+    );
+    node.maintain_now().await.unwrap();
+    wait_for(false, tombstone_key).await;
+    node.shutdown().await;
 }
