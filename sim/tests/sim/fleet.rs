@@ -780,6 +780,9 @@ impl Fleet {
         for node in self.up_nodes() {
             let name = self.names[node].clone();
             for def in self.plan.limits.clone() {
+                if !self.written.contains_key(def.id) {
+                    continue; // not written yet (hard limits come once the fleet formed)
+                }
                 let path = format!("/v1/limits/{}/history?limit=1000", def.id);
                 let v = match self.http(node, "GET", &path, None)? {
                     HttpOutcome::Response(200, v) => v,
