@@ -777,7 +777,7 @@ fn decide(s: &State, want: u64, holds: &dyn Holds) -> LimitStatus {
     let mut d = Decision::default();
     s.check_held(&[], tokens(want), T0, holds, &mut d);
     assert_eq!(d.limits.len(), 1);
-    d.limits[0].clone()
+    d.limits[0]
 }
 
 /// Three nodes share 100 by weights 1:1:2 (25/25/50); each spends only its share; a
