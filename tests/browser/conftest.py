@@ -172,6 +172,43 @@ def wait_until(what, fn, timeout_s=15, every_s=0.05):
         time.sleep(every_s)
 
 
+# Period boundaries the tests' limits cross (calendar-aligned 1h/1d/1M in these zones):
+# usage recorded just before one and read just after would be in a closed period.
+BOUNDARY_ZONES = ("UTC", "Europe/Paris", "America/New_York")
+BOUNDARY_MARGIN_S = 120
+
+
+def next_boundaries(now_utc):
+    """The next hour, day and month starts in each zone, as UTC instants."""
+    from datetime import timedelta
+    from zoneinfo import ZoneInfo
+
+    out = []
+    for name in BOUNDARY_ZONES:
+        local = now_utc.astimezone(ZoneInfo(name))
+        hour = (local.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1))
+        day = (local.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1))
+        month = (local.replace(day=28, hour=0, minute=0, second=0, microsecond=0)
+                 + timedelta(days=4)).replace(day=1)
+        out += [hour, day.replace(tzinfo=ZoneInfo(name)), month.replace(tzinfo=ZoneInfo(name))]
+    return out
+
+
+@pytest.fixture(autouse=True)
+def clear_of_period_boundaries():
+    """Waits out an hour, day or month boundary that falls within the next two minutes, so
+    a test never records usage in one period and reads it in the next."""
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc)
+    soon = [b for b in next_boundaries(now) if 0 <= (b - now).total_seconds() < BOUNDARY_MARGIN_S]
+    if soon:
+        wait = max((b - now).total_seconds() for b in soon) + 2
+        print(f"waiting {wait:.0f} s for a period boundary to pass")
+        time.sleep(wait)
+    yield
+
+
 @pytest.fixture(scope="session")
 def node():
     """A node with admin and client tokens, for the functional tests."""
