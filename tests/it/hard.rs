@@ -174,7 +174,6 @@ fn bad_hard_mode_input_is_refused() {
     }
     assert_error(&c.get("/v1/limits/h"), 404, "not_found");
     for body in [
-        json!({"attributes": {}, "ttl_s": 5}),
         json!({"attributes": {}, "reserve": true, "ttl_s": 0}),
         json!({"attributes": {}, "reserve": "yes"}),
     ] {

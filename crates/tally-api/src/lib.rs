@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
 
 /// Most attributes (or scope / parents entries) one body may carry.
 pub const ATTRIBUTES_MAX: usize = 8;
+/// Largest `ttl_s` of a check (the node caps it lower, `--reservation-ttl-max-secs`).
+pub const TTL_S_MAX: u64 = 1_000_000_000;
 /// Most records in one `POST /v1/usage/batch`.
 pub const BATCH_RECORDS_MAX: usize = 1000;
 /// Most denials `GET /v1/denials` returns (the node's ring).
@@ -583,8 +585,12 @@ pub struct CheckRequest<'a> {
     pub reserve: bool,
     /// Lifetime of the reservation in seconds (default 120, capped by the node's
     /// `--reservation-ttl-max-secs`); only with `reserve`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole"
+    )]
+    #[schemars(range(min = 1, max = 1_000_000_000))]
     pub ttl_s: Option<u64>,
 }
 

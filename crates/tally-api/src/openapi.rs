@@ -379,7 +379,7 @@ pub fn document() -> Value {
             params: entity_params(),
             body: Body::Json(reference("EntityRequest")),
             ok: ("application/json", reference("EntityView")),
-            errors: &[400, 503],
+            errors: &[400, 409, 503],
             extra: vec![],
         },
         Op {

@@ -826,14 +826,15 @@ pub fn parse_check<R>(
         tokens: count(b.tokens, "tokens", 0)?,
         requests: 1,
     };
+    // `ttl_s` is read only with `reserve` (a client may always send both).
     let reserve = match (b.reserve, b.ttl_s) {
-        (false, Some(_)) => {
-            return Err(ApiError::invalid(
-                "ttl_s applies only with \"reserve\": true",
-            ));
+        (_, Some(t)) if t == 0 || t > tally_api::TTL_S_MAX => {
+            return Err(ApiError::invalid(format!(
+                "ttl_s must be between 1 and {}",
+                tally_api::TTL_S_MAX
+            )));
         }
-        (false, None) => None,
-        (true, Some(0)) => return Err(ApiError::invalid("ttl_s must be at least 1")),
+        (false, _) => None,
         (true, Some(t)) => Some(i64::try_from(t.saturating_mul(1000)).unwrap_or(i64::MAX)),
         (true, None) => Some(tally_node::RESERVATION_TTL_DEFAULT_MS),
     };
