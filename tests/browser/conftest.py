@@ -185,12 +185,16 @@ def next_boundaries(now_utc):
 
     out = []
     for name in BOUNDARY_ZONES:
-        local = now_utc.astimezone(ZoneInfo(name))
+        try:
+            zone = ZoneInfo(name)
+        except Exception:  # no time zone data on this machine: guard the zones it has
+            continue
+        local = now_utc.astimezone(zone)
         hour = (local.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1))
         day = (local.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1))
         month = (local.replace(day=28, hour=0, minute=0, second=0, microsecond=0)
                  + timedelta(days=4)).replace(day=1)
-        out += [hour, day.replace(tzinfo=ZoneInfo(name)), month.replace(tzinfo=ZoneInfo(name))]
+        out += [hour, day.replace(tzinfo=zone), month.replace(tzinfo=zone)]
     return out
 
 
