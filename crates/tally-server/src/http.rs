@@ -1031,7 +1031,7 @@ fn write_overrun(j: &mut Json, statuses: &[LimitReport], overrun: &[(String, u64
 /// Reservation ids are this node's: `{node id}~{hex}~{hex}`.
 fn check_reservation_id(id: &str) -> Result<(), ApiError> {
     let ok = id.len() <= 200
-        && id.split('~').collect::<Vec<_>>().as_slice().len() == 3
+        && id.split('~').count() == 3
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "._:-~".contains(c));
