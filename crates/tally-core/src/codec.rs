@@ -56,10 +56,52 @@ macro_rules! plain_record {
     )*};
 }
 plain_record!(
-    crate::config::EntityRecord,
     crate::config::ResetRegister,
-    crate::config::DecommissionRecord
+    crate::config::DecommissionRecord,
+    crate::prices::PriceRecord
 );
+
+/// The access rules of an entity record, after its plain bytes (only when not the
+/// default, so entities without rules keep their old bytes).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EntityExtension {
+    /// 1: this layout. Newer layouts take new numbers.
+    layout: u8,
+    rules: crate::config::AccessRules,
+}
+
+impl Record for crate::config::EntityRecord {
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out = encode(self);
+        if self.parents.is_some() && !self.rules.is_default() {
+            out.extend(encode(&EntityExtension {
+                layout: 1,
+                rules: self.rules.clone(),
+            }));
+        }
+        out
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let (mut rec, read): (crate::config::EntityRecord, usize) =
+            bincode::serde::decode_from_slice(bytes, config())
+                .map_err(|e| DecodeError(e.to_string()))?;
+        if read < bytes.len() {
+            let ext: EntityExtension = decode(&bytes[read..])?;
+            if ext.layout != 1 {
+                return Err(DecodeError(format!(
+                    "entity extension layout {} is from a newer tally",
+                    ext.layout
+                )));
+            }
+            if rec.parents.is_none() {
+                return Err(DecodeError("a tombstone with access rules".into()));
+            }
+            rec.rules = ext.rules;
+        }
+        Ok(rec)
+    }
+}
 
 /// The hard-mode part of a limit record, after its plain bytes.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -154,10 +196,41 @@ mod tests {
 
         #[test]
         fn entity_and_reset_round_trip(hlc in any::<u64>(), baseline in any::<u64>(), period in any::<i64>()) {
-            let e = EntityRecord { dimension: "team".into(), value: "eng".into(), version: Version { hlc: Hlc(hlc), node: "n".into() }, parents: None };
+            let e = EntityRecord { dimension: "team".into(), value: "eng".into(), version: Version { hlc: Hlc(hlc), node: "n".into() }, parents: None, rules: Default::default() };
             prop_assert_eq!(decode::<EntityRecord>(&encode(&e)).unwrap(), e);
             let r = ResetRegister { spec_gen: Hlc(hlc), period, reset: Version { hlc: Hlc(hlc), node: "n".into() }, baseline };
             prop_assert_eq!(decode::<ResetRegister>(&encode(&r)).unwrap(), r);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn entity_rules_round_trip(hlc in any::<u64>(), active in any::<bool>(), expires in proptest::option::of(any::<i64>()),
+                                   allow in proptest::collection::btree_map("[a-z]{1,5}", proptest::collection::vec("[a-z0-9-]{1,8}", 1..4), 0..3),
+                                   parents in proptest::collection::btree_map("[a-z]{1,5}", "[a-z0-9-]{1,8}", 0..3)) {
+            let plain = EntityRecord { dimension: "virtual_key".into(), value: "vk-1".into(), version: Version { hlc: Hlc(hlc), node: "n".into() }, parents: Some(parents), rules: Default::default() };
+            // Without rules: exactly the bytes of before rules existed.
+            prop_assert_eq!(plain.to_bytes(), encode(&plain));
+            prop_assert_eq!(EntityRecord::from_bytes(&plain.to_bytes()).unwrap(), plain.clone());
+            let mut ruled = plain.clone();
+            ruled.rules = crate::config::AccessRules { active, expires_at_ms: expires, allow };
+            let bytes = ruled.to_bytes();
+            prop_assert_eq!(EntityRecord::from_bytes(&bytes).unwrap(), ruled.clone());
+            if !ruled.rules.is_default() {
+                // A reader of the plain form (an older node) refuses it rather than drop the rules.
+                prop_assert!(decode::<EntityRecord>(&bytes).is_err());
+                prop_assert!(EntityRecord::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+            }
+        }
+
+        #[test]
+        fn price_records_round_trip(hlc in any::<u64>(), p in proptest::array::uniform5(any::<u64>()), some in any::<bool>(), tomb in any::<bool>()) {
+            let r = crate::prices::PriceRecord {
+                model: "openai/gpt-4o".into(),
+                version: Version { hlc: Hlc(hlc), node: "n".into() },
+                price: (!tomb).then_some(crate::prices::Price { input: p[0], output: p[1], cache_read: some.then_some(p[2]), cache_creation: None, reasoning: some.then_some(p[4]) }),
+            };
+            prop_assert_eq!(crate::prices::PriceRecord::from_bytes(&r.to_bytes()).unwrap(), r.clone());
         }
     }
 }

@@ -14,6 +14,22 @@ use crate::units::{
 /// attributes. Sorted, so its canonical form is its iteration order.
 pub type Scope = BTreeMap<String, String>;
 
+/// Largest encoded config record: its gossip value (base64, plus the MAC tag) must stay
+/// within tally-gossip's 4 096-byte value bound, or it could not replicate.
+pub const RECORD_BYTES_MAX: usize = 2900;
+
+/// Refuses a record whose encoding would not fit a gossip value.
+pub fn check_record_size<T: crate::codec::Record>(
+    rec: &T,
+    what: &'static str,
+) -> Result<(), ConfigError> {
+    let bytes = rec.to_bytes().len();
+    if bytes > RECORD_BYTES_MAX {
+        return Err(ConfigError::RecordTooLarge { what, bytes });
+    }
+    Ok(())
+}
+
 /// How long a tombstone is kept before it may be forgotten (DESIGN.md §2).
 pub const TOMBSTONE_RETENTION_MS: i64 = 7 * 24 * 3_600_000;
 
@@ -157,12 +173,132 @@ impl LimitRecord {
 }
 
 /// An entity record: its parents, or a tombstone.
+///
+/// `rules` is not part of the serde form: records carry it as a trailing extension
+/// (`codec::Record`) only when it is not the default, so an entity without rules has
+/// exactly the bytes it had before rules existed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EntityRecord {
     pub dimension: String,
     pub value: String,
     pub version: Version,
     pub parents: Option<Scope>,
+    #[serde(skip)]
+    pub rules: AccessRules,
+}
+
+/// Most values one `allow` rule may list.
+pub const ALLOW_VALUES_MAX: usize = 64;
+
+/// Access rules of an entity (a virtual key, a team, ...): every request whose attributes
+/// reach the entity (directly or through parents) must satisfy them, or its check is
+/// denied (usage is still recorded: it is a fact).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AccessRules {
+    /// `false`: every check reaching the entity is denied.
+    pub active: bool,
+    /// From this instant (ms since the epoch) on, every check reaching it is denied.
+    pub expires_at_ms: Option<i64>,
+    /// Per attribute name, the values a request may have (sorted, distinct); a request
+    /// without the attribute is denied too.
+    pub allow: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for AccessRules {
+    fn default() -> AccessRules {
+        AccessRules {
+            active: true,
+            expires_at_ms: None,
+            allow: BTreeMap::new(),
+        }
+    }
+}
+
+impl AccessRules {
+    pub fn is_default(&self) -> bool {
+        *self == AccessRules::default()
+    }
+
+    /// Sorts and dedups the allowed values, then checks names, values and sizes.
+    pub fn normalize(mut self) -> Result<AccessRules, ConfigError> {
+        if self.allow.len() > ATTRIBUTES_MAX {
+            return Err(ConfigError::TooMany {
+                what: "allow",
+                count: self.allow.len(),
+                max: ATTRIBUTES_MAX,
+            });
+        }
+        for (name, values) in &mut self.allow {
+            validate_dimension(name)?;
+            values.sort_unstable();
+            values.dedup();
+            if values.is_empty() || values.len() > ALLOW_VALUES_MAX {
+                return Err(ConfigError::Rules(format!(
+                    "allow.{name} must list 1 to {ALLOW_VALUES_MAX} values"
+                )));
+            }
+            for v in values.iter() {
+                validate_attribute_value(v)?;
+            }
+        }
+        Ok(self)
+    }
+
+    /// The first rule a request breaks: `attr` looks up the value of an attribute of the
+    /// (expanded) request.
+    pub fn broken<'a>(
+        &self,
+        now_ms: i64,
+        attr: impl Fn(&str) -> Option<&'a str>,
+    ) -> Option<BrokenRule> {
+        if !self.active {
+            return Some(BrokenRule::Inactive);
+        }
+        if let Some(at) = self.expires_at_ms.filter(|&at| now_ms >= at) {
+            return Some(BrokenRule::Expired { expires_at_ms: at });
+        }
+        for (name, values) in &self.allow {
+            let given = attr(name);
+            if given.is_none_or(|g| values.binary_search_by(|v| v.as_str().cmp(g)).is_err()) {
+                return Some(BrokenRule::Allow {
+                    attribute: name.clone(),
+                    given: given.map(str::to_string),
+                });
+            }
+        }
+        None
+    }
+}
+
+/// Which access rule a request broke.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokenRule {
+    Inactive,
+    Expired {
+        expires_at_ms: i64,
+    },
+    Allow {
+        attribute: String,
+        given: Option<String>,
+    },
+}
+
+impl BrokenRule {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BrokenRule::Inactive => "inactive",
+            BrokenRule::Expired { .. } => "expired",
+            BrokenRule::Allow { .. } => "allow",
+        }
+    }
+}
+
+/// A check denied by an access rule of the entity `dimension/value`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessDenial {
+    pub dimension: String,
+    pub value: String,
+    pub rule: BrokenRule,
 }
 
 /// The reset register of a limit: the winner opens epoch `(period, reset.hlc)` with
@@ -209,6 +345,12 @@ pub enum ConfigError {
     SelfDimension(String),
     #[error("{0}")]
     Members(String),
+    #[error("{0}")]
+    Rules(String),
+    #[error(
+        "this {what} encodes to {bytes} bytes; at most 2900 fit a gossip value (use fewer or shorter names)"
+    )]
+    RecordTooLarge { what: &'static str, bytes: usize },
 }
 
 /// Checks every name and value of a scope-like map.

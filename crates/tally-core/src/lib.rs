@@ -10,22 +10,24 @@ pub mod config;
 pub mod counter;
 pub mod hlc;
 pub mod period;
+pub mod prices;
 pub mod rights;
 pub mod scope;
 pub mod state;
 pub mod units;
 
 pub use config::{
-    DecommissionRecord, EntityRecord, LimitInput, LimitRecord, LimitSpec, Member, Mode,
-    ResetRegister, Scope,
+    AccessDenial, AccessRules, BrokenRule, DecommissionRecord, EntityRecord, LimitInput,
+    LimitRecord, LimitSpec, Member, Mode, ResetRegister, Scope,
 };
 pub use counter::{Epoch, EpochCounter, OriginIdx};
 pub use hlc::{Hlc, HlcClock, Version};
 pub use period::{Period, PeriodError, PeriodSpec, Unit, Window};
+pub use prices::{Price, PriceRecord, TokenKinds};
 pub use rights::Rights;
 pub use scope::LimitIdx;
 pub use state::{
-    Decision, DenyReason, GrantError, Holds, Increment, LimitCalendar, LimitStatus, LimitView,
-    NoHolds, State, StateError,
+    Decision, DenyReason, Forgotten, GrantError, Holds, Increment, LimitCalendar, LimitStatus,
+    LimitView, NoHolds, State, StateError,
 };
 pub use units::{Amounts, Metric, Micros};

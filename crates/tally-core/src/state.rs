@@ -11,12 +11,14 @@ use std::collections::HashMap;
 use foldhash::fast::FixedState;
 
 use crate::config::{
-    ConfigError, DecommissionRecord, EntityRecord, LimitInput, LimitRecord, LimitSpec, Member,
-    Mode, ResetRegister, Scope, TOMBSTONE_RETENTION_MS, validate_scope,
+    AccessDenial, AccessRules, ConfigError, DecommissionRecord, EntityRecord, LimitInput,
+    LimitRecord, LimitSpec, Member, Mode, ResetRegister, Scope, TOMBSTONE_RETENTION_MS,
+    check_record_size, validate_scope,
 };
 use crate::counter::{Epoch, EpochCounter, LimitCounters, OriginIdx};
 use crate::hlc::{Hlc, HlcClock, Version};
 use crate::period::{PeriodSpec, Window};
+use crate::prices::{Price, PriceRecord};
 use crate::rights::Rights;
 use crate::scope::{Attrs, IdxBuf, LimitIdx, ScopeIndex, pair_hash};
 use crate::units::{Amounts, Metric};
@@ -157,6 +159,9 @@ pub enum GrantError {
 pub struct Decision {
     pub allowed: bool,
     pub limits: Vec<LimitStatus>,
+    /// The access rule of an entity that the request breaks (a denial of its own kind,
+    /// whatever the limits say).
+    pub access: Option<AccessDenial>,
 }
 
 /// One slot increment implied by a record: raise this node's slot of (limit, epoch) by
@@ -216,8 +221,20 @@ pub enum StateError {
     UnknownLimit(String),
     #[error("no entity {0}/{1}")]
     UnknownEntity(String, String),
+    #[error("no price for model {0:?}")]
+    UnknownPrice(String),
+    #[error(transparent)]
+    Price(#[from] crate::prices::PriceError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+}
+
+/// Tombstones forgotten by [`State::gc_tombstones`]: limit ids, entities, models.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Forgotten {
+    pub limits: Vec<String>,
+    pub entities: Vec<(String, String)>,
+    pub prices: Vec<String>,
 }
 
 /// Parents of one entity, for expansion; keyed by the entity's pair hash.
@@ -239,7 +256,14 @@ pub struct State {
     next_tick_ms: i64,
     /// Decommissioned nodes (LWW by version; never undone).
     decommissions: HashMap<String, DecommissionRecord, FixedState>,
+    /// Access rules of live entities that have some, keyed by the entity's pair hash.
+    rules: HashMap<u64, Vec<RulesEntry>, FixedState>,
+    /// Price records (live or tombstones) by model.
+    prices: HashMap<String, PriceRecord, FixedState>,
 }
+
+/// Access rules of one entity, for checks; keyed by the entity's pair hash.
+type RulesEntry = (Box<str>, Box<str>, AccessRules);
 
 impl State {
     pub fn new(node_id: &str) -> State {
@@ -257,6 +281,8 @@ impl State {
             clock: HlcClock::default(),
             next_tick_ms: i64::MIN,
             decommissions: HashMap::default(),
+            rules: HashMap::default(),
+            prices: HashMap::default(),
         }
     }
 
@@ -327,7 +353,7 @@ impl State {
             Some(s) => (s.anchor_ms, s.spec_gen),
             None => (now_ms, version.hlc),
         };
-        Ok(LimitRecord {
+        let rec = LimitRecord {
             id: id.to_string(),
             version,
             spec: Some(LimitSpec {
@@ -335,7 +361,9 @@ impl State {
                 anchor_ms,
                 spec_gen,
             }),
-        })
+        };
+        check_record_size(&rec, "limit")?;
+        Ok(rec)
     }
 
     /// The record of a *derived* limit: one whose counting is a pure function of another
@@ -480,6 +508,7 @@ impl State {
         dimension: &str,
         value: &str,
         parents: Scope,
+        rules: AccessRules,
         now_ms: i64,
     ) -> Result<EntityRecord, ConfigError> {
         crate::units::validate_dimension(dimension).map_err(ConfigError::from)?;
@@ -491,12 +520,16 @@ impl State {
         if parents.contains_key(dimension) {
             return Err(ConfigError::SelfDimension(dimension.to_string()));
         }
-        Ok(EntityRecord {
+        let rules = rules.normalize()?;
+        let rec = EntityRecord {
             dimension: dimension.to_string(),
             value: value.to_string(),
             version: self.version(now_ms),
             parents: Some(parents),
-        })
+            rules,
+        };
+        check_record_size(&rec, "entity")?;
+        Ok(rec)
     }
 
     fn find_cycle(&self, dimension: &str, value: &str, parents: &Scope) -> Result<(), ConfigError> {
@@ -546,6 +579,7 @@ impl State {
             value: value.to_string(),
             version: self.version(now_ms),
             parents: None,
+            rules: AccessRules::default(),
         })
     }
 
@@ -573,8 +607,108 @@ impl State {
         if list.is_empty() {
             self.parents.remove(&h);
         }
+        let list = self.rules.entry(h).or_default();
+        list.retain(|(d, v, _)| !(**d == *rec.dimension && **v == *rec.value));
+        if rec.parents.is_some() && !rec.rules.is_default() {
+            list.push((
+                rec.dimension.as_str().into(),
+                rec.value.as_str().into(),
+                rec.rules.clone(),
+            ));
+        }
+        if list.is_empty() {
+            self.rules.remove(&h);
+        }
         self.entities.insert(key, rec);
         true
+    }
+
+    /// The access rule of some entity that expanded attributes break, if any: the
+    /// request's own attributes first, then inherited ones, each entity's rules in the
+    /// order inactive, expired, allow (by attribute name).
+    fn access(&self, attrs: &Attrs<'_>, now_ms: i64) -> Option<AccessDenial> {
+        if self.rules.is_empty() {
+            return None;
+        }
+        for &(d, v, h) in attrs.as_slice() {
+            let Some(list) = self.rules.get(&h) else {
+                continue;
+            };
+            for (ed, ev, rules) in list {
+                if **ed == *d && **ev == *v {
+                    if let Some(rule) = rules.broken(now_ms, |name| attrs.get(name)) {
+                        return Some(AccessDenial {
+                            dimension: d.to_string(),
+                            value: v.to_string(),
+                            rule,
+                        });
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    // ----- prices --------------------------------------------------------------------
+
+    /// The record a `PUT /v1/prices/{model}` writes.
+    pub fn prepare_price_put(
+        &mut self,
+        model: &str,
+        price: Price,
+        now_ms: i64,
+    ) -> Result<PriceRecord, StateError> {
+        crate::prices::validate_model(model)?;
+        price.validate()?;
+        Ok(PriceRecord {
+            model: model.to_string(),
+            version: self.version(now_ms),
+            price: Some(price),
+        })
+    }
+
+    /// The tombstone a `DELETE /v1/prices/{model}` writes; unknown models are refused.
+    pub fn prepare_price_delete(
+        &mut self,
+        model: &str,
+        now_ms: i64,
+    ) -> Result<PriceRecord, StateError> {
+        if self.price(model).is_none() {
+            return Err(StateError::UnknownPrice(model.into()));
+        }
+        Ok(PriceRecord {
+            model: model.to_string(),
+            version: self.version(now_ms),
+            price: None,
+        })
+    }
+
+    /// Applies a price record if newer (LWW). Returns whether it changed.
+    pub fn apply_price(&mut self, rec: PriceRecord) -> bool {
+        self.clock.observe(rec.version.hlc);
+        if self
+            .prices
+            .get(&rec.model)
+            .is_some_and(|p| p.version >= rec.version)
+        {
+            return false;
+        }
+        self.prices.insert(rec.model.clone(), rec);
+        true
+    }
+
+    /// The live price of a model.
+    pub fn price(&self, model: &str) -> Option<&Price> {
+        self.prices.get(model).and_then(|p| p.price.as_ref())
+    }
+
+    /// The record (live or tombstone) of a model's price.
+    pub fn price_record(&self, model: &str) -> Option<&PriceRecord> {
+        self.prices.get(model)
+    }
+
+    pub fn price_records(&self) -> impl Iterator<Item = &PriceRecord> {
+        self.prices.values()
     }
 
     /// The parents of a live entity.
@@ -590,7 +724,7 @@ impl State {
 
     /// Forgets tombstones older than the retention. Returns the keys forgotten, so the
     /// store can drop them too.
-    pub fn gc_tombstones(&mut self, now_ms: i64) -> (Vec<String>, Vec<(String, String)>) {
+    pub fn gc_tombstones(&mut self, now_ms: i64) -> Forgotten {
         let cutoff = now_ms - TOMBSTONE_RETENTION_MS;
         let mut limits = Vec::new();
         for slot in &mut self.limits {
@@ -611,7 +745,20 @@ impl State {
         for k in &entities {
             self.entities.remove(k);
         }
-        (limits, entities)
+        let prices: Vec<String> = self
+            .prices
+            .values()
+            .filter(|p| p.price.is_none() && p.version.hlc.wall_ms() < cutoff)
+            .map(|p| p.model.clone())
+            .collect();
+        for m in &prices {
+            self.prices.remove(m);
+        }
+        Forgotten {
+            limits,
+            entities,
+            prices,
+        }
     }
 
     // ----- resets --------------------------------------------------------------------
@@ -1254,7 +1401,8 @@ impl State {
         self.applicable(&attrs, &mut idx);
         out.limits
             .extend(idx.iter().map(|i| self.status(i, now_ms, requested, holds)));
-        out.allowed = out.limits.iter().all(|l| !l.denied);
+        out.access = self.access(&attrs, now_ms);
+        out.allowed = out.access.is_none() && out.limits.iter().all(|l| !l.denied);
     }
 
     /// [`State::check`] into a reused decision, so a caller that keeps one allocates

@@ -1,4 +1,5 @@
 use super::*;
+use crate::config::BrokenRule;
 use crate::period::Period;
 use proptest::prelude::*;
 
@@ -170,26 +171,44 @@ fn entity_parents_expand_transitively_and_cycles_are_refused() {
     );
     let scope = |k: &str, v: &str| Scope::from([(k.to_string(), v.to_string())]);
     let r = s
-        .prepare_entity_put("virtual_key", "vk-1", scope("team", "eng"), T0)
+        .prepare_entity_put(
+            "virtual_key",
+            "vk-1",
+            scope("team", "eng"),
+            Default::default(),
+            T0,
+        )
         .unwrap();
     s.apply_entity(r);
     let r = s
-        .prepare_entity_put("team", "eng", scope("customer", "acme"), T0)
+        .prepare_entity_put(
+            "team",
+            "eng",
+            scope("customer", "acme"),
+            Default::default(),
+            T0,
+        )
         .unwrap();
     s.apply_entity(r);
     let d = s.check(&[("virtual_key", "vk-1")], Amounts::default(), T0);
     assert_eq!(ids(&s, &d), ["cust"]);
     let err = s
-        .prepare_entity_put("customer", "acme", scope("virtual_key", "vk-1"), T0)
+        .prepare_entity_put(
+            "customer",
+            "acme",
+            scope("virtual_key", "vk-1"),
+            Default::default(),
+            T0,
+        )
         .unwrap_err();
     assert!(matches!(err, ConfigError::Cycle { .. }), "{err}");
     assert!(matches!(
-        s.prepare_entity_put("team", "x", scope("team", "y"), T0),
+        s.prepare_entity_put("team", "x", scope("team", "y"), Default::default(), T0),
         Err(ConfigError::SelfDimension(_))
     ));
     // Naming itself as its own parent is a cycle (409 over HTTP), not a dimension clash.
     let err = s
-        .prepare_entity_put("team", "x", scope("team", "x"), T0)
+        .prepare_entity_put("team", "x", scope("team", "x"), Default::default(), T0)
         .unwrap_err();
     assert_eq!(
         err,
@@ -419,7 +438,7 @@ fn delete_then_recreate_starts_fresh() {
     ));
     put(&mut s, "b", input(&[], Metric::Cost, 100, "1d"), T0 + 4);
     assert_eq!(s.limit_view("b", T0 + 5).unwrap().status.used, 0);
-    let (limits, _) = s.gc_tombstones(T0 + 8 * 86_400_000);
+    let limits = s.gc_tombstones(T0 + 8 * 86_400_000).limits;
     assert!(limits.is_empty(), "live records are never collected");
 }
 
@@ -940,4 +959,227 @@ fn soft_limits_ignore_holds() {
         s.rights_table(s.limit_idx("s").unwrap(), st.epoch)
             .is_empty()
     );
+}
+
+#[test]
+fn access_rules_deny_checks_and_say_which() {
+    let mut s = State::new("a");
+    put(
+        &mut s,
+        "team",
+        input(&[("team", "eng")], Metric::Requests, 100, "1d"),
+        T0,
+    );
+    let scope = |k: &str, v: &str| Scope::from([(k.to_string(), v.to_string())]);
+    let allow = |vals: &[&str]| AccessRules {
+        allow: [(
+            "model".to_string(),
+            vals.iter().map(|v| v.to_string()).collect(),
+        )]
+        .into(),
+        ..AccessRules::default()
+    };
+    let r = s
+        .prepare_entity_put(
+            "virtual_key",
+            "vk-1",
+            scope("team", "eng"),
+            allow(&["gpt-4o-mini", "gpt-4o", "gpt-4o"]),
+            T0,
+        )
+        .unwrap();
+    assert_eq!(
+        r.rules.allow["model"],
+        ["gpt-4o", "gpt-4o-mini"],
+        "sorted, distinct"
+    );
+    s.apply_entity(r);
+    let ok = s.check(
+        &[("virtual_key", "vk-1"), ("model", "gpt-4o")],
+        Amounts::default(),
+        T0,
+    );
+    assert!(ok.allowed);
+    assert_eq!(ok.access, None);
+    let d = s.check(
+        &[("virtual_key", "vk-1"), ("model", "gpt-5")],
+        Amounts::default(),
+        T0,
+    );
+    assert!(!d.allowed);
+    assert_eq!(ids(&s, &d), ["team"], "the limits are still listed");
+    assert!(d.limits.iter().all(|l| !l.denied), "no limit denies");
+    assert_eq!(
+        d.access,
+        Some(AccessDenial {
+            dimension: "virtual_key".into(),
+            value: "vk-1".into(),
+            rule: BrokenRule::Allow {
+                attribute: "model".into(),
+                given: Some("gpt-5".into())
+            },
+        })
+    );
+    let d = s.check(&[("virtual_key", "vk-1")], Amounts::default(), T0);
+    assert_eq!(
+        d.access.unwrap().rule,
+        BrokenRule::Allow {
+            attribute: "model".into(),
+            given: None
+        }
+    );
+    // Rules of a parent apply to its children: an inactive team denies its keys.
+    let r = s
+        .prepare_entity_put(
+            "team",
+            "eng",
+            Scope::new(),
+            AccessRules {
+                active: false,
+                ..AccessRules::default()
+            },
+            T0,
+        )
+        .unwrap();
+    s.apply_entity(r);
+    let d = s.check(
+        &[("virtual_key", "vk-1"), ("model", "gpt-4o")],
+        Amounts::default(),
+        T0,
+    );
+    assert_eq!(
+        d.access,
+        Some(AccessDenial {
+            dimension: "team".into(),
+            value: "eng".into(),
+            rule: BrokenRule::Inactive
+        })
+    );
+    // Expiry is an instant: allowed before it, denied from it on.
+    let r = s
+        .prepare_entity_put(
+            "team",
+            "eng",
+            Scope::new(),
+            AccessRules {
+                expires_at_ms: Some(T0 + 1000),
+                ..AccessRules::default()
+            },
+            T0,
+        )
+        .unwrap();
+    s.apply_entity(r);
+    let at = |s: &State, t| {
+        s.check(
+            &[("virtual_key", "vk-1"), ("model", "gpt-4o")],
+            Amounts::default(),
+            t,
+        )
+    };
+    assert!(at(&s, T0 + 999).allowed);
+    assert_eq!(
+        at(&s, T0 + 1000).access.unwrap().rule,
+        BrokenRule::Expired {
+            expires_at_ms: T0 + 1000
+        }
+    );
+    // A delete removes the rules with the entity.
+    let r = s.prepare_entity_delete("team", "eng", T0 + 1).unwrap();
+    s.apply_entity(r);
+    assert!(at(&s, T0 + 5000).allowed);
+    // Usage is a fact: recording ignores rules.
+    let incs = record(
+        &mut s,
+        &[("virtual_key", "vk-1"), ("model", "gpt-5")],
+        cost(0),
+        T0,
+    );
+    assert_eq!(incs.len(), 1);
+    // Bad rules are refused.
+    assert!(matches!(
+        s.prepare_entity_put("team", "x", Scope::new(), allow(&[]), T0),
+        Err(ConfigError::Rules(_))
+    ));
+    let bad = AccessRules {
+        allow: [("Model".to_string(), vec!["x".to_string()])].into(),
+        ..AccessRules::default()
+    };
+    assert!(
+        s.prepare_entity_put("team", "x", Scope::new(), bad, T0)
+            .is_err()
+    );
+}
+
+#[test]
+fn prices_are_last_writer_wins_and_tombstones_go() {
+    let mut s = State::new("a");
+    let p = Price {
+        input: 1,
+        output: 2,
+        cache_read: None,
+        cache_creation: None,
+        reasoning: None,
+    };
+    let r1 = s.prepare_price_put("openai/gpt-4o", p, T0).unwrap();
+    let r2 = s
+        .prepare_price_put("openai/gpt-4o", Price { input: 3, ..p }, T0 + 1)
+        .unwrap();
+    assert!(s.apply_price(r2.clone()));
+    assert!(!s.apply_price(r1), "an older write loses");
+    assert_eq!(s.price("openai/gpt-4o").unwrap().input, 3);
+    assert!(matches!(
+        s.prepare_price_delete("nope", T0),
+        Err(StateError::UnknownPrice(_))
+    ));
+    let del = s.prepare_price_delete("openai/gpt-4o", T0 + 2).unwrap();
+    assert!(s.apply_price(del));
+    assert_eq!(s.price("openai/gpt-4o"), None);
+    assert!(!s.apply_price(r2), "the delete wins over the older put");
+    assert!(
+        s.prepare_price_put(
+            "m",
+            Price {
+                input: crate::prices::PRICE_MAX_FEMTO + 1,
+                ..p
+            },
+            T0
+        )
+        .is_err()
+    );
+    assert!(s.prepare_price_put("", p, T0).is_err());
+    let gone = s.gc_tombstones(T0 + 2 + TOMBSTONE_RETENTION_MS + 1);
+    assert_eq!(gone.prices, ["openai/gpt-4o"]);
+    assert!(s.price_record("openai/gpt-4o").is_none());
+}
+
+#[test]
+fn records_too_large_to_gossip_are_refused() {
+    let mut s = State::new("a");
+    let many: Vec<String> = (0..64)
+        .map(|i| format!("{i:02}{}", "m".repeat(100)))
+        .collect();
+    let rules = AccessRules {
+        allow: [("model".to_string(), many)].into(),
+        ..AccessRules::default()
+    };
+    let err = s
+        .prepare_entity_put("virtual_key", "vk-1", Scope::new(), rules, T0)
+        .unwrap_err();
+    assert!(
+        matches!(err, ConfigError::RecordTooLarge { what: "entity", .. }),
+        "{err}"
+    );
+    // 64 members with 128-byte ids do not fit either.
+    let mut i = input(&[], Metric::Tokens, 100, "1d");
+    i.mode = Mode::Hard;
+    i.members = (0..64)
+        .map(|n| Member {
+            node: format!("{n:03}{}", "n".repeat(125)),
+            weight: 1,
+        })
+        .collect();
+    assert!(matches!(
+        s.prepare_limit_put("h", i, T0),
+        Err(ConfigError::RecordTooLarge { what: "limit", .. })
+    ));
 }
