@@ -92,6 +92,7 @@ pub enum Incoming {
         demand: crate::values::Demand,
     },
     Decommission(tally_core::DecommissionRecord),
+    Price(tally_core::PriceRecord),
 }
 
 /// Counters for /metrics.
@@ -553,6 +554,10 @@ fn verify(key: &ClusterKey, raw: &Raw) -> Option<Incoming> {
         GossipKey::Decommission(node) => {
             let rec: tally_core::DecommissionRecord = decode_record(payload)?;
             (rec.node == node).then_some(Incoming::Decommission(rec))
+        }
+        GossipKey::Price(model) => {
+            let rec: tally_core::PriceRecord = decode_record(payload)?;
+            (rec.model == model).then_some(Incoming::Price(rec))
         }
     }
 }

@@ -11,10 +11,11 @@
 //! | `g/{limit}/{period}/{reset}/{to}`    | rights granted to `to`, total u64| the grantor      |
 //! | `w/{limit}/{period}/{reset}`         | demand: `{donor} {want} {seq}`   | the asker        |
 //! | `k/{node}`                           | `DecommissionRecord`             | any node         |
+//! | `p/{model}`                          | `PriceRecord`                    | any node         |
 //!
 //! Limit ids and node ids match `[A-Za-z0-9._:-]{1,128}` and dimensions `[a-z0-9_]{1,32}`,
 //! so none contains `/`; an entity value may, so it comes last and keeps everything after
-//! the dimension. `period` and `reset` are the [`Epoch`] fields in canonical decimal.
+//! the dimension, and so may a model name (an attribute value), which is all of its key. `period` and `reset` are the [`Epoch`] fields in canonical decimal.
 //!
 //! [`GossipKey::parse`] accepts exactly the strings [`GossipKey::encode`] produces, so
 //! `parse(k).map(|k| k.encode()) == Some(k)` for every accepted `k`: one key has one
@@ -45,6 +46,8 @@ pub const GRANT_PREFIX: &str = "g/";
 pub const DEMAND_PREFIX: &str = "w/";
 /// A decommission record: `k/{node}`.
 pub const DECOMMISSION_PREFIX: &str = "k/";
+/// A model's price record: `p/{model}`.
+pub const PRICE_PREFIX: &str = "p/";
 
 /// The meaning of one gossip key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -78,6 +81,8 @@ pub enum GossipKey {
     Demand { limit: String, epoch: Epoch },
     /// The decommission record of a node.
     Decommission(String),
+    /// The price record of a model.
+    Price(String),
 }
 
 impl GossipKey {
@@ -110,6 +115,7 @@ impl GossipKey {
                 format!("{DEMAND_PREFIX}{limit}/{}/{}", epoch.period, epoch.reset)
             }
             GossipKey::Decommission(node) => format!("{DECOMMISSION_PREFIX}{node}"),
+            GossipKey::Price(model) => format!("{PRICE_PREFIX}{model}"),
         };
         debug_assert_eq!(
             GossipKey::parse(&key).as_ref(),
@@ -152,6 +158,9 @@ impl GossipKey {
             })
         } else if let Some(rest) = key.strip_prefix(DECOMMISSION_PREFIX) {
             Some(GossipKey::Decommission(id(rest)?))
+        } else if let Some(rest) = key.strip_prefix(PRICE_PREFIX) {
+            validate_attribute_value(rest).ok()?;
+            Some(GossipKey::Price(rest.to_string()))
         } else if let Some(rest) = key.strip_prefix(LIMIT_PREFIX) {
             Some(GossipKey::Limit(id(rest)?))
         } else if let Some(rest) = key.strip_prefix(RESET_PREFIX) {
@@ -258,6 +267,11 @@ mod tests {
             }),
         );
         check("k/node-2", Some(GossipKey::Decommission("node-2".into())));
+        check(
+            "p/openai/gpt-4o",
+            Some(GossipKey::Price("openai/gpt-4o".into())),
+        );
+        check("p/", None);
         check(
             "e/team/eng",
             Some(GossipKey::Entity {

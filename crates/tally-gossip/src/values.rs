@@ -216,6 +216,7 @@ mod tests {
                 value: "v".repeat(len),
                 version: version(1),
                 parents: None,
+                rules: Default::default(),
             };
             match encode_record(&e) {
                 Ok(payload) => {
@@ -264,7 +265,7 @@ mod tests {
         fn entities_and_resets_round_trip(dimension in "[a-z0-9_]{1,32}", value in "[^\\p{Cc}]{1,32}", v in arb_version(),
                                           parents in proptest::option::of(proptest::collection::btree_map("[a-z0-9_]{1,32}", "[a-z/:-]{1,128}", 0..8)),
                                           period in any::<i64>(), baseline in any::<u64>(), spec_gen in any::<u64>()) {
-            let e = EntityRecord { dimension, value, version: v.clone(), parents };
+            let e = EntityRecord { dimension, value, version: v.clone(), parents, rules: Default::default() };
             let payload = encode_record(&e).unwrap();
             prop_assert_eq!(decode_record::<EntityRecord>(&payload), Some(e));
             let r = ResetRegister { spec_gen: Hlc(spec_gen), period, reset: v, baseline };

@@ -61,6 +61,7 @@ pub(crate) enum Publication {
     /// This node's total grant of a hard limit's rights: (limit, epoch, to, total).
     Grant(String, Epoch, String, u64),
     Decommission(tally_core::DecommissionRecord),
+    Price(tally_core::PriceRecord),
 }
 
 /// What the writer committed and gossip has not published yet, coalesced by gossip key:
@@ -125,6 +126,10 @@ impl Outbox {
                         GossipKey::Decommission(r.node.clone()),
                         Publication::Decommission(r),
                     );
+                }
+                Publication::Price(r) => {
+                    q.config
+                        .insert(GossipKey::Price(r.model.clone()), Publication::Price(r));
                 }
             }
         }
@@ -379,6 +384,10 @@ fn publication_items(p: Publication) -> Vec<(GossipKey, String)> {
             .map(|p| (GossipKey::Decommission(r.node.clone()), p))
             .into_iter()
             .collect(),
+        Publication::Price(r) => payload("price", &r)
+            .map(|p| (GossipKey::Price(r.model.clone()), p))
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -414,6 +423,7 @@ fn snapshot(shared: &Shared) -> (Vec<(GossipKey, String)>, i64) {
     );
     pubs.extend(state.limit_records().cloned().map(Publication::Limit));
     pubs.extend(state.entity_records().cloned().map(Publication::Entity));
+    pubs.extend(state.price_records().cloned().map(Publication::Price));
     pubs.extend(
         state
             .reset_registers()

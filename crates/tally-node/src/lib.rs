@@ -158,9 +158,9 @@ impl From<ConfigError> for NodeError {
 impl From<StateError> for NodeError {
     fn from(e: StateError) -> Self {
         match e {
-            StateError::UnknownLimit(_) | StateError::UnknownEntity(..) => {
-                NodeError::NotFound(e.to_string())
-            }
+            StateError::UnknownLimit(_)
+            | StateError::UnknownEntity(..)
+            | StateError::UnknownPrice(_) => NodeError::NotFound(e.to_string()),
             StateError::Config(c) => c.into(),
             e => NodeError::InvalidArgument(e.to_string()),
         }
@@ -238,6 +238,8 @@ pub struct CheckReply {
     pub limits: Vec<LimitReport>,
     /// When the check asked to reserve and was allowed.
     pub reservation: Option<ReservationInfo>,
+    /// The access rule the request breaks (then `allowed` is false).
+    pub access: Option<tally_core::AccessDenial>,
 }
 
 /// One node's share of a hard limit in the current epoch.
@@ -305,6 +307,18 @@ pub struct EntityDetails {
     pub dimension: String,
     pub value: String,
     pub parents: Scope,
+    pub rules: tally_core::AccessRules,
+}
+
+/// What pricing a request by its tokens charged, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Priced {
+    pub model: String,
+    /// The exact cost in femto-USD.
+    pub femto: u128,
+    /// What limits count: the exact cost rounded up to the micro-USD.
+    pub cost: tally_core::Micros,
+    pub prices: tally_core::prices::Resolved,
 }
 
 pub(crate) struct Shared {
@@ -407,6 +421,9 @@ impl Node {
         }
         for rec in recovered.entities {
             state.apply_entity(rec);
+        }
+        for rec in recovered.prices {
+            state.apply_price(rec);
         }
         for (id, reg) in recovered.resets {
             state.apply_reset(&id, reg);
@@ -621,6 +638,7 @@ impl Node {
             stale: !self.caught_up(),
             limits,
             reservation,
+            access: d.access,
         })
     }
 
@@ -975,26 +993,88 @@ impl Node {
         dimension: &str,
         value: &str,
         parents: Scope,
+        rules: tally_core::AccessRules,
     ) -> Result<EntityDetails, NodeError> {
         self.change(ConfigChange::PutEntity(
             dimension.into(),
             value.into(),
-            parents.clone(),
+            parents,
+            rules,
         ))
         .await?;
-        Ok(EntityDetails {
-            dimension: dimension.into(),
-            value: value.into(),
-            parents,
+        // What was written (rules normalized), unless a newer write already replaced it.
+        self.entity(dimension, value).ok_or_else(|| {
+            NodeError::NotFound(format!(
+                "entity {dimension}/{value} was deleted by a concurrent write"
+            ))
         })
     }
 
     pub fn entity(&self, dimension: &str, value: &str) -> Option<EntityDetails> {
         let state = self.shared.state.read();
-        state.entity(dimension, value).map(|p| EntityDetails {
+        let rec = state.entity_record(dimension, value)?;
+        Some(EntityDetails {
             dimension: dimension.into(),
             value: value.into(),
-            parents: p.clone(),
+            parents: rec.parents.clone()?,
+            rules: rec.rules.clone(),
+        })
+    }
+
+    /// Writes prices (`None` deletes) in one durable commit, all or nothing.
+    pub async fn put_prices(
+        &self,
+        prices: Vec<(String, Option<tally_core::Price>)>,
+    ) -> Result<(), NodeError> {
+        self.change(ConfigChange::Prices(prices)).await
+    }
+
+    /// The live price of a model.
+    pub fn price(&self, model: &str) -> Option<tally_core::Price> {
+        self.shared.state.read().price(model).copied()
+    }
+
+    /// Every live price, by model.
+    pub fn prices(&self) -> Vec<(String, tally_core::Price)> {
+        let state = self.shared.state.read();
+        let mut out: Vec<(String, tally_core::Price)> = state
+            .price_records()
+            .filter_map(|r| Some((r.model.clone(), r.price?)))
+            .collect();
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The cost of `tokens` of `model` at its price: exact, charged rounded up to the
+    /// micro-USD. A model without a price is an invalid argument (the caller may give
+    /// `cost` instead).
+    pub fn price_tokens(
+        &self,
+        model: Option<&str>,
+        tokens: &tally_core::TokenKinds,
+    ) -> Result<Priced, NodeError> {
+        let Some(model) = model else {
+            return Err(NodeError::InvalidArgument(
+                "token counts by kind need a \"model\" attribute to be priced, or an explicit \"cost\"".into(),
+            ));
+        };
+        let price = self.price(model).ok_or_else(|| {
+            NodeError::InvalidArgument(format!(
+                "no price for model {model:?}: put one with PUT /v1/prices/{{model}} (or tally prices import), or give \"cost\""
+            ))
+        })?;
+        let femto = price.cost_femto(tokens);
+        let cost = tally_core::prices::charge_micros(femto).ok_or_else(|| {
+            NodeError::InvalidArgument(format!(
+                "the tokens of this request cost {} USD at the price of {model:?}, more than the 1000000000 USD a request may cost",
+                tally_core::prices::femto_to_usd_string(femto)
+            ))
+        })?;
+        Ok(Priced {
+            model: model.to_string(),
+            femto,
+            cost: tally_core::Micros(cost),
+            prices: price.resolved(),
         })
     }
 

@@ -121,6 +121,7 @@ async fn bad_input_changes_nothing() {
         "virtual_key",
         "vk-1",
         [("team".to_string(), "eng".to_string())].into(),
+        Default::default(),
     )
     .await
     .unwrap();
@@ -129,6 +130,7 @@ async fn bad_input_changes_nothing() {
             "team",
             "eng",
             [("virtual_key".to_string(), "vk-1".to_string())].into(),
+            Default::default(),
         )
         .await;
     assert!(matches!(cycle, Err(NodeError::Conflict(_))), "{cycle:?}");

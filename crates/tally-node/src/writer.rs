@@ -52,7 +52,10 @@ pub(crate) enum ConfigChange {
     PutLimitPinned(String, tally_core::LimitInput, i64, tally_core::Hlc),
     DeleteLimit(String),
     Reset(String, u64),
-    PutEntity(String, String, Scope),
+    PutEntity(String, String, Scope, tally_core::AccessRules),
+    /// Prices of models, all in one durable commit (`None`: delete). All or nothing:
+    /// any bad entry refuses the whole change.
+    Prices(Vec<(String, Option<tally_core::Price>)>),
     DeleteEntity(String, String),
     /// (node, successor).
     Decommission(String, String),
@@ -916,45 +919,50 @@ struct Maintained {
 /// retention. Memory forgets the tombstones only once the disk has.
 fn expire(shared: &Shared, store: &mut Store, now: i64) -> Result<usize, StoreError> {
     let cutoff = now - tally_core::config::TOMBSTONE_RETENTION_MS;
-    let (limits, entities): (Vec<String>, Vec<(String, String)>) = {
+    let mut due = {
         let state = shared.state.read();
-        (
-            state
+        tally_core::Forgotten {
+            limits: state
                 .limit_records()
                 .filter(|r| r.spec.is_none() && r.version.hlc.wall_ms() < cutoff)
                 .map(|r| r.id.clone())
                 .collect(),
-            state
+            entities: state
                 .entity_records()
                 .filter(|r| r.parents.is_none() && r.version.hlc.wall_ms() < cutoff)
                 .map(|r| (r.dimension.clone(), r.value.clone()))
                 .collect(),
-        )
+            prices: state
+                .price_records()
+                .filter(|r| r.price.is_none() && r.version.hlc.wall_ms() < cutoff)
+                .map(|r| r.model.clone())
+                .collect(),
+        }
     };
     let mut b = store.batch()?;
     let n = b.dedup_expire(now, DEDUP_EXPIRE_ROWS_MAX)?;
-    for id in &limits {
+    for id in &due.limits {
         b.remove_limit(id)?;
     }
-    for (d, v) in &entities {
+    for (d, v) in &due.entities {
         b.remove_entity(d, v)?;
     }
-    if b.dedup_dirty() || !limits.is_empty() || !entities.is_empty() {
+    for m in &due.prices {
+        b.remove_price(m)?;
+    }
+    let any = due != tally_core::Forgotten::default();
+    if b.dedup_dirty() || any {
         b.commit()?;
     }
-    if !limits.is_empty() || !entities.is_empty() {
+    if any {
         let mut gone = shared.state.write().gc_tombstones(now);
-        gone.0.sort();
-        gone.1.sort();
-        let (mut l, mut e) = (limits, entities);
-        l.sort();
-        e.sort();
+        for f in [&mut gone, &mut due] {
+            f.limits.sort();
+            f.entities.sort();
+            f.prices.sort();
+        }
         // The writer is the only one changing config, so memory forgets what disk did.
-        assert_eq!(
-            (gone.0, gone.1),
-            (l, e),
-            "tombstones collected differ from disk"
-        );
+        assert_eq!(gone, due, "tombstones collected differ from disk");
     }
     Ok(n)
 }
@@ -994,6 +1002,11 @@ fn reconcile(shared: &Shared, store: &Store) -> Result<(), StoreError> {
     for rec in r.entities {
         if state.apply_entity(rec.clone()) {
             pubs.push(Publication::Entity(rec));
+        }
+    }
+    for rec in r.prices {
+        if state.apply_price(rec.clone()) {
+            pubs.push(Publication::Price(rec));
         }
     }
     for (id, reg) in r.resets {
@@ -1046,6 +1059,7 @@ enum ConfigRecord {
     Entity(EntityRecord),
     Reset(String, ResetRegister),
     Decommission(tally_core::DecommissionRecord),
+    Price(tally_core::PriceRecord),
 }
 
 impl ConfigRecord {
@@ -1055,6 +1069,7 @@ impl ConfigRecord {
             ConfigRecord::Entity(r) => Incoming::Entity(r),
             ConfigRecord::Reset(id, r) => Incoming::Reset(id, r),
             ConfigRecord::Decommission(r) => Incoming::Decommission(r),
+            ConfigRecord::Price(r) => Incoming::Price(r),
         }
     }
 
@@ -1064,6 +1079,7 @@ impl ConfigRecord {
             ConfigRecord::Entity(r) => b.put_entity(r),
             ConfigRecord::Reset(id, r) => b.put_reset(id, r),
             ConfigRecord::Decommission(r) => b.put_decommission(r),
+            ConfigRecord::Price(r) => b.put_price(r),
         }
     }
 
@@ -1079,6 +1095,9 @@ impl ConfigRecord {
             }
             ConfigRecord::Decommission(r) => state
                 .decommission(&r.node)
+                .is_some_and(|c| c.version >= r.version),
+            ConfigRecord::Price(r) => state
+                .price_record(&r.model)
                 .is_some_and(|c| c.version >= r.version),
         }
     }
@@ -1099,6 +1118,9 @@ impl ConfigRecord {
             ConfigRecord::Decommission(r) => state
                 .apply_decommission(r.clone())
                 .then_some(Publication::Decommission(r)),
+            ConfigRecord::Price(r) => state
+                .apply_price(r.clone())
+                .then_some(Publication::Price(r)),
         }
     }
 
@@ -1119,6 +1141,9 @@ impl ConfigRecord {
                 node = %r.node, successor = %r.successor,
                 "node decommissioned: its unspent rights of hard limits pass to its successor; it may not spend hard limits again"
             ),
+            ConfigRecord::Price(r) => {
+                tracing::debug!(model = %r.model, deleted = r.price.is_none(), "price written")
+            }
         }
     }
 }
@@ -1151,8 +1176,13 @@ fn apply_config(
                 .prepare_reset(&id, baseline, now)
                 .map(|reg| ConfigRecord::Reset(id, reg))
                 .map_err(Into::into),
-            ConfigChange::PutEntity(d, v, parents) => state
-                .prepare_entity_put(&d, &v, parents, now)
+            ConfigChange::Prices(prices) => {
+                let records = prepare_prices(&mut state, prices, now).map_err(|e| (e, None))?;
+                drop(state); // commit_config takes the state lock again to apply
+                return commit_config(shared, store, records, now, false);
+            }
+            ConfigChange::PutEntity(d, v, parents, rules) => state
+                .prepare_entity_put(&d, &v, parents, rules, now)
                 .map(ConfigRecord::Entity)
                 .map_err(Into::into),
             ConfigChange::DeleteEntity(d, v) => state
@@ -1164,11 +1194,50 @@ fn apply_config(
                 .map(ConfigRecord::Decommission)
                 .map_err(Into::into),
         };
-        prepared.map_err(|e| (e, None))?
+        prepared.map(|r| vec![r]).map_err(|e| (e, None))?
     };
+    commit_config(shared, store, record, now, derived)
+}
+
+/// The records of a batch of price writes, all or nothing.
+fn prepare_prices(
+    state: &mut State,
+    prices: Vec<(String, Option<tally_core::Price>)>,
+    now: i64,
+) -> Result<Vec<ConfigRecord>, NodeError> {
+    let n = prices.len();
+    let mut out = Vec::with_capacity(n);
+    for (i, (model, price)) in prices.into_iter().enumerate() {
+        let rec = match price {
+            Some(p) => state.prepare_price_put(&model, p, now),
+            None => state.prepare_price_delete(&model, now),
+        };
+        // One write keeps its own error (a delete of an unknown model is a 404); in a
+        // batch, any bad entry is the batch's bad argument, named by its index.
+        out.push(ConfigRecord::Price(rec.map_err(|e| {
+            if n == 1 {
+                NodeError::from(e)
+            } else {
+                NodeError::InvalidArgument(format!("prices[{i}]: {e}"))
+            }
+        })?));
+    }
+    Ok(out)
+}
+
+/// Makes config records durable in one commit, then applies and publishes them.
+fn commit_config(
+    shared: &Shared,
+    store: &mut Store,
+    records: Vec<ConfigRecord>,
+    now: i64,
+    derived: bool,
+) -> Result<(), (NodeError, Option<Box<StoreError>>)> {
     let result = (|| {
         let mut b = store.batch()?;
-        record.persist(&mut b)?;
+        for record in &records {
+            record.persist(&mut b)?;
+        }
         b.commit()
     })();
     if let Err(e) = result {
@@ -1176,14 +1245,22 @@ fn apply_config(
         tracing::warn!(error = %e, "config change not committed");
         return Err((unavailable(&e), Some(Box::new(e))));
     }
-    if let (true, ConfigRecord::Limit(r)) = (derived, &record) {
-        tracing::debug!(limit = %r.id, version = %r.version.hlc, "derived limit written");
-    } else {
-        record.log();
+    if records.len() > 1 {
+        tracing::info!(
+            records = records.len(),
+            "config records written in one commit"
+        );
     }
-    let publication = record.apply(&mut shared.state.write(), now);
-    if let Some(p) = publication {
-        publish(shared, p);
+    for record in records {
+        if let (true, ConfigRecord::Limit(r)) = (derived, &record) {
+            tracing::debug!(limit = %r.id, version = %r.version.hlc, "derived limit written");
+        } else {
+            record.log();
+        }
+        let publication = record.apply(&mut shared.state.write(), now);
+        if let Some(p) = publication {
+            publish(shared, p);
+        }
     }
     Ok(())
 }
@@ -1250,6 +1327,7 @@ fn apply_remote(
                 }
                 Incoming::Limit(r) => ConfigRecord::Limit(r),
                 Incoming::Entity(r) => ConfigRecord::Entity(r),
+                Incoming::Price(r) => ConfigRecord::Price(r),
                 Incoming::Reset(id, r) => ConfigRecord::Reset(id, r),
             };
             if !record.is_known(&state) {

@@ -33,7 +33,9 @@ use redb::{
     TableDefinition, TableHandle,
 };
 use tally_core::codec::{self, DecodeError, Record};
-use tally_core::{DecommissionRecord, EntityRecord, Epoch, LimitRecord, ResetRegister};
+use tally_core::{
+    DecommissionRecord, EntityRecord, Epoch, LimitRecord, PriceRecord, ResetRegister,
+};
 
 pub use crate::history::{EpochRows, HistoryScan, SweepCursor};
 
@@ -47,6 +49,8 @@ const PEER_SLOTS: TableDefinition<(&str, &str, i64, u64), u64> = TableDefinition
 const LIMITS: TableDefinition<&str, &[u8]> = TableDefinition::new("limits");
 const ENTITIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("entities");
 const RESETS: TableDefinition<&str, &[u8]> = TableDefinition::new("resets");
+/// model → `PriceRecord` (prices per token, or a tombstone).
+const PRICES: TableDefinition<&str, &[u8]> = TableDefinition::new("prices");
 const DEDUP_LOG: TableDefinition<u64, &[u8]> = dedup::LOG;
 /// Hard limits: (limit id, period, reset, to) → this node's total grant of rights to `to`.
 const OWN_GRANTS: TableDefinition<(&str, i64, u64, &str), u64> = TableDefinition::new("own_grants");
@@ -377,6 +381,7 @@ pub struct Recovered {
     /// (from, limit id, epoch, to, total) of other nodes' grants.
     pub peer_grants: Vec<(String, String, Epoch, String, u64)>,
     pub decommissions: Vec<DecommissionRecord>,
+    pub prices: Vec<PriceRecord>,
     /// The reservations a clean shutdown left; `None` if the last run did not stop
     /// cleanly (or never ran).
     pub clean_shutdown: Option<Vec<ReservationRow>>,
@@ -533,12 +538,13 @@ impl Store {
         }
         for row in txn.open_table(ENTITIES)?.iter()? {
             let (_, v) = row?;
-            out.entities.push(
-                codec::decode(v.value()).map_err(|source| StoreError::Corrupt {
-                    table: "entities",
-                    source,
-                })?,
-            );
+            out.entities
+                .push(EntityRecord::from_bytes(v.value()).map_err(|source| {
+                    StoreError::Corrupt {
+                        table: "entities",
+                        source,
+                    }
+                })?);
         }
         for row in txn.open_table(RESETS)?.iter()? {
             let (k, v) = row?;
@@ -595,6 +601,16 @@ impl Store {
                     }
                 })?);
         }
+        for row in txn.open_table(PRICES)?.iter()? {
+            let (_, v) = row?;
+            out.prices
+                .push(PriceRecord::from_bytes(v.value()).map_err(|source| {
+                    StoreError::Corrupt {
+                        table: "prices",
+                        source,
+                    }
+                })?);
+        }
         if let Some(v) = txn.open_table(SHUTDOWN)?.get(SHUTDOWN_KEY)? {
             out.clean_shutdown =
                 Some(
@@ -606,6 +622,7 @@ impl Store {
         }
         out.fresh = out.limits.is_empty()
             && out.entities.is_empty()
+            && out.prices.is_empty()
             && out.own_slots.is_empty()
             && out.peer_slots.is_empty()
             && out.own_grants.is_empty();
@@ -712,6 +729,7 @@ fn ready_tables(db: &Database) -> Result<Option<(IdHasher, u64)>, StoreError> {
         PEER_GRANTS.name(),
         DECOMMISSIONS.name(),
         SHUTDOWN.name(),
+        PRICES.name(),
     ];
     let ready = all.iter().all(|name| present.iter().any(|p| p == name));
     Ok(ready.then_some((hasher, open_row)))
@@ -773,6 +791,7 @@ fn init_tables(db: &Database) -> Result<(IdHasher, u64), StoreError> {
     txn.open_table(OWN_GRANTS)?;
     txn.open_table(PEER_GRANTS)?;
     txn.open_table(DECOMMISSIONS)?;
+    txn.open_table(PRICES)?;
     txn.open_table(SHUTDOWN)?;
     txn.commit()?;
     Ok((hasher, open_row))
@@ -1001,8 +1020,20 @@ impl Batch<'_> {
     pub fn put_entity(&mut self, rec: &EntityRecord) -> Result<(), StoreError> {
         self.txn.open_table(ENTITIES)?.insert(
             (rec.dimension.as_str(), rec.value.as_str()),
-            codec::encode(rec).as_slice(),
+            rec.to_bytes().as_slice(),
         )?;
+        Ok(())
+    }
+
+    pub fn put_price(&mut self, rec: &PriceRecord) -> Result<(), StoreError> {
+        self.txn
+            .open_table(PRICES)?
+            .insert(rec.model.as_str(), rec.to_bytes().as_slice())?;
+        Ok(())
+    }
+
+    pub fn remove_price(&mut self, model: &str) -> Result<(), StoreError> {
+        self.txn.open_table(PRICES)?.remove(model)?;
         Ok(())
     }
 

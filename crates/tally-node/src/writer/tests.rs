@@ -341,7 +341,9 @@ async fn tombstones_are_collected_after_their_retention() {
     let node = open(&disk, &clock, |_| {});
     with_limit(&node).await;
     let parents: tally_core::Scope = [("team".to_string(), "eng".to_string())].into();
-    node.put_entity("user", "ann", parents).await.unwrap();
+    node.put_entity("user", "ann", parents, Default::default())
+        .await
+        .unwrap();
     node.delete_limit("reqs").await.unwrap();
     node.delete_entity("user", "ann").await.unwrap();
     let tombstones = |node: &Node| {
