@@ -74,6 +74,7 @@ fn every_reply_is_its_type_byte_for_byte() {
 
     let entity = EntityRequest {
         parents: [("team".to_string(), "eng".to_string())].into(),
+        ..Default::default()
     };
     let (s, t) = send(&c, "PUT", "/v1/entities/virtual_key/vk-1", Some(&entity));
     typed::<EntityView>(s, 200, &t);
@@ -84,8 +85,7 @@ fn every_reply_is_its_type_byte_for_byte() {
         attributes: [("virtual_key", "vk-1")].into_iter().collect(),
         cost: Some(0.25),
         tokens: Some(10),
-        reserve: false,
-        ttl_s: None,
+        ..Default::default()
     };
     let (s, t) = send(&c, "POST", "/v1/check", Some(&check));
     let r: CheckReply = typed(s, 200, &t);

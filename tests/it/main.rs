@@ -16,6 +16,8 @@
 //! - `hard`: hard limits: reservations, overrun, restart and crash, rights moving to
 //!   the busy node of a fleet, decommission (I7, I8).
 //! - `hostile`: thousands of slow connections, trickled headers and bodies (I8, bounds).
+//! - `prices`: usage and checks priced from token counts; access rules of entities;
+//!   `tally prices import` (I1, I4, I8).
 //! - `proxies`: forward-auth, usage from access-log lines, envoyproxy/ratelimit import
 //!   (I2, I8).
 //! - `metrics`: `/metrics` histograms count exactly the requests sent; per-limit series
@@ -32,5 +34,6 @@ mod hard;
 mod hostile;
 mod metrics;
 mod periods;
+mod prices;
 mod proxies;
 mod ui;

@@ -550,14 +550,159 @@ pub struct EntityRequest {
     #[serde(default, deserialize_with = "bounded_scope")]
     #[schemars(schema_with = "scope_schema")]
     pub parents: Scope,
+    /// Access rule: `false` denies every check that reaches this entity (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<bool>,
+    /// Access rule: from this instant (RFC 3339) on, every check reaching it is denied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "time_schema")]
+    pub expires_at: Option<String>,
+    /// Access rule: per attribute, the values a request reaching this entity may have (a
+    /// request without the attribute is denied too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "allow_schema")]
+    pub allow: Option<BTreeMap<String, Vec<String>>>,
 }
 
-/// An entity.
+/// An entity. The access rules are shown only when set (`active` only when false).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct EntityView {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<BTreeMap<String, Vec<String>>>,
     pub dimension: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
     pub parents: Scope,
     pub value: String,
+}
+
+// ----- prices --------------------------------------------------------------------------
+
+/// `PUT /v1/prices/{model}`: USD per million tokens, at most 9 decimal places (kept
+/// exactly, as femto-USD per token).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PriceRequest {
+    /// Input tokens (neither read from nor written to a prompt cache).
+    #[schemars(range(min = 0.0, max = 1e6))]
+    pub input: f64,
+    /// Output tokens (not reasoning).
+    #[schemars(range(min = 0.0, max = 1e6))]
+    pub output: f64,
+    /// Input tokens read from a prompt cache (default: the input price).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1e6))]
+    pub cache_read: Option<f64>,
+    /// Input tokens written to a prompt cache (default: the input price).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1e6))]
+    pub cache_creation: Option<f64>,
+    /// Reasoning tokens (default: the output price).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1e6))]
+    pub reasoning: Option<f64>,
+}
+
+/// One price of `POST /v1/prices/batch`: the model and its prices.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PriceEntry {
+    #[schemars(length(min = 1, max = 128))]
+    pub model: String,
+    #[schemars(range(min = 0.0, max = 1e6))]
+    pub input: f64,
+    #[schemars(range(min = 0.0, max = 1e6))]
+    pub output: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1e6))]
+    pub cache_read: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1e6))]
+    pub cache_creation: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1e6))]
+    pub reasoning: Option<f64>,
+}
+
+/// `POST /v1/prices/batch`: validated all or nothing, written in one durable commit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PriceBatchRequest {
+    #[serde(deserialize_with = "objects")]
+    #[schemars(length(max = 1000))]
+    pub prices: Vec<PriceEntry>,
+}
+
+/// The reply of `POST /v1/prices/batch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PricesWritten {
+    pub written: usize,
+}
+
+/// A model's prices, USD per million tokens; `null`: priced as input (cache kinds) or
+/// output (reasoning).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PriceView {
+    pub model: String,
+    pub input: f64,
+    pub output: f64,
+    pub cache_read: Option<f64>,
+    pub cache_creation: Option<f64>,
+    pub reasoning: Option<f64>,
+}
+
+/// `GET /v1/prices`, by model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PriceList {
+    pub prices: Vec<PriceView>,
+}
+
+/// The five prices a request was charged at (USD per million tokens), fallbacks resolved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ChargedPrices {
+    pub input: f64,
+    pub output: f64,
+    pub cache_read: f64,
+    pub cache_creation: f64,
+    pub reasoning: f64,
+}
+
+/// How a request given by token counts was priced (check and usage replies).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Priced {
+    /// The `model` attribute whose price applied.
+    pub model: String,
+    /// What limits count, USD: the exact cost rounded up to the micro-USD.
+    pub cost: f64,
+    /// The exact cost, USD, as a decimal string.
+    pub exact_usd: String,
+    pub prices: ChargedPrices,
+}
+
+/// A check denied by an access rule of an entity the request reaches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AccessDenied {
+    pub dimension: String,
+    pub value: String,
+    /// `inactive`, `expired` or `allow`.
+    #[schemars(schema_with = "rule_schema")]
+    pub rule: String,
+    /// `expired`: the instant it expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// `allow`: the attribute whose value is not allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribute: Option<String>,
+    /// `allow`: the request's value of it (`null` when it has none).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "serde_with_null"
+    )]
+    #[schemars(schema_with = "nullable_string")]
+    pub given: Option<Option<String>>,
 }
 
 // ----- check and usage -----------------------------------------------------------------
@@ -580,6 +725,44 @@ pub struct CheckRequest<'a> {
     )]
     #[schemars(range(max = 1_000_000_000_000_000_u64))]
     pub tokens: Option<u64>,
+    /// Tokens by kind (disjoint: input excludes cached reads and cache writes, output
+    /// excludes reasoning). With any of them and no `cost`, the node prices the request
+    /// from the price of its `model` attribute; `tokens`, when absent, is their sum.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole"
+    )]
+    #[schemars(range(max = 1_000_000_000_000_000_u64))]
+    pub input_tokens: Option<u64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole"
+    )]
+    #[schemars(range(max = 1_000_000_000_000_000_u64))]
+    pub output_tokens: Option<u64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole"
+    )]
+    #[schemars(range(max = 1_000_000_000_000_000_u64))]
+    pub cache_read_tokens: Option<u64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole"
+    )]
+    #[schemars(range(max = 1_000_000_000_000_000_u64))]
+    pub cache_creation_tokens: Option<u64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole"
+    )]
+    #[schemars(range(max = 1_000_000_000_000_000_u64))]
+    pub reasoning_tokens: Option<u64>,
     /// Hold the estimate on every applicable hard limit when allowed (a reservation).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reserve: bool,
@@ -668,9 +851,15 @@ pub struct CheckReply {
     pub denied_by: Vec<String>,
     /// Every applicable limit.
     pub limits: Vec<LimitStatus>,
+    /// The access rule the request breaks (then `allowed` is false; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<AccessDenied>,
     /// With `reserve`, when allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reservation: Option<Reservation>,
+    /// When the estimate was priced from token counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priced: Option<Priced>,
 }
 
 /// `POST /v1/usage`, and one record of a batch.
@@ -694,6 +883,44 @@ pub struct UsageRequest<'a> {
     )]
     #[schemars(range(max = 1_000_000_000_000_000_u64))]
     pub tokens: Option<u64>,
+    /// Tokens by kind (disjoint: input excludes cached reads and cache writes, output
+    /// excludes reasoning). With any of them and no `cost`, the node prices the request
+    /// from the price of its `model` attribute; `tokens`, when absent, is their sum.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole"
+    )]
+    #[schemars(range(max = 1_000_000_000_000_000_u64))]
+    pub input_tokens: Option<u64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole"
+    )]
+    #[schemars(range(max = 1_000_000_000_000_000_u64))]
+    pub output_tokens: Option<u64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole"
+    )]
+    #[schemars(range(max = 1_000_000_000_000_000_u64))]
+    pub cache_read_tokens: Option<u64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole"
+    )]
+    #[schemars(range(max = 1_000_000_000_000_000_u64))]
+    pub cache_creation_tokens: Option<u64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "whole"
+    )]
+    #[schemars(range(max = 1_000_000_000_000_000_u64))]
+    pub reasoning_tokens: Option<u64>,
     /// Requests (default 1).
     #[serde(
         default,
@@ -722,6 +949,9 @@ pub struct UsageReply {
     /// when none): usage is always counted; this is the only way past a hard `max`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overrun: Option<BTreeMap<String, Amount>>,
+    /// When the record was priced from token counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priced: Option<Priced>,
 }
 
 /// `POST /v1/usage/batch`: validated all or nothing.
@@ -746,6 +976,9 @@ pub struct BatchResult {
     /// As in [`UsageReply::overrun`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overrun: Option<BTreeMap<String, Amount>>,
+    /// As in [`UsageReply::priced`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priced: Option<Priced>,
 }
 
 /// `DELETE /v1/reservations/{id}`.
@@ -856,6 +1089,9 @@ pub struct ForwardAuthReply {
     pub stale: bool,
     pub denied_by: Vec<String>,
     pub limits: Vec<LimitStatus>,
+    /// The access rule the request breaks (the denial is then a 403).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<AccessDenied>,
     /// With `X-Tally-Record-Id` and allowed: whether the record was applied now (false:
     /// its id was already applied). Absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -919,6 +1155,28 @@ pub struct SkippedDescriptor {
 }
 
 // ----- schema helpers ------------------------------------------------------------------
+
+fn rule_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "string", "enum": ["inactive", "expired", "allow"]})
+}
+
+fn allow_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": ["object", "null"],
+        "maxProperties": ATTRIBUTES_MAX,
+        "propertyNames": {"pattern": NAME_PATTERN},
+        "additionalProperties": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 64,
+            "items": {"$ref": "#/components/schemas/AttributeValue"}
+        }
+    })
+}
+
+fn nullable_string(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": ["string", "null"]})
+}
 
 fn mode_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({"type": "string", "enum": ["soft", "hard"]})

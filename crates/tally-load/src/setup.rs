@@ -150,7 +150,9 @@ mod tests {
                     stale: false,
                     denied_by: Vec::new(),
                     limits: ["a", "b", "c", "d", "e"].map(status).to_vec(),
+                    access: None,
                     reservation: None,
+                    priced: None,
                 };
                 (StatusCode::OK, serde_json::to_string(&reply).unwrap())
             }

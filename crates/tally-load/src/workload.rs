@@ -58,6 +58,7 @@ pub fn check_body(key: usize) -> String {
         tokens: Some(REQUEST_TOKENS_COUNT),
         reserve: hard(),
         ttl_s: hard().then_some(1),
+        ..Default::default()
     })
     .expect("a check body serialises")
 }
@@ -86,9 +87,7 @@ pub fn usage_body(id: &str, key: usize) -> String {
         attributes: request_attributes(key),
         cost: Some(REQUEST_COST_USD),
         tokens: Some(REQUEST_TOKENS_COUNT),
-        requests: None,
-        at: None,
-        reservation: None,
+        ..Default::default()
     })
     .expect("a usage body serialises")
 }

@@ -38,10 +38,21 @@ fn bench(c: &mut Criterion) {
     for n in [1usize, 5, 20] {
         let r = reports(n);
         g.bench_with_input(BenchmarkId::new("writer", n), &r, |b, r| {
-            b.iter(|| check_reply_json(true, false, black_box(r), None).into_bytes())
+            b.iter(|| {
+                check_reply_json(true, false, black_box(r), None, &Default::default()).into_bytes()
+            })
         });
         g.bench_with_input(BenchmarkId::new("serde_typed", n), &r, |b, r| {
-            b.iter(|| serde_json::to_vec(&check_reply(true, false, black_box(r), None)).unwrap())
+            b.iter(|| {
+                serde_json::to_vec(&check_reply(
+                    true,
+                    false,
+                    black_box(r),
+                    None,
+                    &Default::default(),
+                ))
+                .unwrap()
+            })
         });
     }
     g.finish();

@@ -46,6 +46,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Manage the nodes of a fleet (decommission one that is gone for good).
     Nodes(NodesArgs),
+    /// Manage model prices (USD per million tokens), which price usage given by tokens.
+    Prices(PricesArgs),
     /// Turn another system's config into tally limits.
     Import(ImportArgs),
 }
@@ -68,6 +70,55 @@ pub enum NodesCommand {
         /// The node that takes over its rights [default: the node this command talks to].
         #[arg(long, value_name = "NODE")]
         successor: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PricesArgs {
+    #[command(flatten)]
+    pub client: ClientOpts,
+    #[command(subcommand)]
+    pub command: PricesCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PricesCommand {
+    /// Create or replace the price of a model, in USD per million tokens (at most 9
+    /// decimal places). Cache prices default to the input price, reasoning to output.
+    Put {
+        /// The model, as requests name it in their `model` attribute.
+        model: String,
+        #[arg(long, value_name = "USD")]
+        input: f64,
+        #[arg(long, value_name = "USD")]
+        output: f64,
+        #[arg(long, value_name = "USD")]
+        cache_read: Option<f64>,
+        #[arg(long, value_name = "USD")]
+        cache_creation: Option<f64>,
+        #[arg(long, value_name = "USD")]
+        reasoning: Option<f64>,
+    },
+    /// Show the price of a model.
+    Get { model: String },
+    /// List every price.
+    List,
+    /// Delete the price of a model.
+    Delete { model: String },
+    /// Import LiteLLM's model_prices_and_context_window.json (per-token USD prices:
+    /// input_cost_per_token, output_cost_per_token, cache_read_input_token_cost,
+    /// cache_creation_input_token_cost, output_cost_per_reasoning_token). Entries
+    /// without both an input and an output price per token are skipped. Written 1000
+    /// prices per durable commit. Needs an admin token.
+    Import {
+        /// The JSON file (`-` reads standard input).
+        file: PathBuf,
+        /// Only models of this `litellm_provider` (repeatable).
+        #[arg(long, value_name = "PROVIDER")]
+        provider: Vec<String>,
+        /// Only say what would be imported.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -361,6 +412,17 @@ pub enum EntitiesCommand {
         /// Parent pair k=v, repeatable (e.g. --parent team=eng).
         #[arg(long = "parent", value_name = "K=V", value_parser = parse_pair)]
         parents: Vec<(String, String)>,
+        /// Access rule: deny every check that reaches this entity.
+        #[arg(long)]
+        inactive: bool,
+        /// Access rule: deny every check that reaches it from this instant (RFC 3339).
+        #[arg(long, value_name = "TIME")]
+        expires_at: Option<String>,
+        /// Access rule: an allowed value of an attribute, repeatable (e.g. --allow
+        /// model=gpt-4o --allow model=gpt-4o-mini); a request reaching this entity with
+        /// another value, or none, is denied.
+        #[arg(long = "allow", value_name = "K=V", value_parser = parse_pair)]
+        allow: Vec<(String, String)>,
     },
     /// Show an entity.
     Get {
@@ -386,9 +448,25 @@ pub struct CheckArgs {
     /// Estimated cost in USD [default: 0].
     #[arg(long, value_name = "USD", value_parser = parse_decimal)]
     pub cost: Option<Decimal>,
-    /// Estimated tokens [default: 0].
+    /// Estimated tokens [default: 0, or the sum of the token kinds].
     #[arg(long, value_name = "N")]
     pub tokens: Option<u64>,
+    /// Input tokens (not read from or written to a prompt cache). With any token kind
+    /// and no --cost, the node prices the request by its `model` attribute.
+    #[arg(long, value_name = "N")]
+    pub input_tokens: Option<u64>,
+    /// Output tokens (not reasoning).
+    #[arg(long, value_name = "N")]
+    pub output_tokens: Option<u64>,
+    /// Input tokens read from a prompt cache.
+    #[arg(long, value_name = "N")]
+    pub cache_read_tokens: Option<u64>,
+    /// Input tokens written to a prompt cache.
+    #[arg(long, value_name = "N")]
+    pub cache_creation_tokens: Option<u64>,
+    /// Reasoning tokens.
+    #[arg(long, value_name = "N")]
+    pub reasoning_tokens: Option<u64>,
     /// Hold the estimate on the hard limits that apply, when allowed (settle it with
     /// `tally usage --reservation ID`).
     #[arg(long)]
@@ -411,9 +489,25 @@ pub struct UsageArgs {
     /// Cost in USD [default: 0].
     #[arg(long, value_name = "USD", value_parser = parse_decimal)]
     pub cost: Option<Decimal>,
-    /// Tokens used [default: 0].
+    /// Tokens used [default: 0, or the sum of the token kinds].
     #[arg(long, value_name = "N")]
     pub tokens: Option<u64>,
+    /// Input tokens (not read from or written to a prompt cache). With any token kind
+    /// and no --cost, the node prices the request by its `model` attribute.
+    #[arg(long, value_name = "N")]
+    pub input_tokens: Option<u64>,
+    /// Output tokens (not reasoning).
+    #[arg(long, value_name = "N")]
+    pub output_tokens: Option<u64>,
+    /// Input tokens read from a prompt cache.
+    #[arg(long, value_name = "N")]
+    pub cache_read_tokens: Option<u64>,
+    /// Input tokens written to a prompt cache.
+    #[arg(long, value_name = "N")]
+    pub cache_creation_tokens: Option<u64>,
+    /// Reasoning tokens.
+    #[arg(long, value_name = "N")]
+    pub reasoning_tokens: Option<u64>,
     /// Requests made [default: 1].
     #[arg(long, value_name = "N")]
     pub requests: Option<u64>,
@@ -594,7 +688,9 @@ mod tests {
         ])
         .unwrap();
         let Command::Entities(EntitiesArgs {
-            command: EntitiesCommand::Put { entity, parents },
+            command: EntitiesCommand::Put {
+                entity, parents, ..
+            },
             ..
         }) = cli.command
         else {

@@ -25,7 +25,8 @@ use tally_api::{
 
 use crate::cli::{
     CheckArgs, ClientOpts, Command, Decimal, EntitiesArgs, EntitiesCommand, EntityRef, LimitPut,
-    LimitsArgs, LimitsCommand, MetricArg, ModeArg, NodesArgs, NodesCommand, StatusArgs, UsageArgs,
+    LimitsArgs, LimitsCommand, MetricArg, ModeArg, NodesArgs, NodesCommand, PricesArgs,
+    PricesCommand, StatusArgs, UsageArgs,
 };
 
 /// Whole-request timeout: generous, since a usage record waits for a durable commit.
@@ -71,6 +72,8 @@ pub enum View {
     Check,
     Usage,
     Decommissioned,
+    Price,
+    PriceList,
 }
 
 /// A reply: status code and body (JSON, or a JSON string holding a non-JSON body).
@@ -106,6 +109,18 @@ impl Reply {
 pub fn run(command: Command) -> anyhow::Result<()> {
     if let Command::Import(args) = &command {
         return crate::proxies::import::run_cli(args);
+    }
+    if let Command::Prices(PricesArgs {
+        client,
+        command:
+            PricesCommand::Import {
+                file,
+                provider,
+                dry_run,
+            },
+    }) = &command
+    {
+        return crate::prices::import_cli(client, file, provider, *dry_run);
     }
     if let Command::Status(StatusArgs {
         client,
@@ -162,6 +177,46 @@ pub fn plan(command: &Command) -> anyhow::Result<(&ClientOpts, Request, View)> {
             }
         },
         Command::Usage(args) => (&args.client, usage_request(args)?, View::Usage),
+        Command::Prices(PricesArgs { client, command }) => {
+            let path = |m: &str| format!("/v1/prices/{}", encode(m));
+            let (request, view) = match command {
+                PricesCommand::Put {
+                    model,
+                    input,
+                    output,
+                    cache_read,
+                    cache_creation,
+                    reasoning,
+                } => (
+                    Request {
+                        method: Method::Put,
+                        path: path(model),
+                        body: Some(to_json(&tally_api::PriceRequest {
+                            input: *input,
+                            output: *output,
+                            cache_read: *cache_read,
+                            cache_creation: *cache_creation,
+                            reasoning: *reasoning,
+                        })),
+                    },
+                    View::Price,
+                ),
+                PricesCommand::Get { model } => (Request::get(path(model)), View::Price),
+                PricesCommand::List => (Request::get("/v1/prices".to_owned()), View::PriceList),
+                PricesCommand::Delete { model } => (
+                    Request {
+                        method: Method::Delete,
+                        path: path(model),
+                        body: None,
+                    },
+                    View::Deleted(format!("price of {model}")),
+                ),
+                PricesCommand::Import { .. } => {
+                    bail!("internal: prices import is not one request")
+                }
+            };
+            (client, request, view)
+        }
         Command::Serve(_) | Command::Status(_) | Command::Import(_) => {
             bail!("internal: plan() covers request/reply commands only")
         }
@@ -244,16 +299,31 @@ fn plan_entities(command: &EntitiesCommand) -> anyhow::Result<(Request, View)> {
     let path =
         |e: &EntityRef| format!("/v1/entities/{}/{}", encode(&e.dimension), encode(&e.value));
     Ok(match command {
-        EntitiesCommand::Put { entity, parents } => (
-            Request {
-                method: Method::Put,
-                path: path(entity),
-                body: Some(to_json(&EntityRequest {
-                    parents: pairs_to_map("--parent", parents)?,
-                })),
-            },
-            View::Entity,
-        ),
+        EntitiesCommand::Put {
+            entity,
+            parents,
+            inactive,
+            expires_at,
+            allow,
+        } => {
+            let mut rules: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+            for (k, v) in allow {
+                rules.entry(k.clone()).or_default().push(v.clone());
+            }
+            (
+                Request {
+                    method: Method::Put,
+                    path: path(entity),
+                    body: Some(to_json(&EntityRequest {
+                        parents: pairs_to_map("--parent", parents)?,
+                        active: inactive.then_some(false),
+                        expires_at: expires_at.clone(),
+                        allow: (!rules.is_empty()).then_some(rules),
+                    })),
+                },
+                View::Entity,
+            )
+        }
         EntitiesCommand::Get { entity } => (Request::get(path(entity)), View::Entity),
         EntitiesCommand::Delete { entity } => (
             Request {
@@ -325,6 +395,11 @@ pub fn check_request(args: &CheckArgs) -> anyhow::Result<Request> {
         attributes: attributes(&args.attrs)?,
         cost: args.cost.as_ref().map(|c| c.value),
         tokens: args.tokens,
+        input_tokens: args.input_tokens,
+        output_tokens: args.output_tokens,
+        cache_read_tokens: args.cache_read_tokens,
+        cache_creation_tokens: args.cache_creation_tokens,
+        reasoning_tokens: args.reasoning_tokens,
         reserve: args.reserve,
         ttl_s: args.ttl_s,
     };
@@ -342,6 +417,11 @@ pub fn usage_request(args: &UsageArgs) -> anyhow::Result<Request> {
         attributes: attributes(&args.attrs)?,
         cost: args.cost.as_ref().map(|c| c.value),
         tokens: args.tokens,
+        input_tokens: args.input_tokens,
+        output_tokens: args.output_tokens,
+        cache_read_tokens: args.cache_read_tokens,
+        cache_creation_tokens: args.cache_creation_tokens,
+        reasoning_tokens: args.reasoning_tokens,
         requests: args.requests,
         at: None,
         reservation: args.reservation.clone(),
@@ -570,6 +650,10 @@ pub fn render(view: &View, body: &Value) -> anyhow::Result<String> {
         View::Deleted(what) => format!("deleted {what}\n"),
         View::Check => render_check(&typed(body, "check reply")?),
         View::Usage => render_usage(&typed(body, "usage reply")?),
+        View::Price => render_prices(&[typed(body, "price")?]),
+        View::PriceList => {
+            render_prices(&typed::<tally_api::PriceList>(body, "price list")?.prices)
+        }
         View::Decommissioned => {
             let d: Decommissioned = typed(body, "decommission reply")?;
             format!(
@@ -850,7 +934,61 @@ pub fn render_entity(e: &EntityView) -> String {
         format_pairs(&e.parents)
     };
     kv.row(vec!["parents".to_owned(), parents]);
+    if e.active == Some(false) {
+        kv.row(vec![
+            "active".to_owned(),
+            "false (every check is denied)".to_owned(),
+        ]);
+    }
+    if let Some(at) = &e.expires_at {
+        kv.row(vec!["expires_at".to_owned(), at.clone()]);
+    }
+    for (k, vs) in e.allow.iter().flatten() {
+        kv.row(vec![format!("allow {k}"), vs.join(", ")]);
+    }
     kv.render()
+}
+
+/// Prices, USD per million tokens; `-` where a kind falls back to another price.
+pub fn render_prices(prices: &[tally_api::PriceView]) -> String {
+    if prices.is_empty() {
+        return "no prices\n".to_owned();
+    }
+    let mut t = Table::new(&[
+        "MODEL",
+        ">INPUT",
+        ">OUTPUT",
+        ">CACHE_READ",
+        ">CACHE_CREATION",
+        ">REASONING",
+    ]);
+    let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| v.to_string());
+    for p in prices {
+        t.row(vec![
+            p.model.clone(),
+            p.input.to_string(),
+            p.output.to_string(),
+            opt(p.cache_read),
+            opt(p.cache_creation),
+            opt(p.reasoning),
+        ]);
+    }
+    let mut out = "USD per million tokens\n".to_owned();
+    out.push_str(&t.render());
+    out
+}
+
+/// How a request given by tokens was priced.
+fn render_priced(out: &mut String, p: Option<&tally_api::Priced>) {
+    if let Some(p) = p {
+        let _ = writeln!(
+            out,
+            "priced at {}: {} USD (exactly {})",
+            p.model,
+            format_money(p.cost),
+            p.exact_usd
+        );
+    }
 }
 
 /// The limits of a check or usage reply; `*` marks the ones in `denied`.
@@ -892,6 +1030,19 @@ pub fn render_check(body: &CheckReply) -> String {
         out.push_str(" (stale: the node has not caught up with its peers yet)");
     }
     out.push('\n');
+    if let Some(a) = &body.access {
+        let why = match a.rule.as_str() {
+            "inactive" => "is inactive".to_owned(),
+            "expired" => format!("expired at {}", a.expires_at.as_deref().unwrap_or("?")),
+            _ => format!(
+                "does not allow {}={}",
+                a.attribute.as_deref().unwrap_or("?"),
+                a.given.clone().flatten().as_deref().unwrap_or("(none)")
+            ),
+        };
+        let _ = writeln!(out, "access denied: {}/{} {why}", a.dimension, a.value);
+    }
+    render_priced(&mut out, body.priced.as_ref());
     if let Some(r) = &body.reservation {
         let _ = writeln!(out, "reservation {} until {}", r.id, r.expires_at);
     }
@@ -920,6 +1071,7 @@ pub fn render_usage(body: &UsageReply) -> String {
     } else {
         "not applied: this id was already recorded on this node\n".to_owned()
     };
+    render_priced(&mut out, body.priced.as_ref());
     if let Some(over) = &body.overrun {
         for (id, v) in over {
             let _ = writeln!(

@@ -14,10 +14,12 @@ use axum::routing::{delete, get, post, put};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tally_api::{
-    Amount, Attributes, Balance, BatchReply, BatchRequest, BatchResult, CheckRequest, ClusterReply,
-    DecommissionRequest, Decommissioned, Deleted, EntityRequest, EntityView, ErrorReply, Health,
-    HistoryEpoch, HistoryReply, LimitList, LimitRequest, LimitView, Member, MemberSpec,
-    MemberWeight, Obj, Ready, Released, Reservation, ResetRequest, RightsView, UsageRequest,
+    AccessDenied, Amount, Attributes, Balance, BatchReply, BatchRequest, BatchResult,
+    ChargedPrices, CheckRequest, ClusterReply, DecommissionRequest, Decommissioned, Deleted,
+    EntityRequest, EntityView, ErrorReply, Health, HistoryEpoch, HistoryReply, LimitList,
+    LimitRequest, LimitView, Member, MemberSpec, MemberWeight, Obj, PriceBatchRequest, PriceList,
+    PriceRequest, PriceView, Priced, PricesWritten, Ready, Released, Reservation, ResetRequest,
+    RightsView, UsageRequest,
 };
 use tally_core::units::{self, ATTRIBUTES_MAX, Micros};
 use tally_core::{Amounts, LimitInput, Metric, Mode, Period, Scope};
@@ -769,12 +771,36 @@ async fn put_entity(
     let b: EntityRequest = parse_json(&body)?;
     check_entity(&dim, &value)?;
     check_attributes(&b.parents)?;
-    let e = s.node.put_entity(&dim, &value, b.parents).await?;
-    ok(EntityView {
+    let rules = tally_core::AccessRules {
+        active: b.active.unwrap_or(true),
+        expires_at_ms: b
+            .expires_at
+            .as_deref()
+            .map(|t| parse_time(t, "expires_at"))
+            .transpose()?,
+        allow: b.allow.unwrap_or_default(),
+    };
+    let e = s.node.put_entity(&dim, &value, b.parents, rules).await?;
+    ok(entity_view(e))
+}
+
+/// An entity as the API shows it: rules only when set.
+fn entity_view(e: tally_node::EntityDetails) -> EntityView {
+    EntityView {
+        active: (!e.rules.active).then_some(false),
+        allow: (!e.rules.allow.is_empty()).then_some(e.rules.allow),
         dimension: e.dimension,
+        expires_at: e.rules.expires_at_ms.and_then(rfc3339),
         parents: e.parents,
         value: e.value,
-    })
+    }
+}
+
+/// An RFC 3339 instant in ms since the epoch, or a 400 naming the field.
+fn parse_time(t: &str, what: &str) -> Result<i64, ApiError> {
+    t.parse::<jiff::Timestamp>()
+        .map(|t| t.as_millisecond())
+        .map_err(|e| ApiError::invalid(format!("{what} {t:?} is not an RFC 3339 time: {e}")))
 }
 
 async fn get_entity(
@@ -787,11 +813,7 @@ async fn get_entity(
         .node
         .entity(&dim, &value)
         .ok_or_else(|| ApiError::not_found(format!("no entity {dim}/{value}")))?;
-    ok(EntityView {
-        dimension: e.dimension,
-        parents: e.parents,
-        value: e.value,
-    })
+    ok(entity_view(e))
 }
 
 async fn delete_entity(
@@ -802,6 +824,234 @@ async fn delete_entity(
     authorize(&s, &headers, Role::Admin)?;
     s.node.delete_entity(&dim, &value).await?;
     ok(Deleted { deleted: true })
+}
+
+// ----- prices ------------------------------------------------------------------------
+
+/// A price body (USD per million tokens) as exact femto-USD per token.
+fn price_of(
+    input: f64,
+    output: f64,
+    cache_read: Option<f64>,
+    cache_creation: Option<f64>,
+    reasoning: Option<f64>,
+) -> Result<tally_core::Price, ApiError> {
+    use tally_core::prices::per_mtok_to_femto;
+    let one = |v: f64, what: &str| {
+        per_mtok_to_femto(v).map_err(|e| ApiError::invalid(format!("{what}: {e}")))
+    };
+    let opt = |v: Option<f64>, what: &str| v.map(|v| one(v, what)).transpose();
+    Ok(tally_core::Price {
+        input: one(input, "input")?,
+        output: one(output, "output")?,
+        cache_read: opt(cache_read, "cache_read")?,
+        cache_creation: opt(cache_creation, "cache_creation")?,
+        reasoning: opt(reasoning, "reasoning")?,
+    })
+}
+
+fn price_view(model: String, p: &tally_core::Price) -> PriceView {
+    use tally_core::prices::femto_to_per_mtok as f;
+    PriceView {
+        model,
+        input: f(p.input),
+        output: f(p.output),
+        cache_read: p.cache_read.map(f),
+        cache_creation: p.cache_creation.map(f),
+        reasoning: p.reasoning.map(f),
+    }
+}
+
+fn check_model(model: &str) -> Result<(), ApiError> {
+    tally_core::prices::validate_model(model).map_err(|e| ApiError::invalid(format!("model: {e}")))
+}
+
+async fn put_price(
+    State(s): App,
+    headers: HeaderMap,
+    Params(model): Params<String>,
+    body: RawBody,
+) -> ApiResult {
+    authorize(&s, &headers, Role::Admin)?;
+    let b: PriceRequest = parse_json(&body)?;
+    check_model(&model)?;
+    let price = price_of(
+        b.input,
+        b.output,
+        b.cache_read,
+        b.cache_creation,
+        b.reasoning,
+    )?;
+    s.node
+        .put_prices(vec![(model.clone(), Some(price))])
+        .await?;
+    ok(price_view(model, &price))
+}
+
+async fn get_price(State(s): App, headers: HeaderMap, Params(model): Params<String>) -> ApiResult {
+    authorize(&s, &headers, Role::Client)?;
+    let p = s
+        .node
+        .price(&model)
+        .ok_or_else(|| ApiError::not_found(format!("no price for model {model:?}")))?;
+    ok(price_view(model, &p))
+}
+
+async fn delete_price(
+    State(s): App,
+    headers: HeaderMap,
+    Params(model): Params<String>,
+) -> ApiResult {
+    authorize(&s, &headers, Role::Admin)?;
+    check_model(&model)?;
+    s.node.put_prices(vec![(model, None)]).await?;
+    ok(Deleted { deleted: true })
+}
+
+async fn list_prices(State(s): App, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Role::Client)?;
+    ok(PriceList {
+        prices: s
+            .node
+            .prices()
+            .into_iter()
+            .map(|(m, p)| price_view(m, &p))
+            .collect(),
+    })
+}
+
+/// Most prices in one `POST /v1/prices/batch`.
+pub const PRICE_BATCH_MAX: usize = 1000;
+
+async fn price_batch(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
+    authorize(&s, &headers, Role::Admin)?;
+    let b: PriceBatchRequest = parse_json(&body)?;
+    if b.prices.len() > PRICE_BATCH_MAX {
+        return Err(ApiError::invalid(format!(
+            "a batch has at most {PRICE_BATCH_MAX} prices, this one has {}",
+            b.prices.len()
+        )));
+    }
+    let prices = b
+        .prices
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let at = |err: ApiError| ApiError::invalid(format!("prices[{i}]: {}", err.message));
+            check_model(&e.model).map_err(at)?;
+            let p = price_of(
+                e.input,
+                e.output,
+                e.cache_read,
+                e.cache_creation,
+                e.reasoning,
+            )
+            .map_err(at)?;
+            Ok((e.model, Some(p)))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let written = prices.len();
+    if written > 0 {
+        s.node.put_prices(prices).await?;
+    }
+    ok(PricesWritten { written })
+}
+
+/// The prices a request was charged at and why, as the API shows it.
+pub fn priced_view(p: &tally_node::Priced) -> Priced {
+    use tally_core::prices::femto_to_per_mtok as f;
+    Priced {
+        model: p.model.clone(),
+        cost: p.cost.to_usd(),
+        exact_usd: tally_core::prices::femto_to_usd_string(p.femto),
+        prices: ChargedPrices {
+            input: f(p.prices.input),
+            output: f(p.prices.output),
+            cache_read: f(p.prices.cache_read),
+            cache_creation: f(p.prices.cache_creation),
+            reasoning: f(p.prices.reasoning),
+        },
+    }
+}
+
+/// An access denial as the API shows it.
+pub fn access_view(a: &tally_core::AccessDenial) -> AccessDenied {
+    let mut v = AccessDenied {
+        dimension: a.dimension.clone(),
+        value: a.value.clone(),
+        rule: a.rule.as_str().to_string(),
+        expires_at: None,
+        attribute: None,
+        given: None,
+    };
+    match &a.rule {
+        tally_core::BrokenRule::Inactive => {}
+        tally_core::BrokenRule::Expired { expires_at_ms } => v.expires_at = rfc3339(*expires_at_ms),
+        tally_core::BrokenRule::Allow { attribute, given } => {
+            v.attribute = Some(attribute.clone());
+            v.given = Some(given.clone());
+        }
+    }
+    v
+}
+
+/// Token counts by kind of a check or record: `None` when none is given.
+fn token_kinds(
+    input: Option<u64>,
+    output: Option<u64>,
+    cache_read: Option<u64>,
+    cache_creation: Option<u64>,
+    reasoning: Option<u64>,
+) -> Result<Option<tally_core::TokenKinds>, ApiError> {
+    if [input, output, cache_read, cache_creation, reasoning]
+        .iter()
+        .all(Option::is_none)
+    {
+        return Ok(None);
+    }
+    Ok(Some(tally_core::TokenKinds {
+        input: count(input, "input_tokens", 0)?,
+        output: count(output, "output_tokens", 0)?,
+        cache_read: count(cache_read, "cache_read_tokens", 0)?,
+        cache_creation: count(cache_creation, "cache_creation_tokens", 0)?,
+        reasoning: count(reasoning, "reasoning_tokens", 0)?,
+    }))
+}
+
+/// Cost and tokens of a check or record: an explicit `cost` wins; else token counts by
+/// kind are priced at the `model` attribute's price; else 0. `tokens`, when absent, is
+/// the sum of the kinds.
+fn cost_and_tokens(
+    node: Option<&Node>,
+    attributes: &Attributes<'_>,
+    cost_usd: Option<f64>,
+    tokens: Option<u64>,
+    kinds: Option<tally_core::TokenKinds>,
+) -> Result<(Micros, u64, Option<tally_node::Priced>), ApiError> {
+    let tokens = match (tokens, &kinds) {
+        (Some(t), _) => count(Some(t), "tokens", 0)?,
+        (None, Some(k)) => {
+            let sum = u64::try_from(k.total()).unwrap_or(u64::MAX);
+            units::check_count(sum, "the sum of the token kinds")
+                .map_err(|e| ApiError::invalid(e.to_string()))?
+        }
+        (None, None) => 0,
+    };
+    match (cost_usd, kinds, node) {
+        (Some(_), _, _) | (None, None, _) => Ok((cost(cost_usd)?, tokens, None)),
+        (None, Some(k), Some(node)) => {
+            let model = attributes
+                .pairs()
+                .filter(|(n, _)| *n == "model")
+                .last()
+                .map(|(_, v)| v);
+            let p = node.price_tokens(model, &k)?;
+            Ok((p.cost, tokens, Some(p)))
+        }
+        (None, Some(_), None) => Err(ApiError::invalid(
+            "token counts by kind are priced by a node; give \"cost\"",
+        )),
+    }
 }
 
 // ----- check and usage ---------------------------------------------------------------
@@ -819,11 +1069,30 @@ pub fn parse_check<R>(
     body: &[u8],
     then: impl FnOnce(&[(&str, &str)], Amounts, Option<i64>) -> R,
 ) -> Result<R, ApiError> {
+    parse_check_priced(body, None, |attrs, estimate, reserve, _| {
+        then(attrs, estimate, reserve)
+    })
+}
+
+/// [`parse_check`] that prices token counts by kind at `node`'s prices.
+pub fn parse_check_priced<R>(
+    body: &[u8],
+    node: Option<&Node>,
+    then: impl FnOnce(&[(&str, &str)], Amounts, Option<i64>, Option<tally_node::Priced>) -> R,
+) -> Result<R, ApiError> {
     let b: CheckRequest = parse_json(body)?;
     validate_attributes(&b.attributes)?;
+    let kinds = token_kinds(
+        b.input_tokens,
+        b.output_tokens,
+        b.cache_read_tokens,
+        b.cache_creation_tokens,
+        b.reasoning_tokens,
+    )?;
+    let (cost, tokens, priced) = cost_and_tokens(node, &b.attributes, b.cost, b.tokens, kinds)?;
     let estimate = Amounts {
-        cost: cost(b.cost)?,
-        tokens: count(b.tokens, "tokens", 0)?,
+        cost,
+        tokens,
         requests: 1,
     };
     // `ttl_s` is read only with `reserve` (a client may always send both).
@@ -839,25 +1108,45 @@ pub fn parse_check<R>(
         (true, None) => Some(tally_node::RESERVATION_TTL_DEFAULT_MS),
     };
     let attrs: Vec<(&str, &str)> = b.attributes.pairs().collect();
-    Ok(then(&attrs, estimate, reserve))
+    Ok(then(&attrs, estimate, reserve, priced))
 }
 
 async fn check(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
     authorize(&s, &headers, Role::Client)?;
-    let r = parse_check(&body, |attrs, estimate, reserve| {
-        s.node.check_reserve(attrs, estimate, reserve)
+    let (r, priced) = parse_check_priced(&body, Some(&s.node), |attrs, estimate, reserve, p| {
+        s.node
+            .check_reserve(attrs, estimate, reserve)
+            .map(|r| (r, p))
     })??;
     let reservation = r.reservation.as_ref().map(|res| Reservation {
         id: res.id.clone(),
         node: s.node.node_id().to_string(),
         expires_at: rfc3339(res.expires_at_ms).unwrap_or_default(),
     });
+    let extras = ReplyExtras {
+        access: r.access.as_ref().map(access_view),
+        priced: priced.as_ref().map(priced_view),
+    };
     json_reply(check_reply_json(
         r.allowed,
         r.stale,
         &r.limits,
         reservation.as_ref(),
+        &extras,
     ))
+}
+
+/// The rarely present parts of check and usage replies.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplyExtras {
+    pub access: Option<AccessDenied>,
+    pub priced: Option<Priced>,
+}
+
+/// Appends `"name": value` as serde writes it (for the rare parts of a reply).
+fn write_serde<T: serde::Serialize>(j: &mut Json, name: &str, value: &T) {
+    j.raw(",").str(name).raw(":");
+    j.raw(&serde_json::to_string(value).expect("reply parts always serialize"));
 }
 
 /// The [`tally_api::CheckReply`] of a check, written directly (see [`crate::json`]).
@@ -866,6 +1155,7 @@ pub fn check_reply_json(
     stale: bool,
     limits: &[LimitReport],
     reservation: Option<&Reservation>,
+    extras: &ReplyExtras,
 ) -> Json {
     let mut j = Json::with_capacity(reply_capacity(limits.len()));
     j.raw("{\"allowed\":").bool(allowed);
@@ -879,23 +1169,37 @@ pub fn check_reply_json(
     }
     j.raw("],\"limits\":");
     write_reports(&mut j, limits);
+    if let Some(a) = &extras.access {
+        write_serde(&mut j, "access", a);
+    }
     if let Some(res) = reservation {
         j.raw(",\"reservation\":{\"id\":").str(&res.id);
         j.raw(",\"node\":").str(&res.node);
         j.raw(",\"expires_at\":").str(&res.expires_at);
         j.raw("}");
     }
+    if let Some(p) = &extras.priced {
+        write_serde(&mut j, "priced", p);
+    }
     j.raw("}");
     j
 }
 
 /// The [`tally_api::UsageReply`] of a record, written directly (see [`crate::json`]).
-pub fn usage_reply_json(applied: bool, limits: &[LimitReport], overrun: &[(String, u64)]) -> Json {
+pub fn usage_reply_json(
+    applied: bool,
+    limits: &[LimitReport],
+    overrun: &[(String, u64)],
+    priced: Option<&Priced>,
+) -> Json {
     let mut j = Json::with_capacity(reply_capacity(limits.len()));
     j.raw("{\"applied\":").bool(applied);
     j.raw(",\"limits\":");
     write_reports(&mut j, limits);
     write_overrun(&mut j, limits, overrun);
+    if let Some(p) = priced {
+        write_serde(&mut j, "priced", p);
+    }
     j.raw("}");
     j
 }
@@ -906,8 +1210,11 @@ pub fn check_reply(
     stale: bool,
     limits: &[LimitReport],
     reservation: Option<&Reservation>,
+    extras: &ReplyExtras,
 ) -> tally_api::CheckReply {
     tally_api::CheckReply {
+        access: extras.access.clone(),
+        priced: extras.priced.clone(),
         reservation: reservation.cloned(),
         allowed,
         stale,
@@ -925,8 +1232,10 @@ pub fn usage_reply(
     applied: bool,
     limits: &[LimitReport],
     overrun: &[(String, u64)],
+    priced: Option<&Priced>,
 ) -> tally_api::UsageReply {
     tally_api::UsageReply {
+        priced: priced.cloned(),
         overrun: (!overrun.is_empty()).then(|| {
             overrun
                 .iter()
@@ -960,7 +1269,10 @@ pub fn limit_status(l: &LimitReport) -> tally_api::LimitStatus {
     }
 }
 
-fn usage_record(b: UsageRequest<'_>) -> Result<UsageRecord, ApiError> {
+fn usage_record(
+    node: &Node,
+    b: UsageRequest<'_>,
+) -> Result<(UsageRecord, Option<tally_node::Priced>), ApiError> {
     check_id(&b.id, "record id")?;
     if let Some(r) = &b.reservation {
         check_reservation_id(r)?;
@@ -974,22 +1286,32 @@ fn usage_record(b: UsageRequest<'_>) -> Result<UsageRecord, ApiError> {
         ),
         None => None,
     };
-    Ok(UsageRecord {
+    let kinds = token_kinds(
+        b.input_tokens,
+        b.output_tokens,
+        b.cache_read_tokens,
+        b.cache_creation_tokens,
+        b.reasoning_tokens,
+    )?;
+    let (cost, tokens, priced) =
+        cost_and_tokens(Some(node), &b.attributes, b.cost, b.tokens, kinds)?;
+    let record = UsageRecord {
         amounts: Amounts {
-            cost: cost(b.cost)?,
-            tokens: count(b.tokens, "tokens", 0)?,
+            cost,
+            tokens,
             requests: count(b.requests, "requests", 1)?,
         },
         id: b.id,
         attributes: b.attributes.into_owned(),
         at_ms,
         reservation: b.reservation,
-    })
+    };
+    Ok((record, priced))
 }
 
 async fn usage(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
     authorize(&s, &headers, Role::Client)?;
-    let rec = usage_record(parse_json(&body)?)?;
+    let (rec, priced) = usage_record(&s.node, parse_json(&body)?)?;
     let (outcomes, records) = s.node.record_outcomes(vec![rec]).await;
     let outcome = outcomes?.swap_remove(0);
     // The writer hands the record back with its answer.
@@ -1005,6 +1327,7 @@ async fn usage(State(s): App, headers: HeaderMap, body: RawBody) -> ApiResult {
         outcome.applied,
         &statuses,
         &outcome.overrun,
+        priced.as_ref().map(priced_view).as_ref(),
     ))
 }
 
@@ -1093,14 +1416,17 @@ async fn usage_batch(State(s): App, headers: HeaderMap, body: RawBody) -> ApiRes
             b.records.len()
         )));
     }
-    let records = b
+    let (records, priced): (Vec<UsageRecord>, Vec<Option<tally_node::Priced>>) = b
         .records
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            usage_record(r).map_err(|e| ApiError::invalid(format!("records[{i}]: {}", e.message)))
+            usage_record(&s.node, r)
+                .map_err(|e| ApiError::invalid(format!("records[{i}]: {}", e.message)))
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
     let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
     let outcomes = if records.is_empty() {
         Vec::new()
@@ -1111,7 +1437,9 @@ async fn usage_batch(State(s): App, headers: HeaderMap, body: RawBody) -> ApiRes
         results: ids
             .into_iter()
             .zip(outcomes)
-            .map(|(id, o)| BatchResult {
+            .zip(priced)
+            .map(|((id, o), p)| BatchResult {
+                priced: p.as_ref().map(priced_view),
                 applied: o.applied,
                 id,
                 overrun: (!o.overrun.is_empty()).then(|| {
@@ -1240,6 +1568,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/usage/batch",
             post(Timed::new(usage_batch, Timing::RecordBatch)),
+        )
+        .route("/v1/prices", get(list_prices))
+        .route(
+            "/v1/prices/batch",
+            post(price_batch)
+                .put(|st: App, h: HeaderMap, b: RawBody| {
+                    put_price(st, h, Params("batch".into()), b)
+                })
+                .get(|st: App, h: HeaderMap| get_price(st, h, Params("batch".into())))
+                .delete(|st: App, h: HeaderMap| delete_price(st, h, Params("batch".into()))),
+        )
+        .route(
+            "/v1/prices/{*model}",
+            put(put_price).get(get_price).delete(delete_price),
         )
         .route("/v1/reservations/{id}", delete(cancel_reservation))
         .route("/v1/nodes/{id}/decommission", post(decommission_node))

@@ -322,7 +322,26 @@ mod tests {
             stale in any::<bool>(),
             reserved in proptest::option::of(("[a-z0-9-]{1,12}~[0-9a-f]{1,11}~[0-9a-f]{1,4}", "[a-z0-9-]{1,12}")),
             over in proptest::collection::vec(0..1_000_000u64, 0..3),
+            access in proptest::option::of((0..3u8, proptest::option::of("[a-z0-9-]{1,12}"))),
+            priced in proptest::option::of((0..1_000_000_000u64, 0..1_000_000_000_000_000u64)),
         ) {
+            let extras = crate::http::ReplyExtras {
+                access: access.map(|(rule, given)| crate::http::access_view(&tally_core::AccessDenial {
+                    dimension: "virtual_key".into(),
+                    value: "vk-\"1\"".into(),
+                    rule: match rule {
+                        0 => tally_core::BrokenRule::Inactive,
+                        1 => tally_core::BrokenRule::Expired { expires_at_ms: 1_795_327_200_123 },
+                        _ => tally_core::BrokenRule::Allow { attribute: "model".into(), given },
+                    },
+                })),
+                priced: priced.map(|(micros, femto)| crate::http::priced_view(&tally_node::Priced {
+                    model: "openai/gpt-4o".into(),
+                    femto: u128::from(femto),
+                    cost: tally_core::Micros(micros),
+                    prices: tally_core::Price { input: femto, output: 1, cache_read: None, cache_creation: None, reasoning: Some(7) }.resolved(),
+                })),
+            };
             let reservation = reserved.map(|(id, node)| tally_api::Reservation {
                 id,
                 node,
@@ -341,17 +360,17 @@ mod tests {
                     (1..=9).contains(v)
                         && limits.iter().find(|l| &l.id == id).is_some_and(|l| l.metric == Metric::Cost)
                 });
-            let written = crate::http::check_reply_json(allowed, stale, &limits, reservation.as_ref()).into_bytes();
-            let typed = serde_json::to_vec(&crate::http::check_reply(allowed, stale, &limits, reservation.as_ref())).unwrap();
+            let written = crate::http::check_reply_json(allowed, stale, &limits, reservation.as_ref(), &extras).into_bytes();
+            let typed = serde_json::to_vec(&crate::http::check_reply(allowed, stale, &limits, reservation.as_ref(), &extras)).unwrap();
             let parsed: serde_json::Value = serde_json::from_slice(&written).unwrap();
             prop_assert_eq!(&parsed, &serde_json::from_slice::<serde_json::Value>(&typed).unwrap());
             let back: tally_api::CheckReply = serde_json::from_slice(&written).unwrap();
-            prop_assert_eq!(back, crate::http::check_reply(allowed, stale, &limits, reservation.as_ref()));
+            prop_assert_eq!(back, crate::http::check_reply(allowed, stale, &limits, reservation.as_ref(), &extras));
             if exact {
                 prop_assert_eq!(String::from_utf8(written).unwrap(), String::from_utf8(typed).unwrap());
             }
-            let written = crate::http::usage_reply_json(allowed, &limits, &overrun).into_bytes();
-            let typed = serde_json::to_vec(&crate::http::usage_reply(allowed, &limits, &overrun)).unwrap();
+            let written = crate::http::usage_reply_json(allowed, &limits, &overrun, extras.priced.as_ref()).into_bytes();
+            let typed = serde_json::to_vec(&crate::http::usage_reply(allowed, &limits, &overrun, extras.priced.as_ref())).unwrap();
             let parsed: serde_json::Value = serde_json::from_slice(&written).unwrap();
             prop_assert_eq!(&parsed, &serde_json::from_slice::<serde_json::Value>(&typed).unwrap());
             if exact {

@@ -13,6 +13,7 @@ pub mod http;
 pub mod json;
 pub mod logging;
 pub mod metrics;
+pub mod prices;
 pub mod proxies;
 pub mod serve;
 pub mod ui;

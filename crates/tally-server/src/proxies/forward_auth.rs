@@ -205,6 +205,7 @@ pub async fn handle(
             .map(|l| l.id.clone())
             .collect(),
         limits: limits.iter().map(crate::http::limit_status).collect(),
+        access: r.access.as_ref().map(crate::http::access_view),
         recorded,
     };
     let mut out = HeaderMap::new();
@@ -224,6 +225,12 @@ pub async fn handle(
             set("x-tally-reset", secs_until(at, now).to_string());
         }
     }
+    if let Some(a) = &reply.access {
+        set(
+            "x-tally-access-denied",
+            format!("{}/{} {}", a.dimension, a.value, a.rule),
+        );
+    }
     if !r.allowed {
         set("x-tally-denied-by", reply.denied_by.join(","));
         // Worth retrying once every denying limit has reset; never, if one never resets.
@@ -235,8 +242,12 @@ pub async fn handle(
             set("retry-after", secs_until(at, now).to_string());
         }
     }
+    // An access rule is not a budget: 403 whatever the denial status asked for (nginx
+    // passes 403 through auth_request as it is).
     let status = if r.allowed {
         StatusCode::OK
+    } else if reply.access.is_some() {
+        StatusCode::FORBIDDEN
     } else {
         ask.deny_status
     };
