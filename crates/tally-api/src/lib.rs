@@ -580,8 +580,8 @@ pub struct EntityView {
 
 // ----- prices --------------------------------------------------------------------------
 
-/// `PUT /v1/prices/{model}`: USD per million tokens, at most 9 decimal places (kept
-/// exactly, as femto-USD per token).
+/// `PUT /v1/prices/{model}`: USD per million tokens, kept as integer femto-USD per token
+/// (9 decimal places; finer ones are rounded).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PriceRequest {
@@ -609,7 +609,7 @@ pub struct PriceRequest {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PriceEntry {
-    #[schemars(length(min = 1, max = 128))]
+    #[schemars(schema_with = "attribute_value")]
     pub model: String,
     #[schemars(range(min = 0.0, max = 1e6))]
     pub input: f64,
@@ -1172,6 +1172,10 @@ fn allow_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
             "items": {"$ref": "#/components/schemas/AttributeValue"}
         }
     })
+}
+
+fn attribute_value(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"$ref": "#/components/schemas/AttributeValue"})
 }
 
 fn nullable_string(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

@@ -450,7 +450,7 @@ pub fn document() -> Value {
             method: "put",
             path: "/v1/prices/{model}",
             id: "putPrice",
-            summary: "Create or replace a model's price (USD per million tokens, at most 9 decimal places).",
+            summary: "Create or replace a model's price (USD per million tokens; kept to 9 decimal places).",
             auth: Auth::Admin,
             params: model_params(),
             body: Body::Json(reference("PriceRequest")),

@@ -8,8 +8,8 @@
 //! than was spent (the error is below one micro-USD per request).
 //!
 //! People and the HTTP API write prices in USD per million tokens (`2.5` for
-//! $2.50 / 1M tokens, at most 9 decimal places: exactly femto-USD per token); LiteLLM's
-//! price file writes USD per token (`2.5e-06`, at most 15 decimal places).
+//! $2.50 / 1M tokens; 9 decimal places are exactly femto-USD per token, further places
+//! are rounded); LiteLLM's price file writes USD per token (`2.5e-06`; 15 places).
 
 use crate::hlc::Version;
 use crate::units::{MICROS_MAX, NameError, validate_attribute_value};
@@ -130,20 +130,22 @@ pub fn femto_to_per_mtok(femto: u64) -> f64 {
 }
 
 /// USD per million tokens, as written in JSON or on the command line, to femto-USD per
-/// token, exactly: at most 9 decimal places and at most 1e6.
+/// token: exact for up to 9 decimal places, rounded (half up) to the 9th beyond; at most
+/// 1e6.
 pub fn per_mtok_to_femto(usd_per_mtok: f64) -> Result<u64, PriceError> {
     from_f64(usd_per_mtok, 9)
 }
 
-/// USD per token, as LiteLLM's price file writes it, to femto-USD per token, exactly: at
-/// most 15 decimal places and at most 1.
+/// USD per token, as LiteLLM's price file writes it, to femto-USD per token: exact for up
+/// to 15 decimal places, rounded (half up) beyond; at most 1.
 pub fn per_token_to_femto(usd_per_token: f64) -> Result<u64, PriceError> {
     from_f64(usd_per_token, 15)
 }
 
 /// A double to an integer count of `10^-scale` units, through its shortest decimal form
-/// (what a JSON or command-line number most likely was written as): exact, or an error if
-/// the decimal has more places than `scale`.
+/// (what a JSON or command-line number most likely was written as), so a decimal with at
+/// most `scale` places is read exactly and no binary rounding error creeps in; further
+/// places are rounded half up.
 fn from_f64(value: f64, scale: u32) -> Result<u64, PriceError> {
     if !value.is_finite() {
         return Err(PriceError::NotFinite);
@@ -156,16 +158,17 @@ fn from_f64(value: f64, scale: u32) -> Result<u64, PriceError> {
     let text = format!("{value}");
     let (int, frac) = text.split_once('.').unwrap_or((&text, ""));
     let frac = frac.trim_end_matches('0');
-    if frac.len() > scale as usize {
-        return Err(PriceError::TooPrecise { places: scale });
-    }
+    let (kept, rest) = frac.split_at(frac.len().min(scale as usize));
     let int: u128 = int.parse().map_err(|_| PriceError::TooLarge)?;
     let mut units = int
         .checked_mul(10u128.pow(scale))
         .ok_or(PriceError::TooLarge)?;
-    if !frac.is_empty() {
-        let f: u128 = frac.parse().map_err(|_| PriceError::TooLarge)?;
-        units += f * 10u128.pow(scale - frac.len() as u32);
+    if !kept.is_empty() {
+        let f: u128 = kept.parse().map_err(|_| PriceError::TooLarge)?;
+        units += f * 10u128.pow(scale - kept.len() as u32);
+    }
+    if rest.as_bytes().first().is_some_and(|&d| d >= b'5') {
+        units += 1;
     }
     u64::try_from(units)
         .ok()
@@ -195,8 +198,6 @@ pub enum PriceError {
     Negative,
     #[error("a price is at most 1000000 USD per million tokens (1 USD per token)")]
     TooLarge,
-    #[error("a price has at most {places} decimal places (it is kept exactly)")]
-    TooPrecise { places: u32 },
     #[error(transparent)]
     Name(#[from] NameError),
 }
@@ -227,8 +228,12 @@ mod tests {
         assert_eq!(per_mtok_to_femto(1e6), Ok(PRICE_MAX_FEMTO));
         assert_eq!(
             per_mtok_to_femto(0.0000000001),
-            Err(PriceError::TooPrecise { places: 9 })
+            Ok(0),
+            "below a femto-USD per token"
         );
+        assert_eq!(per_mtok_to_femto(0.0000000005), Ok(1), "half up");
+        assert_eq!(per_mtok_to_femto(1.2345678914), Ok(1_234_567_891));
+        assert_eq!(per_mtok_to_femto(1.2345678915), Ok(1_234_567_892));
         assert_eq!(per_mtok_to_femto(1e6 + 1.0), Err(PriceError::TooLarge));
         assert_eq!(per_mtok_to_femto(-1.0), Err(PriceError::Negative));
         assert_eq!(per_mtok_to_femto(f64::NAN), Err(PriceError::NotFinite));
@@ -324,7 +329,8 @@ mod tests {
             prop_assert_eq!(back, exact);
         }
 
-        /// A price with at most 9 decimal places survives JSON (a double) exactly.
+        /// A price with at most 9 decimal places (every stored price) survives JSON (a
+        /// double) exactly.
         #[test]
         fn per_mtok_prices_round_trip(femto in 0u64..=PRICE_MAX_FEMTO) {
             prop_assert_eq!(per_mtok_to_femto(femto_to_per_mtok(femto)), Ok(femto));

@@ -83,7 +83,7 @@ pub struct PricesArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum PricesCommand {
-    /// Create or replace the price of a model, in USD per million tokens (at most 9
+    /// Create or replace the price of a model, in USD per million tokens (kept to 9
     /// decimal places). Cache prices default to the input price, reasoning to output.
     Put {
         /// The model, as requests name it in their `model` attribute.

@@ -3,8 +3,9 @@
 //! Each entry with both `input_cost_per_token` and `output_cost_per_token` (USD per token)
 //! becomes a price of the same model name; `cache_read_input_token_cost`,
 //! `cache_creation_input_token_cost` and `output_cost_per_reasoning_token` fill the other
-//! kinds when present. Prices are converted exactly (at most 15 decimal places per token:
-//! femto-USD), and sent as USD per million tokens, which the node reads back exactly.
+//! kinds when present. Prices are converted exactly to femto-USD per token (15 decimal
+//! places; finer ones are rounded), and sent as USD per million tokens, which the node
+//! reads back exactly.
 //! Tiered prices (`*_above_128k_tokens`) and non-token prices (per image, per second)
 //! are not expressed: the base per-token prices apply.
 
@@ -163,11 +164,13 @@ mod tests {
                    "cache_creation_input_token_cost": 3e-07, "cache_read_input_token_cost": 3e-08,
                    "litellm_provider": "anthropic"},
             "dall-e-3": {"output_cost_per_image": 0.04, "litellm_provider": "openai"},
-            "weird": {"input_cost_per_token": 1e-17, "output_cost_per_token": 0.0, "litellm_provider": "x"}
+            "tiny": {"input_cost_per_token": 1.6e-15, "output_cost_per_token": 0.0, "litellm_provider": "x"},
+            "weird": {"input_cost_per_token": "free", "output_cost_per_token": 0.0, "litellm_provider": "x"}
         }"#;
         let p = parse_litellm(text, &[]).unwrap();
         let models: Vec<&str> = p.prices.iter().map(|e| e.model.as_str()).collect();
-        assert_eq!(models, ["claude-3-haiku-20240307", "gpt-4o", "o1"]);
+        assert_eq!(models, ["claude-3-haiku-20240307", "gpt-4o", "o1", "tiny"]);
+        assert_eq!(p.prices[3].input, 0.000000002, "1.6 femto-USD rounds to 2");
         assert_eq!(
             p.prices[1],
             PriceEntry {
@@ -184,7 +187,7 @@ mod tests {
         let skipped: Vec<&str> = p.skipped.iter().map(|(m, _)| m.as_str()).collect();
         assert_eq!(skipped, ["dall-e-3", "weird"]);
         assert!(
-            p.skipped[1].1.contains("15 decimal places"),
+            p.skipped[1].1.contains("not a number"),
             "{:?}",
             p.skipped[1]
         );
