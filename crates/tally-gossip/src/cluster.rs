@@ -226,6 +226,18 @@ struct Raw {
     value: String,
 }
 
+/// Why gossip could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GossipError {
+    /// chitchat could not start on `listen` (the UDP port is taken, or the address is not
+    /// this host's).
+    #[error(
+        "cannot start gossip on {listen}: {message}; check that the port is free and the address is this host's"
+    )]
+    Start { listen: SocketAddr, message: String },
+}
+
 impl Gossip {
     /// Starts chitchat with `initial` values (gossip key, payload) already published, and
     /// forwards every verified value from other nodes to `incoming`.
@@ -233,7 +245,7 @@ impl Gossip {
         cfg: GossipConfig,
         initial: Vec<(GossipKey, String)>,
         incoming: mpsc::Sender<Incoming>,
-    ) -> anyhow::Result<Gossip> {
+    ) -> Result<Gossip, GossipError> {
         let stats = Arc::new(GossipStats::default());
         let chitchat_id = ChitchatId::new(cfg.node_id.clone(), cfg.generation, cfg.advertise);
         let failure_detector_config = FailureDetectorConfig {
@@ -265,7 +277,13 @@ impl Gossip {
             inner: cfg.transport.clone(),
             stats: stats.clone(),
         };
-        let handle = chitchat::spawn_chitchat(config, sealed, &transport).await?;
+        // chitchat's API speaks anyhow; it stops here.
+        let handle = chitchat::spawn_chitchat(config, sealed, &transport)
+            .await
+            .map_err(|e| GossipError::Start {
+                listen: cfg.listen,
+                message: format!("{e:#}"),
+            })?;
         let (raw_tx, mut raw_rx) = mpsc::channel::<Raw>(RAW_QUEUE_MAX);
         let missing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let me = cfg.node_id.clone();

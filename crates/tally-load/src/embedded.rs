@@ -59,7 +59,7 @@ fn amounts() -> Amounts {
 /// A node error as the HTTP status tally-server would answer with.
 fn status_of(error: &NodeError) -> u16 {
     match error {
-        NodeError::InvalidArgument(_) => 400,
+        NodeError::InvalidArgument { .. } => 400,
         NodeError::NotFound(_) => 404,
         NodeError::Conflict(_) => 409,
         _ => 503,

@@ -458,12 +458,22 @@ fn own_grants(state: &tally_core::State, now: i64) -> Vec<(GossipKey, String)> {
     out
 }
 
+/// Why a node could not join its fleet.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    #[error(transparent)]
+    Gossip(#[from] tally_gossip::GossipError),
+    #[error("the cluster is already started")]
+    AlreadyStarted,
+}
+
 /// Starts gossip for a node and the tasks that connect the two.
 pub(crate) async fn start(
     shared: Arc<Shared>,
     writer: std::sync::mpsc::Sender<Op>,
     config: ClusterConfig,
-) -> anyhow::Result<()> {
+) -> Result<(), ClusterError> {
     let (in_tx, mut in_rx) = mpsc::channel::<Incoming>(INCOMING_QUEUE_MAX);
     let generation = shared.clock.now_ms().max(0) as u64;
     let (initial, hello_ms) = snapshot(&shared);
@@ -508,7 +518,7 @@ pub(crate) async fn start(
         })
         .is_err()
     {
-        anyhow::bail!("the cluster is already started");
+        return Err(ClusterError::AlreadyStarted);
     }
 
     // Incoming: batch what is available and hand it to the writer, at most

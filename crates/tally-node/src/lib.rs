@@ -6,7 +6,7 @@
 //! group commit: it drains what is queued, writes it in one redb transaction, commits
 //! durably (one fsync), then updates memory and replies (I1, I3: nothing is acknowledged
 //! or visible before it is durable). When the queue is full callers wait up to
-//! `queue_wait`, then get [`NodeError::Unavailable`], never a silent drop.
+//! `queue_wait`, then get [`NodeError::Overloaded`], never a silent drop.
 //!
 //! This crate knows no HTTP or JSON (tally-server) and no redb (tally-store).
 
@@ -33,7 +33,7 @@ use tally_store::{Location, Store, StoreError};
 use tokio::sync::{Semaphore, oneshot};
 
 pub use clock::{Clock, SystemClock};
-pub use cluster::ClusterConfig;
+pub use cluster::{ClusterConfig, ClusterError};
 pub use denials::{DENIALS_MAX, Denial};
 pub use metrics::Metrics;
 pub use tally_gossip::{ClusterKey, GossipStats, Member};
@@ -53,7 +53,7 @@ pub struct NodeConfig {
     pub batch_records_max: usize,
     /// Most records (config changes count 1) queued for the writer.
     pub queue_records_max: usize,
-    /// How long a caller waits for queue space before `Unavailable`.
+    /// How long a caller waits for queue space before `Overloaded`.
     pub queue_wait: Duration,
     /// How far in the future a record's `at` may be.
     pub future_skew_ms: i64,
@@ -126,31 +126,105 @@ impl NodeConfig {
 #[repr(u8)]
 pub enum StorageHealth {
     Ok = 0,
-    /// The disk is full: writes get `Unavailable` until space is freed, then resume.
+    /// The disk is full: writes get `DiskFull` until space is freed, then resume.
     Full = 1,
-    /// A sync or the disk failed: writes get `Unavailable` until the node is restarted.
+    /// A sync or the disk failed: writes get `StorageFailed` until the node is restarted.
     Failed = 2,
 }
 
-/// Why an operation failed. The server maps each to its API error code.
+/// Why an operation failed: what kind of failure, and a message for a person that says
+/// what to do. The server maps every variant to its API error code (`tally-server`
+/// `http.rs`, exhaustively); callers that retry tell a full disk from a bad request by the
+/// variant, never by the text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum NodeError {
-    #[error("{0}")]
-    InvalidArgument(String),
+    /// Bad input; nothing changed. `field` names the part of the request that was wrong,
+    /// where one does.
+    #[error("{message}")]
+    InvalidArgument {
+        field: Option<&'static str>,
+        message: String,
+    },
+    /// An unknown limit, entity, price or reservation.
     #[error("{0}")]
     NotFound(String),
+    /// The state does not allow it (a cycle of entities; a grant the donor cannot make; a
+    /// write a concurrent one superseded).
     #[error("{0}")]
     Conflict(String),
+    /// The write queue stayed full for `queue_wait`, or too many reservations are open:
+    /// retry later.
     #[error("{0}")]
-    Unavailable(String),
+    Overloaded(String),
+    /// The disk holding the data directory is full (or the directory cannot be opened
+    /// for now): writes are refused until space is freed, then resume by themselves.
+    /// Nothing refused was acknowledged.
+    #[error("{0}")]
+    DiskFull(String),
+    /// This one write transaction failed and nothing of it is durable; the store is
+    /// usable: retry.
+    #[error("{0}")]
+    WriteFailed(String),
+    /// Storage failed (a sync or I/O error): writes are stopped until the node is
+    /// restarted. Nothing refused was acknowledged.
+    #[error("{0}")]
+    StorageFailed(String),
+    /// After a crash, hard limits are fenced for a while (their rights may not move).
+    #[error("{0}")]
+    Fenced(String),
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+}
+
+impl NodeError {
+    /// Bad input not tied to one field.
+    pub fn invalid(message: impl Into<String>) -> NodeError {
+        NodeError::InvalidArgument {
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    /// Bad input in `field`.
+    pub fn invalid_field(field: &'static str, message: impl Into<String>) -> NodeError {
+        NodeError::InvalidArgument {
+            field: Some(field),
+            message: message.into(),
+        }
+    }
+
+    /// Whether retrying the same operation later may succeed (the input was fine).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            NodeError::Overloaded(_)
+                | NodeError::DiskFull(_)
+                | NodeError::StorageFailed(_)
+                | NodeError::WriteFailed(_)
+                | NodeError::Fenced(_)
+                | NodeError::ShuttingDown
+        )
+    }
 }
 
 impl From<ConfigError> for NodeError {
     fn from(e: ConfigError) -> Self {
-        match e {
-            ConfigError::Cycle { .. } => NodeError::Conflict(e.to_string()),
-            e => NodeError::InvalidArgument(e.to_string()),
+        let field = match &e {
+            ConfigError::Cycle { .. } => return NodeError::Conflict(e.to_string()),
+            ConfigError::Name(tally_core::units::NameError::Pattern { what, .. }) => Some(*what),
+            ConfigError::TooMany { what, .. } => Some(*what),
+            ConfigError::MaxTooLarge { .. } => Some("max"),
+            ConfigError::Period(_) => Some("period"),
+            ConfigError::SelfDimension(_) => Some("parents"),
+            ConfigError::Members(_) => Some("members"),
+            ConfigError::Rules(_) => Some("allow"),
+            _ => None,
+        };
+        NodeError::InvalidArgument {
+            field,
+            message: e.to_string(),
         }
     }
 }
@@ -162,7 +236,8 @@ impl From<StateError> for NodeError {
             | StateError::UnknownEntity(..)
             | StateError::UnknownPrice(_) => NodeError::NotFound(e.to_string()),
             StateError::Config(c) => c.into(),
-            e => NodeError::InvalidArgument(e.to_string()),
+            StateError::Price(_) => NodeError::invalid_field("price", e.to_string()),
+            e => NodeError::invalid(e.to_string()),
         }
     }
 }
@@ -580,7 +655,7 @@ impl Node {
             }
             if let (true, Some(ttl)) = (d.allowed, reserve) {
                 if esc.open_reservations() >= RESERVATIONS_MAX {
-                    return Err(NodeError::Unavailable(format!(
+                    return Err(NodeError::Overloaded(format!(
                         "{RESERVATIONS_MAX} reservations are open on this node; settle or cancel some, or reserve with a shorter ttl_s"
                     )));
                 }
@@ -781,12 +856,8 @@ impl Node {
             // The records were dropped with the op that could not be queued.
             return (Err(e), Vec::new());
         }
-        rx.await.unwrap_or_else(|_| {
-            (
-                Err(NodeError::Unavailable("the node is shutting down".into())),
-                Vec::new(),
-            )
-        })
+        rx.await
+            .unwrap_or_else(|_| (Err(NodeError::ShuttingDown), Vec::new()))
     }
 
     fn validate_records(&self, records: &[UsageRecord]) -> Result<(), NodeError> {
@@ -801,9 +872,10 @@ impl Node {
     ) -> Result<(), NodeError> {
         let cap = self.shared.config.queue_records_max;
         if n > cap {
-            return Err(NodeError::InvalidArgument(format!(
-                "at most {cap} records may be queued at once"
-            )));
+            return Err(NodeError::invalid_field(
+                "records",
+                format!("at most {cap} records may be queued at once"),
+            ));
         }
         let permit = tokio::time::timeout(
             self.shared.config.queue_wait,
@@ -812,16 +884,16 @@ impl Node {
         .await
         .map_err(|_| {
             Metrics::add(&self.shared.metrics.queue_rejected_total, 1);
-            NodeError::Unavailable(format!(
+            NodeError::Overloaded(format!(
                 "the write queue stayed full for {} ms; retry later or add nodes",
                 self.shared.config.queue_wait.as_millis()
             ))
         })?
-        .map_err(|_| NodeError::Unavailable("the node is shutting down".into()))?;
+        .map_err(|_| NodeError::ShuttingDown)?;
         self.shared.writer_ops.fetch_add(1, Ordering::SeqCst);
         self.tx.send(op(permit)).map_err(|_| {
             self.shared.writer_ops.fetch_sub(1, Ordering::SeqCst);
-            NodeError::Unavailable("the node is shutting down".into())
+            NodeError::ShuttingDown
         })
     }
 
@@ -833,8 +905,7 @@ impl Node {
             _permit: permit,
         })
         .await?;
-        rx.await
-            .map_err(|_| NodeError::Unavailable("the node is shutting down".into()))?
+        rx.await.map_err(|_| NodeError::ShuttingDown)?
     }
 
     /// Creates or replaces a limit; durable when this returns. A hard limit without
@@ -933,14 +1004,16 @@ impl Node {
     /// durable.
     pub async fn history(&self, id: &str, query: HistoryQuery) -> Result<LimitHistory, NodeError> {
         if query.epochs_max == 0 || query.epochs_max > HISTORY_EPOCHS_MAX {
-            return Err(NodeError::InvalidArgument(format!(
-                "limit must be between 1 and {HISTORY_EPOCHS_MAX}"
-            )));
+            return Err(NodeError::invalid_field(
+                "limit",
+                format!("limit must be between 1 and {HISTORY_EPOCHS_MAX}"),
+            ));
         }
         if let (Some(since), Some(until)) = (query.since_ms, query.until_ms) {
             if since >= until {
-                return Err(NodeError::InvalidArgument(
-                    "since must be before until".into(),
+                return Err(NodeError::invalid_field(
+                    "since",
+                    "since must be before until",
                 ));
             }
         }
@@ -952,8 +1025,7 @@ impl Node {
             _permit: permit,
         })
         .await?;
-        rx.await
-            .map_err(|_| NodeError::Unavailable("the node is shutting down".into()))?
+        rx.await.map_err(|_| NodeError::ShuttingDown)?
     }
 
     /// Runs the writer's maintenance now, whatever its schedule: dedup expiry and
@@ -966,8 +1038,7 @@ impl Node {
             _permit: permit,
         })
         .await?;
-        rx.await
-            .map_err(|_| NodeError::Unavailable("the node is shutting down".into()))?
+        rx.await.map_err(|_| NodeError::ShuttingDown)?
     }
 
     /// Every live limit whose scope contains all of `filter`, sorted by id.
@@ -1054,18 +1125,19 @@ impl Node {
         tokens: &tally_core::TokenKinds,
     ) -> Result<Priced, NodeError> {
         let Some(model) = model else {
-            return Err(NodeError::InvalidArgument(
-                "token counts by kind need a \"model\" attribute to be priced, or an explicit \"cost\"".into(),
+            return Err(NodeError::invalid_field(
+                "attributes.model",
+                "token counts by kind need a \"model\" attribute to be priced, or an explicit \"cost\"",
             ));
         };
         let price = self.price(model).ok_or_else(|| {
-            NodeError::InvalidArgument(format!(
+            NodeError::invalid_field("attributes.model", format!(
                 "no price for model {model:?}: put one with PUT /v1/prices/{{model}} (or tally prices import), or give \"cost\""
             ))
         })?;
         let femto = price.cost_femto(tokens);
         let cost = tally_core::prices::charge_micros(femto).ok_or_else(|| {
-            NodeError::InvalidArgument(format!(
+            NodeError::invalid_field("cost", format!(
                 "the tokens of this request cost {} USD at the price of {model:?}, more than the 1000000000 USD a request may cost",
                 tally_core::prices::femto_to_usd_string(femto)
             ))
@@ -1084,7 +1156,7 @@ impl Node {
     }
 
     /// Joins a fleet by gossip. Without this the node is a fleet of one.
-    pub async fn start_cluster(&self, config: ClusterConfig) -> anyhow::Result<()> {
+    pub async fn start_cluster(&self, config: ClusterConfig) -> Result<(), ClusterError> {
         cluster::start(self.shared.clone(), self.tx.clone(), config).await
     }
 
@@ -1160,9 +1232,12 @@ impl Node {
     ) -> Result<tally_core::DecommissionRecord, NodeError> {
         let successor = successor.unwrap_or(&self.shared.node_id).to_string();
         if successor == node {
-            return Err(NodeError::InvalidArgument(format!(
-                "{node} cannot be its own successor; send this to another node, or name a successor"
-            )));
+            return Err(NodeError::invalid_field(
+                "successor",
+                format!(
+                    "{node} cannot be its own successor; send this to another node, or name a successor"
+                ),
+            ));
         }
         self.change(ConfigChange::Decommission(node.to_string(), successor))
             .await?;
@@ -1171,7 +1246,11 @@ impl Node {
             .read()
             .decommission(node)
             .cloned()
-            .ok_or_else(|| NodeError::Unavailable("the decommission was not applied".into()))
+            .ok_or_else(|| {
+                NodeError::Conflict(
+                    "the decommission was not applied: a newer write replaced it".into(),
+                )
+            })
     }
 
     /// Whether this node was decommissioned (it may not spend hard limits again).
@@ -1215,21 +1294,27 @@ pub(crate) fn validate_records(
     let (window, skew) = (config.dedup_window_ms, config.future_skew_ms);
     for r in records {
         tally_core::units::validate_id(&r.id, "record id")
-            .map_err(|e| NodeError::InvalidArgument(e.to_string()))?;
+            .map_err(|e| NodeError::invalid_field("id", e.to_string()))?;
         if let Some(at) = r.at_ms {
             if at > now + skew {
-                return Err(NodeError::InvalidArgument(format!(
-                    "record {}: at is more than {} s in the future; check the client's clock",
-                    r.id,
-                    skew / 1000
-                )));
+                return Err(NodeError::invalid_field(
+                    "at",
+                    format!(
+                        "record {}: at is more than {} s in the future; check the client's clock",
+                        r.id,
+                        skew / 1000
+                    ),
+                ));
             }
             if at <= now - window {
-                return Err(NodeError::InvalidArgument(format!(
-                    "record {}: at is older than the {} s deduplication window and could be counted twice; record usage promptly",
-                    r.id,
-                    window / 1000
-                )));
+                return Err(NodeError::invalid_field(
+                    "at",
+                    format!(
+                        "record {}: at is older than the {} s deduplication window and could be counted twice; record usage promptly",
+                        r.id,
+                        window / 1000
+                    ),
+                ));
             }
         }
     }

@@ -103,7 +103,7 @@ async fn bad_input_changes_nothing() {
     let mut future = rec("f", 1);
     future.at_ms = Some(T0 + 10 * 60_000);
     let err = node.record(vec![rec("ok", 1), future]).await.unwrap_err();
-    assert!(matches!(err, NodeError::InvalidArgument(_)), "{err}");
+    assert!(matches!(err, NodeError::InvalidArgument { .. }), "{err}");
     let mut old = rec("o", 1);
     old.at_ms = Some(T0 - 25 * 3_600_000);
     assert!(node.record(vec![old]).await.is_err());
@@ -276,7 +276,7 @@ async fn history_is_kept_for_the_retention_then_dropped() {
     ] {
         assert!(matches!(
             node.history("h", bad).await,
-            Err(NodeError::InvalidArgument(_))
+            Err(NodeError::InvalidArgument { .. })
         ));
     }
     assert_eq!(

@@ -4,12 +4,12 @@
 //! dedup ids, committed with one fsync, and only then applied to memory and acknowledged.
 //! A config change is committed in a transaction of its own (after the records queued
 //! before it), so each change sees the ones before it. If a commit fails, nothing of that
-//! batch reaches memory and every caller gets `Unavailable`.
+//! batch reaches memory and every caller gets `StorageFailed` or `DiskFull`.
 //!
 //! **Storage faults** (ARCHITECTURE.md, "Storage faults"). What a failed commit means
 //! depends on why it failed ([`tally_store::Fault`]):
 //! - *The disk is full*: redb refuses every operation after an I/O error, so the writer
-//!   closes the store and refuses writes with `Unavailable` while checks go on answering
+//!   closes the store and refuses writes with `DiskFull` while checks go on answering
 //!   from memory. It opens the store again, with back-off, once the disk has room, makes
 //!   memory agree with what is on disk (a refused commit may have reached the disk: its
 //!   records were never acknowledged, and their ids are now remembered), merges the values
@@ -17,7 +17,7 @@
 //! - *A sync failed, or another I/O error*: what the disk acknowledged may not be on it,
 //!   and the page cache may not match it (PostgreSQL's fsyncgate). Retrying would build on
 //!   data that may not exist, so the writer stops writing for the life of the process,
-//!   says so once, and every write gets `Unavailable` saying to check the disk and restart
+//!   says so once, and every write gets `StorageFailed` saying to check the disk and restart
 //!   (a restart recovers what is durable).
 //!
 //! The node is not ready ([`crate::Node::ready`]) while it cannot write. Maintenance
@@ -131,8 +131,15 @@ const REOPEN_ROOM_BYTES: u64 = 1 << 20;
 /// until a restart re-reads gossip.
 const DEFERRED_MAX: usize = 1_000_000;
 
+/// A failed commit as the callers' error: nothing of it was acknowledged.
 fn unavailable(e: &StoreError) -> NodeError {
-    NodeError::Unavailable(format!("could not store the write durably: {e}"))
+    let message = format!("could not store the write durably: {e}");
+    match e.fault() {
+        Fault::Unavailable => NodeError::DiskFull(message),
+        Fault::Transaction => NodeError::WriteFailed(message),
+        // Untrusted, and whatever a newer store may add: stop trusting the disk.
+        _ => NodeError::StorageFailed(message),
+    }
 }
 
 /// The writer's store, and whether it may be written.
@@ -576,7 +583,10 @@ impl Writer {
                 .ok_or_else(|| NodeError::NotFound(format!("no limit with id {limit:?}")))?;
             let mut esc = shared.escrow.0.lock();
             if esc.fenced(shared.clock.now_ms()) {
-                return Err(NodeError::Unavailable("this node is fenced".into()));
+                return Err(NodeError::Fenced(
+                    "this node restarted after a crash: it grants no rights until its fence ends"
+                        .into(),
+                ));
             }
             let held = esc.held(idx, epoch);
             let total = state
@@ -641,10 +651,10 @@ impl Writer {
         }
         match &mut self.disk {
             Disk::Open(store) => Ok(store),
-            Disk::Full { error, .. } => Err(NodeError::Unavailable(format!(
+            Disk::Full { error, .. } => Err(NodeError::DiskFull(format!(
                 "the disk holding the data directory is full ({error}); writes are refused until space is freed and resume by themselves then; checks still answer"
             ))),
-            Disk::Failed { error } => Err(NodeError::Unavailable(format!(
+            Disk::Failed { error } => Err(NodeError::StorageFailed(format!(
                 "writes are stopped: the disk failed ({error}) and what it acknowledged may not be on it. Check the disk, then restart the node so it recovers what is durable; checks still answer from memory"
             ))),
         }
@@ -1218,7 +1228,7 @@ fn prepare_prices(
             if n == 1 {
                 NodeError::from(e)
             } else {
-                NodeError::InvalidArgument(format!("prices[{i}]: {e}"))
+                NodeError::invalid_field("prices", format!("prices[{i}]: {e}"))
             }
         })?));
     }

@@ -563,9 +563,10 @@ fn validate(req: &RateLimitRequest) -> Result<(), Status> {
 
 fn node_status(e: NodeError) -> Status {
     match e {
-        NodeError::InvalidArgument(m) => Status::invalid_argument(m),
+        NodeError::InvalidArgument { message, .. } => Status::invalid_argument(message),
         NodeError::NotFound(m) => Status::not_found(m),
         NodeError::Conflict(m) => Status::aborted(m),
+        NodeError::Overloaded(m) => Status::resource_exhausted(m),
         e => Status::unavailable(e.to_string()),
     }
 }

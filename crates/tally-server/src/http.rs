@@ -103,10 +103,19 @@ impl IntoResponse for ApiError {
 
 impl From<NodeError> for ApiError {
     fn from(e: NodeError) -> ApiError {
+        // Every kind of failure has its status; a new kind must be placed here.
         let (status, code) = match &e {
-            NodeError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "invalid_argument"),
+            NodeError::InvalidArgument { .. } => (StatusCode::BAD_REQUEST, "invalid_argument"),
             NodeError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             NodeError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            NodeError::Overloaded(_)
+            | NodeError::DiskFull(_)
+            | NodeError::WriteFailed(_)
+            | NodeError::StorageFailed(_)
+            | NodeError::Fenced(_)
+            | NodeError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            // `NodeError` is non_exhaustive across crates: a kind added without a status
+            // here is a 503 (nothing was done) until it gets one.
             _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         ApiError {

@@ -1,6 +1,6 @@
 //! The writer under storage faults, on the real store over [`faults::FaultyDisk`]: a failed
 //! sync is never acknowledged and stops writing; a full disk refuses writes and they
-//! resume by themselves; a full queue is `Unavailable` after `queue_wait`; maintenance
+//! resume by themselves; a full queue is `Overloaded` after `queue_wait`; maintenance
 //! commits follow the same rules. Each test ends with a power loss and a restart, and
 //! checks that memory and disk agreed: exactly the acknowledged records count (I1, I2).
 //! Then what the writer does with values from peers (own echoes), maintenance that
@@ -71,10 +71,14 @@ fn used(node: &Node) -> u64 {
     node.limit("reqs").unwrap().report.used
 }
 
-fn unavailable(r: Result<Vec<bool>, NodeError>) -> String {
-    match r {
-        Err(NodeError::Unavailable(m)) => m,
-        other => panic!("expected Unavailable, got {other:?}"),
+/// The message of a refusal of the kind `want` names; any other outcome fails the test.
+#[track_caller]
+fn refused(r: Result<Vec<bool>, NodeError>, want: &str) -> String {
+    match (want, r) {
+        ("storage failed", Err(NodeError::StorageFailed(m)))
+        | ("disk full", Err(NodeError::DiskFull(m)))
+        | ("overloaded", Err(NodeError::Overloaded(m))) => m,
+        (_, other) => panic!("expected {want}, got {other:?}"),
     }
 }
 
@@ -92,18 +96,21 @@ async fn a_failed_sync_is_never_acknowledged_and_stops_writing() {
     with_limit(&node).await;
     assert_eq!(node.record(vec![rec("r1")]).await.unwrap(), vec![true]);
     disk.fail_syncs(Some(1));
-    let m = unavailable(node.record(vec![rec("r2"), rec("r3")]).await);
+    let m = refused(
+        node.record(vec![rec("r2"), rec("r3")]).await,
+        "storage failed",
+    );
     assert!(m.contains("failed to sync"), "{m}");
     // Memory did not take the commit that failed.
     assert_eq!(used(&node), 1);
     assert_eq!(node.storage_health(), StorageHealth::Failed);
     assert!(!node.ready());
     // The next sync would succeed, but the node does not trust what it wrote: it stopped.
-    let m = unavailable(node.record(vec![rec("r4")]).await);
+    let m = refused(node.record(vec![rec("r4")]).await, "storage failed");
     assert!(m.contains("restart the node"), "{m}");
     assert!(matches!(
         node.reset_limit("reqs", 0).await,
-        Err(NodeError::Unavailable(_))
+        Err(NodeError::StorageFailed(_))
     ));
     assert_eq!(disk.stats().syncs_failed, 1);
     let synced = disk.stats().syncs_ok;
@@ -141,7 +148,7 @@ async fn a_full_disk_refuses_writes_and_they_resume_when_space_returns() {
                 assert_eq!(v, vec![true]);
                 acked += 1;
             }
-            Err(e) => break unavailable(Err(e)),
+            Err(e) => break refused(Err(e), "disk full"),
         }
         assert!(acked < 100_000, "the disk never filled");
     };
@@ -150,7 +157,7 @@ async fn a_full_disk_refuses_writes_and_they_resume_when_space_returns() {
     assert!(!node.ready(), "not ready while writes cannot be stored");
     assert_eq!(used(&node), acked);
     // Writes are refused with a message that says it is a full disk and what happens next.
-    let m = unavailable(node.record(vec![rec("refused")]).await);
+    let m = refused(node.record(vec![rec("refused")]).await, "disk full");
     assert!(
         m.contains("full") && m.contains("resume by themselves"),
         "{m}"
@@ -159,7 +166,7 @@ async fn a_full_disk_refuses_writes_and_they_resume_when_space_returns() {
     // A restart on the full disk: the node opens, checks answer, writes are refused.
     let node = power_cycle(node, &disk, &clock).await;
     assert_eq!(used(&node), acked);
-    unavailable(node.record(vec![rec("still-full")]).await);
+    refused(node.record(vec![rec("still-full")]).await, "disk full");
     // Space returns: the node notices by itself, without a write or a restart.
     disk.set_capacity(u64::MAX);
     let started = Instant::now();
@@ -224,7 +231,7 @@ async fn a_full_queue_is_unavailable_after_queue_wait() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let waited = Instant::now();
-    let m = unavailable(node.record(vec![rec("q3")]).await);
+    let m = refused(node.record(vec![rec("q3")]).await, "overloaded");
     assert!(waited.elapsed() >= Duration::from_millis(50));
     assert!(m.contains("write queue stayed full for 50 ms"), "{m}");
     assert_eq!(
@@ -258,7 +265,7 @@ async fn maintenance_commits_follow_the_same_rules() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!node.ready());
-    unavailable(node.record(vec![rec("m2")]).await);
+    refused(node.record(vec![rec("m2")]).await, "storage failed");
     assert_eq!(used(&node), 1);
     disk.fail_syncs(Some(0));
     let node = power_cycle(node, &disk, &clock).await;

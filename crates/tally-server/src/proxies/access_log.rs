@@ -307,7 +307,7 @@ async fn apply(
                 }
                 return Ok(out);
             }
-            Err(NodeError::InvalidArgument(_)) if records.len() > 1 => {
+            Err(NodeError::InvalidArgument { .. }) if records.len() > 1 => {
                 for rec in records {
                     let a = Box::pin(apply(node, vec![rec], errors)).await?;
                     out.applied += a.applied;
@@ -316,8 +316,8 @@ async fn apply(
                 }
                 return Ok(out);
             }
-            Err(NodeError::InvalidArgument(m)) => {
-                errors.push(m);
+            Err(NodeError::InvalidArgument { message, .. }) => {
+                errors.push(message);
                 out.refused += records.len() as u64;
                 return Ok(out);
             }
