@@ -50,6 +50,14 @@ def http(url, method, path, body=None, token=ADMIN, timeout=30):
             return e.code, text.decode(errors="replace")
 
 
+def note_pid(pid):
+    """run.sh kills what is listed in $TALLY_LITELLM_PIDFILE if pytest dies first."""
+    path = os.environ.get("TALLY_LITELLM_PIDFILE")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{pid}\n")
+
+
 def wait_for(cond, timeout=20.0, what="condition", every=0.05):
     deadline = time.time() + timeout
     last = None
@@ -81,6 +89,7 @@ class Tally:
         print("+", " ".join(args), flush=True)
         self.log = open(os.path.join(self.dir, "stderr.log"), "a")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        note_pid(self.proc.pid)
         deadline = time.time() + 60
         while time.time() < deadline:
             line = self.proc.stdout.readline()
@@ -151,7 +160,8 @@ class Proxy:
         self.logpath = os.path.join(self.dir, "proxy.log")
         self.log = open(self.logpath, "w")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
-                                     cwd=self.dir, start_new_session=True)
+                                     cwd=self.dir)
+        note_pid(self.proc.pid)
 
     def wait_ready(self, timeout=120):
         def up():
@@ -177,10 +187,10 @@ class Proxy:
 
     def stop(self):
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.terminate()
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.kill()
                 self.proc.wait(timeout=10)
         self.log.close()
