@@ -9,8 +9,8 @@ import threading
 import weakref
 
 import httpx
-from fastapi import HTTPException
 from litellm.integrations.custom_logger import CustomLogger
+from litellm.proxy._types import ProxyException
 
 from .sender import Sender
 from .settings import Settings
@@ -20,6 +20,23 @@ log = logging.getLogger("tally_litellm")
 
 RESERVATION_KEY = "tally_reservation"
 _REFUSED_ESTIMATE = object()
+
+
+ERROR_TYPES = {402: "budget_exceeded", 403: "permission_denied", 429: "rate_limit_error",
+               503: "service_unavailable"}
+
+
+class TallyDenied(ProxyException):
+    """A refused call. A ProxyException rather than fastapi's HTTPException because
+    LiteLLM 1.108.7 keeps a ProxyException's headers (Retry-After) and drops an
+    HTTPException's. `status_code` and `detail` are HTTPException's names."""
+
+    def __init__(self, status_code, detail, headers=None):
+        super().__init__(message=detail["error"], type=ERROR_TYPES.get(status_code, "tally_denied"),
+                         param=None, code=status_code, headers=headers,
+                         provider_specific_fields=detail)
+        self.status_code = status_code
+        self.detail = detail
 
 
 class TallyLogger(CustomLogger):
@@ -136,7 +153,7 @@ class TallyLogger(CustomLogger):
             log.warning("%s; letting the call through (fail_open)", why)
             return None
         log.error("%s; refusing the call (fail_open is off)", why)
-        raise HTTPException(status_code=503, detail={"error": f"budget service unavailable: {why}"})
+        raise TallyDenied(503, {"error": f"budget service unavailable: {why}"})
 
     # -- after the call -------------------------------------------------------------------
 
@@ -272,7 +289,7 @@ def deny_exception(reply):
         retry = _retry_after(reply)
         if retry is not None:
             headers = {"Retry-After": str(retry)}
-    return HTTPException(status_code=status, detail=detail, headers=headers)
+    return TallyDenied(status, detail, headers)
 
 
 def _retry_after(reply):

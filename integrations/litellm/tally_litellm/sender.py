@@ -252,6 +252,17 @@ class Sender:
             if status == 200:
                 self.delivered += 1
                 return
+            kinds = [k for k in item.record if k.endswith("_tokens")]
+            if status == 400 and kinds:
+                # A node older than token kinds (issue 15) refuses the fields: the same
+                # record as cost and a token total.
+                rec = {k: v for k, v in item.record.items() if k not in kinds}
+                rec["tokens"] = sum(item.record[k] for k in kinds)
+                status, body = http_json(self.settings, "POST", "/v1/usage", rec)
+                if status == 200:
+                    item.record = rec
+                    self.delivered += 1
+                    return
         self.dropped_refused += 1
         log.error("tally refused a usage record (%s %s), dropped: %s", status, _message(body), json.dumps(item.record))
 

@@ -34,6 +34,12 @@ def free_port(kind=socket.SOCK_STREAM):
 
 
 def http(url, method, path, body=None, token=ADMIN, timeout=30):
+    st, reply, _ = http_full(url, method, path, body, token, timeout)
+    return st, reply
+
+
+def http_full(url, method, path, body=None, token=ADMIN, timeout=30):
+    """(status, parsed body, headers with lower-case names)."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url + path, data=data, method=method)
     req.add_header("Content-Type", "application/json")
@@ -41,13 +47,14 @@ def http(url, method, path, body=None, token=ADMIN, timeout=30):
         req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
+            return r.status, json.loads(r.read() or b"null"), {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
         text = e.read()
+        headers = {k.lower(): v for k, v in e.headers.items()}
         try:
-            return e.code, json.loads(text)
+            return e.code, json.loads(text), headers
         except ValueError:
-            return e.code, text.decode(errors="replace")
+            return e.code, text.decode(errors="replace"), headers
 
 
 def note_pid(pid):
@@ -182,7 +189,7 @@ class Proxy:
     def chat(self, key, model, content="hi", extra=None):
         body = {"model": model, "messages": [{"role": "user", "content": content}]}
         body.update(extra or {})
-        st, reply = http(self.url, "POST", "/v1/chat/completions", body, token=key, timeout=60)
+        st, reply, self.last_headers = http_full(self.url, "POST", "/v1/chat/completions", body, token=key, timeout=60)
         return st, reply
 
     def stop(self):

@@ -215,6 +215,7 @@ def test_requests_per_minute_is_429(fleet):
         st, reply = p.chat("sk-rpm", "gpt-4o-mini")
         assert st == 429, reply
         assert "vk-rpm-per-minute" in error_message(reply)
+        assert 1 <= int(p.last_headers["retry-after"]) <= 60
 
 
 def test_unknown_key_is_401(fleet):

@@ -12,7 +12,7 @@ import uuid
 
 import litellm
 import pytest
-from fastapi import HTTPException
+from tally_litellm.logger import TallyDenied
 from litellm.proxy._types import UserAPIKeyAuth
 
 from harness import CLIENT, Tally, wait_for
@@ -47,7 +47,7 @@ def pre(lg, model="gpt-4o", k=None):
 
 
 def deny(lg, model="gpt-4o", k=None):
-    with pytest.raises(HTTPException) as e:
+    with pytest.raises(TallyDenied) as e:
         pre(lg, model, k)
     return e.value
 
