@@ -11,8 +11,10 @@ list are 403; a requests-per-minute limit is 429."""
 import decimal
 import json
 import os
+import random
 import subprocess
 import tempfile
+import urllib.request
 
 import litellm
 import pytest
@@ -31,6 +33,7 @@ KEYS = {
     "sk-off": {"key_alias": "vk-off", "team_id": "eng"},
     "sk-mini": {"key_alias": "vk-mini", "team_id": "lab"},
     "sk-rpm": {"key_alias": "vk-rpm", "team_id": "ops"},
+    "sk-stream": {"key_alias": "vk-stream", "team_id": "streamers"},
 }
 
 # gpt-4o answers with a fixed usage in every kind: 1000 prompt tokens of which 400 cached
@@ -108,6 +111,8 @@ def fleet():
         n1.put_limit("eng-requests", {"team": "eng"}, "requests", 1000, period="1d")
         n1.put_limit("eng-tokens", {"team": "eng"}, "tokens", 10**9, period="1d")
         n1.put_limit("lab-cost", {"team": "lab"}, "cost", 100, period="never")
+        n1.put_limit("streamers-tokens", {"team": "streamers"}, "tokens", 10**9, period="never")
+        n1.put_limit("streamers-cost", {"team": "streamers"}, "cost", 100, period="never")
         n1.put_limit("vk-rpm-per-minute", {"virtual_key": "vk-rpm"}, "requests", 2, period="1m")
         for n in nodes:
             wait_for(lambda n=n: n.http("GET", "/v1/limits/vk-rpm-per-minute")[0] == 200
@@ -218,6 +223,24 @@ def test_requests_per_minute_is_429(fleet):
         assert 1 <= int(p.last_headers["retry-after"]) <= 60
 
 
+def test_streamed_call_is_recorded_once(fleet):
+    nodes, (a, _) = fleet
+    body = json.dumps({"model": "gpt-4o-mini", "stream": True, "stream_options": {"include_usage": True},
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    req = urllib.request.Request(a.url + "/v1/chat/completions", data=body, method="POST", headers={
+        "Authorization": "Bearer sk-stream", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 200
+        lines = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    usage = [json.loads(line)["usage"] for line in lines[:-1] if json.loads(line).get("usage")][-1]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+    on_both(nodes, "streamers-tokens", usage["total_tokens"], "the streamed call's tokens")
+    mini = json.load(open(PRICE_FILE))["gpt-4o-mini"]
+    cost, _ = expected_cost(mini, {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]})
+    on_both(nodes, "streamers-cost", float(cost), "the streamed call's cost")
+
+
 def test_unknown_key_is_401(fleet):
     _, (a, _) = fleet
     st, reply = a.chat("sk-nobody", "gpt-4o-mini")
@@ -226,22 +249,34 @@ def test_unknown_key_is_401(fleet):
 
 @pytest.mark.parametrize("model", ["gpt-4o", "claude-3-5-sonnet-20240620", "gpt-4o-mini", "o1"])
 def test_imported_prices_to_the_micro_dollar(fleet, model):
+    """A usage record of a known model, priced by the imported table, to the micro-dollar;
+    then random token counts (seeded), each record and the limit's total exact."""
     nodes, _ = fleet
     entry = json.load(open(PRICE_FILE)).get(model)
     if entry is None or "input_cost_per_token" not in entry or "output_cost_per_token" not in entry:
         pytest.skip(f"{model} has no per-token prices in litellm's file")
-    kinds = {"input_tokens": 123457, "output_tokens": 9871, "cache_read_tokens": 55555,
-             "cache_creation_tokens": 3333, "reasoning_tokens": 777}
-    cost, exact = expected_cost(entry, kinds)
     n1, n2 = nodes
     lim = f"price-{model.replace('.', '-')}"
     n1.put_limit(lim, {"model": model, "team": "pricing"}, "cost", 1000, period="never")
     wait_for(lambda: n2.http("GET", f"/v1/limits/{lim}")[0] == 200, timeout=20, what="limit on n2")
-    st, reply = n2.http("POST", "/v1/usage", dict(id=f"price-{model}", attributes={"team": "pricing", "model": model},
-                                                   **kinds), token=CLIENT)
-    assert st == 200, reply
-    print(model, "exact", exact, "charged", reply["priced"])
-    assert reply["priced"]["model"] == model
-    assert decimal.Decimal(reply["priced"]["exact_usd"]) == exact
-    assert decimal.Decimal(repr(reply["priced"]["cost"])) == cost
-    on_both(nodes, lim, float(cost), f"{model} priced")
+    rng = random.Random(15)
+    cases = [{"input_tokens": 123457, "output_tokens": 9871, "cache_read_tokens": 55555,
+              "cache_creation_tokens": 3333, "reasoning_tokens": 777}]
+    for _ in range(5):
+        cases.append({k: rng.choice([0, 1, rng.randrange(1, 1000), rng.randrange(1, 2_000_000)])
+                      for k in cases[0]})
+    total = decimal.Decimal(0)
+    for i, kinds in enumerate(cases):
+        kinds = {k: v for k, v in kinds.items() if v} or {"input_tokens": 1}
+        cost, exact = expected_cost(entry, kinds)
+        node = nodes[i % 2]
+        st, reply = node.http("POST", "/v1/usage", dict(id=f"price-{model}-{i}",
+                                                         attributes={"team": "pricing", "model": model},
+                                                         **kinds), token=CLIENT)
+        assert st == 200, reply
+        print(model, kinds, "exact", exact, "charged", reply["priced"])
+        assert reply["priced"]["model"] == model
+        assert decimal.Decimal(reply["priced"]["exact_usd"]) == exact
+        assert decimal.Decimal(repr(reply["priced"]["cost"])) == cost
+        total += cost
+    on_both(nodes, lim, float(total), f"{model} priced")

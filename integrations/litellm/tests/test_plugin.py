@@ -362,3 +362,24 @@ def test_access_rules_are_403(tally):
     tally.put_limit("eng-budget", {"team": "eng"}, "cost", 0)
     assert deny(lg, k=key(alias="vk-off")).status_code == 403
     assert deny(lg).status_code == 402
+
+
+@pytest.mark.new_api
+def test_estimated_tokens_in_the_check(tally):
+    tally.ok("PUT", "/v1/prices/gpt-4o", {"input": 2.5, "output": 10.0})
+    tally.put_limit("eng-cost", {"team": "eng"}, "cost", 0.001)
+    plain = logger(tally)
+    estimating = logger(tally, estimate_tokens=True)
+    data = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "metadata": {},
+            "max_tokens": 1000}
+    # Without an estimate the budget (nothing used yet) lets it through.
+    asyncio.run(plain.async_pre_call_hook(key(), None, dict(data, metadata={}), "acompletion"))
+    # With one, 1000 output tokens at $10/M ($0.01) do not fit in $0.001: 402.
+    with pytest.raises(TallyDenied) as e:
+        asyncio.run(estimating.async_pre_call_hook(key(), None, dict(data, metadata={}), "acompletion"))
+    assert e.value.status_code == 402
+    # 50 output tokens ($0.0005, plus a few input tokens) fit.
+    asyncio.run(estimating.async_pre_call_hook(key(), None, dict(data, metadata={}, max_tokens=50), "acompletion"))
+    # A model without a price: the estimate cannot be priced, so the check goes again
+    # without it and passes.
+    asyncio.run(estimating.async_pre_call_hook(key(), None, dict(data, model="no-price", metadata={}), "acompletion"))
