@@ -12,6 +12,7 @@ import decimal
 import json
 import os
 import random
+import re
 import subprocess
 import tempfile
 import urllib.request
@@ -247,16 +248,21 @@ def test_unknown_key_is_401(fleet):
     assert st == 401, reply
 
 
-@pytest.mark.parametrize("model", ["gpt-4o", "claude-3-5-sonnet-20240620", "gpt-4o-mini", "o1"])
+# Known models of litellm 1.108.7's file: gpt-4o (no cache-write price: the input price),
+# claude-sonnet-4-5 (every cache price), o1, gpt-4o-mini (fractions of a micro-dollar per
+# token) and dashscope/qwen-turbo (a reasoning price of its own; a `/` in the name).
+@pytest.mark.parametrize("model", ["gpt-4o", "claude-sonnet-4-5", "gpt-4o-mini", "o1", "dashscope/qwen-turbo"])
 def test_imported_prices_to_the_micro_dollar(fleet, model):
     """A usage record of a known model, priced by the imported table, to the micro-dollar;
     then random token counts (seeded), each record and the limit's total exact."""
     nodes, _ = fleet
-    entry = json.load(open(PRICE_FILE)).get(model)
-    if entry is None or "input_cost_per_token" not in entry or "output_cost_per_token" not in entry:
-        pytest.skip(f"{model} has no per-token prices in litellm's file")
+    entry = json.load(open(PRICE_FILE))[model]
     n1, n2 = nodes
-    lim = f"price-{model.replace('.', '-')}"
+    view = n2.ok("GET", f"/v1/prices/{model}", token=CLIENT)
+    assert view["model"] == model
+    assert decimal.Decimal(repr(view["input"])) == decimal.Decimal(repr(entry["input_cost_per_token"])) * 10**6
+    assert decimal.Decimal(repr(view["output"])) == decimal.Decimal(repr(entry["output_cost_per_token"])) * 10**6
+    lim = "price-" + re.sub(r"[^A-Za-z0-9]", "-", model)
     n1.put_limit(lim, {"model": model, "team": "pricing"}, "cost", 1000, period="never")
     wait_for(lambda: n2.http("GET", f"/v1/limits/{lim}")[0] == 200, timeout=20, what="limit on n2")
     rng = random.Random(15)
@@ -270,7 +276,7 @@ def test_imported_prices_to_the_micro_dollar(fleet, model):
         kinds = {k: v for k, v in kinds.items() if v} or {"input_tokens": 1}
         cost, exact = expected_cost(entry, kinds)
         node = nodes[i % 2]
-        st, reply = node.http("POST", "/v1/usage", dict(id=f"price-{model}-{i}",
+        st, reply = node.http("POST", "/v1/usage", dict(id=f"{lim}-{i}",
                                                          attributes={"team": "pricing", "model": model},
                                                          **kinds), token=CLIENT)
         assert st == 200, reply
