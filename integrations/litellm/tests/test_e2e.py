@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import tempfile
 import urllib.request
@@ -90,6 +91,7 @@ def fleet():
     n2 = Tally(node_id="n2", extra=["--gossip-listen", f"127.0.0.1:{g2}"] + common)
     nodes = [n1, n2]
     proxies = []
+    work = None
     try:
         for n in nodes:
             wait_for(lambda n=n: n.http("GET", "/readyz")[0] == 200, timeout=30, what=f"{n.url} ready")
@@ -150,6 +152,8 @@ def fleet():
                 print("proxy stop:", e)
         for n in nodes:
             n.cleanup()
+        if work and not os.environ.get("TALLY_LITELLM_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)  # TALLY_LITELLM_KEEP=1 keeps the proxies' logs
 
 
 def on_both(nodes, limit, value, what):
