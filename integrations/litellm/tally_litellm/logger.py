@@ -169,8 +169,9 @@ class TallyLogger(CustomLogger):
         except Exception:
             log.exception("tally: usage of a failed call not recorded")
 
-    def usage_record(self, kwargs, response_obj):
-        """(record, fallback cost) for a finished call, or (None, None) if it used nothing."""
+    def usage_record(self, kwargs, response_obj, success=True):
+        """(record, fallback cost) for a finished call; (None, None) for a failed call
+        that used nothing. A successful call is always recorded (it counts as a request)."""
         slo = kwargs.get("standard_logging_object") or {}
         md = slo.get("metadata") or {}
         usage = getattr(response_obj, "usage", None) if response_obj is not None else None
@@ -182,7 +183,7 @@ class TallyLogger(CustomLogger):
             usage = {"prompt_tokens": slo.get("prompt_tokens"), "completion_tokens": slo.get("completion_tokens")}
         kinds = token_kinds(usage)
         cost = slo.get("response_cost")
-        if not kinds and not cost:
+        if not kinds and not cost and not success:
             return None, None
         # LiteLLM's call id (a uuid4 per proxy call, or the client's x-litellm-call-id),
         # not standard_logging_object["id"]: on success that is the provider's response
@@ -216,7 +217,7 @@ class TallyLogger(CustomLogger):
 
     async def _after(self, kwargs, response_obj, success):
         res = _reservation(kwargs)
-        record, fallback = self.usage_record(kwargs, response_obj)
+        record, fallback = self.usage_record(kwargs, response_obj, success)
         if record is None:
             if res:
                 await self.release(res)

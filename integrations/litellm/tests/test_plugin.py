@@ -165,6 +165,11 @@ def test_usage_record_mapping_and_counts(tally):
     assert lg.flush(10)
     assert tally.used("req-team") == 2
     assert tally.used("cost-eng") == 0.025
+    # A successful call that reports neither tokens nor cost is still a request.
+    success(lg, call_kwargs(cost=0.0), usage=None)
+    assert lg.flush(10)
+    assert tally.used("req-team") == 3
+    assert tally.used("cost-eng") == 0.025
 
 
 def test_status_mapping_budget_and_rate(tally):
