@@ -35,7 +35,8 @@ class PermanentError(Exception):
 
 def http_json(settings, method, path, body=None, timeout=None):
     """One request to tally. Returns (status, parsed body). Raises TransientError when
-    tally could not answer (connection refused, timeout, 5xx, 408, 429)."""
+    tally could not answer (connection refused, timeout, 5xx, 408, 429) or refused the
+    token (401, 403)."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(settings.url + path, data=data, method=method)
     req.add_header("Content-Type", "application/json")
@@ -50,7 +51,9 @@ def http_json(settings, method, path, body=None, timeout=None):
             parsed = json.loads(raw)
         except ValueError:
             parsed = raw.decode(errors="replace")
-        if e.code >= 500 or e.code in (408, 429):
+        # 401/403 too: a wrong token is fixed by a restart with the right one, and the
+        # records wait for it (in the spool) rather than being dropped.
+        if e.code >= 500 or e.code in (401, 403, 408, 429):
             raise TransientError(f"tally answered {e.code}: {parsed}") from None
         return e.code, parsed
     except (OSError, urllib.error.URLError) as e:

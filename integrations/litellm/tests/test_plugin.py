@@ -388,3 +388,18 @@ def test_estimated_tokens_in_the_check(tally):
     # A model without a price: the estimate cannot be priced, so the check goes again
     # without it and passes.
     asyncio.run(estimating.async_pre_call_hook(key(), None, dict(data, model="no-price", metadata={}), "acompletion"))
+
+
+def test_wrong_token_keeps_records_until_fixed(tally, tmp_path):
+    tally.put_limit("eng-req", {"team": "eng"}, "requests", 100)
+    spool = str(tmp_path / "spool.jsonl")
+    lg = logger(tally, token="not-the-token", spool_path=spool)
+    success(lg, call_kwargs(cost=0.01))
+    time.sleep(1.5)
+    assert lg.sender.pending() == 1 and lg.sender.dropped_refused == 0
+    lg.sender.stop(timeout=0.5)
+    # Restarted with the right token: the spooled record is delivered.
+    s = Sender(Settings.load(url=tally.url, token=CLIENT, spool_path=spool))
+    assert s.flush(20)
+    assert tally.used("eng-req") == 1
+    s.stop()
