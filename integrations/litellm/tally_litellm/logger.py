@@ -3,6 +3,7 @@
 import asyncio
 import atexit
 import datetime
+import hashlib
 import json
 import logging
 import threading
@@ -85,7 +86,7 @@ class TallyLogger(CustomLogger):
         return attributes(
             self.settings,
             key_alias=getattr(user_api_key_dict, "key_alias", None),
-            key_hash=getattr(user_api_key_dict, "token", None) or getattr(user_api_key_dict, "api_key", None),
+            key_hash=_key_hash(user_api_key_dict),
             team=getattr(user_api_key_dict, "team_id", None),
             user=getattr(user_api_key_dict, "user_id", None),
             org=getattr(user_api_key_dict, "org_id", None),
@@ -233,6 +234,20 @@ class TallyLogger(CustomLogger):
                 log.warning("tally: reservation %s not released: %s %s", reservation, r.status_code, r.text[:200])
         except httpx.HTTPError as e:
             log.warning("tally: reservation %s not released (it expires by itself): %r", reservation, e)
+
+
+def _key_hash(auth):
+    """LiteLLM's hash of the key (`token`, what it logs as user_api_key_hash); never the
+    key itself."""
+    token = getattr(auth, "token", None)
+    if token:
+        return token
+    raw = getattr(auth, "api_key", None)
+    if not raw:
+        return None
+    if len(raw) == 64 and all(c in "0123456789abcdef" for c in raw):
+        return raw
+    return hashlib.sha256(raw.encode()).hexdigest()
 
 
 def _reservation(kwargs):
