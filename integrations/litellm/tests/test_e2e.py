@@ -290,3 +290,50 @@ def test_imported_prices_to_the_micro_dollar(fleet, model):
         assert decimal.Decimal(repr(reply["priced"]["cost"])) == cost
         total += cost
     on_both(nodes, lim, float(total), f"{model} priced")
+
+
+def test_usage_survives_tally_and_proxy_restarts(tmp_path):
+    """A call made while the proxy's tally node is down is recorded once, after both the
+    node and the proxy (stopped with SIGTERM meanwhile) are back: the spool."""
+    t = Tally()
+    proxies = []
+    try:
+        t.put_limit("eng-requests", {"team": "eng"}, "requests", 100)
+        t.put_limit("eng-cost", {"team": "eng"}, "cost", 100)
+        config = tmp_path / "config.yaml"
+        config.write_text(CONFIG.format(mock=json.dumps("hello")))
+        keys = tmp_path / "keys.json"
+        keys.write_text(json.dumps({"keys": KEYS}))
+        spool = tmp_path / "spool.jsonl"
+        env = {"TALLY_URL": t.url, "TALLY_TOKEN": CLIENT, "TALLY_KEYS_FILE": str(keys),
+               "TALLY_SPOOL_PATH": str(spool), "LITELLM_MASTER_KEY": MASTER}
+
+        def proxy(name):
+            d = tmp_path / name
+            d.mkdir()
+            p = Proxy(str(config), env=env, workdir=str(d))
+            proxies.append(p)
+            p.wait_ready()
+            return p
+
+        p = proxy("first")
+        t.kill()  # the node crashes; fail_open lets calls through
+        st, reply = p.chat("sk-vk1", "gpt-4o")
+        assert st == 200, reply
+        wait_for(lambda: spool.exists() and len(spool.read_text().splitlines()) == 1, timeout=10,
+                 what="the record in the spool")
+        p.stop()
+        t.start()
+        p = proxy("second")
+        st, reply = p.chat("sk-vk1", "gpt-4o")
+        assert st == 200, reply
+        wait_for(lambda: t.used("eng-requests") == 2, timeout=20, what="both calls counted")
+        wait_for(lambda: not spool.exists(), timeout=10, what="the spool emptied")
+        # gpt-4o's 10 prompt and 20 completion tokens of the string mock, twice, priced by
+        # LiteLLM's cost (this node has no price table): 2 x $0.000225.
+        assert t.used("eng-cost") == 0.00045
+        assert t.used("eng-requests") == 2
+    finally:
+        for p in proxies:
+            p.stop()
+        t.cleanup()
