@@ -7,7 +7,8 @@
 #     its own node of a two-node tally cluster: a team budget shared by both, 402/403/429
 #     on either replica, and `tally prices import` of the price file litellm ships.
 # Installs a venv under target/ from the pinned requirements.txt (once), builds tally.
-# About two minutes on a 2-core machine once the venv exists and tally is built.
+# About two and a half minutes on a busy 2-core machine once the venv exists and tally is
+# built (27 tests); pytest is stopped after 8 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
@@ -43,5 +44,5 @@ trap cleanup EXIT
 cd integrations/litellm/tests
 echo "-- pytest $*"
 # No network: the proxies read prices from the package, never from GitHub.
-LITELLM_LOCAL_MODEL_COST_MAP=True timeout --kill-after=10 400 \
+LITELLM_LOCAL_MODEL_COST_MAP=True timeout --kill-after=10 480 \
     "$VENV/bin/python" -m pytest -v -p no:cacheprovider "$@"
