@@ -395,7 +395,7 @@ fn cli_imports_litellm_prices() {
     let out = run(&["prices", "import", file.to_str().unwrap()]);
     assert_eq!(
         out,
-        "imported 2 prices; skipped 1 entries (no per-token input and output price, or a name or price tally cannot keep exactly)\n"
+        "imported 2 prices; skipped 1 entries (no input and output price per token, a price that is not a number, or a name over 128 bytes; --json lists them)\n"
     );
     let c = node.client();
     assert_eq!(

@@ -139,7 +139,7 @@ pub fn import_cli(
     } else {
         let verb = if dry_run { "would import" } else { "imported" };
         println!(
-            "{verb} {} prices; skipped {} entries (no per-token input and output price, or a name or price tally cannot keep exactly)",
+            "{verb} {} prices; skipped {} entries (no input and output price per token, a price that is not a number, or a name over 128 bytes; --json lists them)",
             parsed.prices.len(),
             parsed.skipped.len()
         );
