@@ -55,6 +55,7 @@ fn usage_by_tokens_is_priced_exactly() {
         .map(|p| p["model"].as_str().unwrap())
         .collect();
     assert_eq!(models, ["gpt-4o", "openai/o1"]);
+    assert_error(&c.get("/v1/prices?model=gpt-4o"), 400, "invalid_argument");
 
     // 1000 input, 500 output, 2000 cached reads, 100 cache writes, 3 reasoning:
     // 2500 + 5000 + 2500 + 250 + 30 µUSD = 10280 µUSD; tokens = their sum.

@@ -917,8 +917,13 @@ async fn delete_price(
     ok(Deleted { deleted: true })
 }
 
-async fn list_prices(State(s): App, headers: HeaderMap) -> ApiResult {
+async fn list_prices(State(s): App, headers: HeaderMap, uri: axum::http::Uri) -> ApiResult {
     authorize(&s, &headers, Role::Client)?;
+    if let Some((k, _)) = form_pairs(uri.query().unwrap_or(""))?.first() {
+        return Err(ApiError::invalid(format!(
+            "unknown query parameter {k:?}; GET /v1/prices takes none"
+        )));
+    }
     ok(PriceList {
         prices: s
             .node
