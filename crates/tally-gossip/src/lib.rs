@@ -25,7 +25,9 @@ pub mod values;
 
 pub use chitchat::transport::{ChannelTransport, RecvOutcome, SendOutcome, Socket, Transport};
 pub use chitchat::{ChitchatEnvelope, ChitchatMessage};
-pub use cluster::{Gossip, GossipConfig, GossipStats, Incoming, Member, udp_transport};
+pub use cluster::{
+    Gossip, GossipConfig, GossipNetwork, GossipStats, Incoming, Member, udp_transport,
+};
 pub use keys::{
     DECOMMISSION_PREFIX, DEMAND_PREFIX, ENTITY_PREFIX, GRANT_PREFIX, GossipKey, HELLO_KEY,
     LIMIT_PREFIX, RELAY_PREFIX, RESET_PREFIX, SLOT_PREFIX,

@@ -36,7 +36,7 @@ pub use clock::{Clock, SystemClock};
 pub use cluster::ClusterConfig;
 pub use denials::{DENIALS_MAX, Denial};
 pub use metrics::Metrics;
-pub use tally_gossip::{ClusterKey, GossipStats, Member};
+pub use tally_gossip::{ClusterKey, GossipNetwork, GossipStats, Member};
 /// The fault-injecting disk a node can run on instead of `data_dir` ([`NodeConfig::disk`]).
 pub use tally_store::faults;
 use writer::{ConfigChange, Op};
