@@ -4,7 +4,8 @@
 //! chitchat gossip, the real axum router) on turmoil hosts. It lives in this package's
 //! integration test (`tests/sim/`), because turmoil switches on tokio's `test-util` and
 //! must stay a dev-dependency. This library holds only what needs no turmoil: how seeds
-//! are chosen and the small RNG that turns a seed into a concrete scenario.
+//! are chosen and the small RNG that turns a seed into a concrete scenario (the black-box
+//! tests in `tests/` use the same RNG).
 //!
 //! Running it:
 //! - `cargo test -p sim` runs every scenario under the fixed CI seeds ([`CI_SEEDS`] each).
@@ -24,7 +25,13 @@ pub struct Rng(u64);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x5851_f42d_4c95_7f2d)
+        Rng::from_state(seed ^ 0x5851_f42d_4c95_7f2d)
+    }
+
+    /// The generator whose state is `state` as is (`new` first scrambles its seed); the
+    /// black-box tests seed it this way.
+    pub const fn from_state(state: u64) -> Rng {
+        Rng(state)
     }
 
     pub fn next_u64(&mut self) -> u64 {

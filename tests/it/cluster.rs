@@ -17,8 +17,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tally_tests::{
-    CLUSTER_KEY, Client, FLEET_READY_TIMEOUT, Fleet, Node, NodeOpts, Rng, Value, cluster_members,
-    count, free_udp_port, is_ready, json, metric, micros, ok, try_matches, wait_for,
+    CLUSTER_KEY, Client, FLEET_READY_TIMEOUT, Fleet, Node, NodeOpts, RetryLoad, RetryOutcome,
+    Value, cluster_members, count, free_udp_port, is_ready, json, metric, micros, ok, retry_client,
+    rng_from_env_or_time, try_matches, wait_for,
 };
 
 /// How long a limit written on one node may take to be visible on all (about a second
@@ -353,8 +354,6 @@ fn entities_and_deletions_replicate_across_nodes() {
 const THREADS_PER_NODE: usize = 2;
 /// Bound on the load phase, so a wedged server fails instead of hanging.
 const LOAD_DEADLINE: Duration = Duration::from_secs(30);
-/// Pause between attempts whose outcome was unknown.
-const RETRY_PAUSE: Duration = Duration::from_millis(5);
 /// Pause between two rounds of the monotonicity sampler.
 const SAMPLE_EVERY: Duration = Duration::from_millis(20);
 
@@ -369,62 +368,20 @@ struct Load {
     deadline: Instant,
 }
 
-/// What one client thread saw.
-#[derive(Default)]
-struct Outcome {
-    /// Ids that got a 200, each once.
-    acked: Vec<String>,
-    /// Attempts whose outcome was unknown (transport error or 503).
-    unknown: usize,
-    /// Retries of such ids that the node answered `applied: false` (it had applied them).
-    retried_already_applied: usize,
-}
-
 /// A client thread of node `node`: records `n{node}-t{thread}-{k}` until told to stop,
-/// retrying an id whose outcome is unknown against the same node until it gets a 200.
-fn load_client(node: usize, thread: usize, load: Arc<Load>) -> Outcome {
-    let mut out = Outcome::default();
-    let mut k = 0;
-    let mut pending: Option<(String, u32)> = None;
-    loop {
-        let (id, attempts) = match pending.take() {
-            Some(p) => p,
-            None if load.stop.load(Ordering::SeqCst) => return out,
-            None => {
-                k += 1;
-                (format!("n{node}-t{thread}-{k}"), 0)
-            }
-        };
-        assert!(
-            Instant::now() < load.deadline,
-            "client n{node}-t{thread}: id {id} unresolved at the deadline"
-        );
-        let Some(target) = load.targets[node].read().expect("target lock").clone() else {
-            pending = Some((id, attempts));
-            std::thread::sleep(RETRY_PAUSE);
-            continue;
-        };
-        let body = serde_json::to_vec(&record(&id, "load", 0.001)).expect("serialize");
-        match target.try_request("POST", "/v1/usage", Some(&body)) {
-            Ok((200, text)) => {
-                let reply: Value = serde_json::from_str(&text).expect("JSON reply");
-                if attempts == 0 {
-                    assert_eq!(reply["applied"], json!(true), "fresh id {id}: {reply}");
-                } else if reply["applied"] == json!(false) {
-                    out.retried_already_applied += 1;
-                }
-                out.acked.push(id);
-                load.acked.fetch_add(1, Ordering::SeqCst);
-            }
-            // Outcome unknown (the node died, or refused for now): retry the same id.
-            Ok((503, _)) | Err(_) => {
-                out.unknown += 1;
-                pending = Some((id, attempts + 1));
-                std::thread::sleep(RETRY_PAUSE);
-            }
-            Ok((status, text)) => panic!("{id}: unexpected {status} {text}"),
-        }
-    }
+/// always against its own node (see `retry_client`).
+fn load_client(node: usize, thread: usize, load: Arc<Load>) -> RetryOutcome {
+    let shared = RetryLoad {
+        stop: &load.stop,
+        acked: &load.acked,
+        deadline: load.deadline,
+    };
+    retry_client(
+        &format!("n{node}-t{thread}"),
+        &load.targets[node],
+        shared,
+        |id| record(id, "load", 0.001),
+    )
 }
 
 /// Samples every node's view of one limit and requires it never to go down: neither the
@@ -479,7 +436,7 @@ impl Monotone {
 #[test]
 fn kill9_one_node_under_load_converges() {
     let start = Instant::now();
-    let mut rng = Rng::from_env_or_time("kill9_one_node_under_load_converges");
+    let mut rng = rng_from_env_or_time("kill9_one_node_under_load_converges");
     let mut fleet = Fleet::start(3);
     let ids = fleet.ids();
     {
@@ -513,7 +470,7 @@ fn kill9_one_node_under_load_converges() {
             }
         })
     };
-    let clients: Vec<(usize, JoinHandle<Outcome>)> = (0..3)
+    let clients: Vec<(usize, JoinHandle<RetryOutcome>)> = (0..3)
         .flat_map(|node| (0..THREADS_PER_NODE).map(move |t| (node, t)))
         .map(|(node, t)| {
             let load = load.clone();

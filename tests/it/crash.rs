@@ -14,7 +14,10 @@ use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tally_tests::{Client, Node, Rng, Value, count, json, micros, ok};
+use tally_tests::{
+    Client, Node, RetryLoad, RetryOutcome, Value, count, json, micros, ok, retry_client,
+    rng_from_env_or_time,
+};
 
 /// Concurrent client threads.
 const THREADS: usize = 4;
@@ -24,8 +27,6 @@ const CYCLES: usize = 6;
 const UNIT_COST_MICROS: i128 = 1_000;
 /// Bound on the whole load phase, so a wedged server fails instead of hanging.
 const LOAD_DEADLINE: Duration = Duration::from_secs(45);
-/// Pause between attempts while the node is down.
-const RETRY_PAUSE: Duration = Duration::from_millis(5);
 
 /// Two global limits every record hits: requests (1 per record) and cost (0.001 each).
 fn create_limits(node: &Node) {
@@ -84,68 +85,14 @@ struct Load {
     deadline: Instant,
 }
 
-/// What one client thread saw.
-struct Outcome {
-    /// Ids that got a 200, each once.
-    acked: Vec<String>,
-    /// Of those, ids retried after an unknown outcome that the node said it already had.
-    retried_already_applied: usize,
-    /// Attempts with an unknown outcome.
-    unknown: usize,
-}
-
-/// A client thread: records `t{thread}-{n}` until told to stop, retrying an id whose
-/// outcome is unknown until it gets a 200; never leaves an id unresolved.
-fn client(thread: usize, load: Arc<Load>) -> Outcome {
-    let mut out = Outcome {
-        acked: Vec::new(),
-        retried_already_applied: 0,
-        unknown: 0,
+/// A client thread: records `t{thread}-{n}` until told to stop (see `retry_client`).
+fn client(thread: usize, load: Arc<Load>) -> RetryOutcome {
+    let shared = RetryLoad {
+        stop: &load.stop,
+        acked: &load.acked,
+        deadline: load.deadline,
     };
-    let mut n = 0;
-    let mut pending: Option<(String, u32)> = None;
-    loop {
-        let (id, attempts) = match pending.take() {
-            Some(p) => p,
-            None if load.stop.load(Ordering::SeqCst) => return out,
-            None => {
-                n += 1;
-                (format!("t{thread}-{n}"), 0)
-            }
-        };
-        assert!(
-            Instant::now() < load.deadline,
-            "client {thread}: id {id} unresolved at the deadline"
-        );
-        let Some(target) = load.target.read().expect("target lock").clone() else {
-            pending = Some((id, attempts));
-            std::thread::sleep(RETRY_PAUSE);
-            continue;
-        };
-        let body = serde_json::to_vec(&record(&id)).expect("serialize");
-        match target.try_request("POST", "/v1/usage", Some(&body)) {
-            Ok((200, text)) => {
-                let reply: Value = serde_json::from_str(&text).expect("JSON reply");
-                let applied = reply["applied"]
-                    .as_bool()
-                    .unwrap_or_else(|| panic!("no applied in {reply}"));
-                if attempts == 0 {
-                    assert!(applied, "fresh id {id} answered applied:false: {reply}");
-                } else if !applied {
-                    out.retried_already_applied += 1;
-                }
-                out.acked.push(id);
-                load.acked.fetch_add(1, Ordering::SeqCst);
-            }
-            // Outcome unknown: the node died or is not ready. Retry the same id.
-            Ok((503, _)) | Err(_) => {
-                out.unknown += 1;
-                pending = Some((id, attempts + 1));
-                std::thread::sleep(RETRY_PAUSE);
-            }
-            Ok((status, text)) => panic!("client {thread}: {id}: unexpected {status} {text}"),
-        }
-    }
+    retry_client(&format!("t{thread}"), &load.target, shared, record)
 }
 
 /// Waits until the clients have `more` records acknowledged beyond what they had, instead
@@ -162,7 +109,7 @@ fn wait_acked(load: &Load, more: u64) {
     }
 }
 
-fn start_clients(load: &Arc<Load>) -> Vec<JoinHandle<Outcome>> {
+fn start_clients(load: &Arc<Load>) -> Vec<JoinHandle<RetryOutcome>> {
     (0..THREADS)
         .map(|t| {
             let load = load.clone();
@@ -172,7 +119,7 @@ fn start_clients(load: &Arc<Load>) -> Vec<JoinHandle<Outcome>> {
 }
 
 /// Stops the clients (each first resolves its pending id) and returns every acked id.
-fn stop_clients(load: &Load, handles: Vec<JoinHandle<Outcome>>) -> Vec<String> {
+fn stop_clients(load: &Load, handles: Vec<JoinHandle<RetryOutcome>>) -> Vec<String> {
     load.stop.store(true, Ordering::SeqCst);
     let mut ids = Vec::new();
     let (mut retried, mut unknown) = (0, 0);
@@ -210,7 +157,7 @@ fn resend_is_noop(node: &Node, ids: &[String], max: usize) {
 /// nothing, and that still holds after one more crash.
 #[test]
 fn sigkill_under_load_loses_and_duplicates_nothing() {
-    let mut rng = Rng::from_env_or_time("sigkill_under_load");
+    let mut rng = rng_from_env_or_time("sigkill_under_load");
     let mut node = Node::single();
     let node_id = node.node_id().to_string();
     create_limits(&node);

@@ -12,6 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -1054,45 +1055,114 @@ impl Fleet {
 }
 
 // ---------------------------------------------------------------------------------------
+// Record clients that retry an id until it is acknowledged (crash and cluster tests).
+
+/// Pause between attempts while the node is down.
+pub const RETRY_PAUSE: Duration = Duration::from_millis(5);
+
+/// What one record client saw.
+#[derive(Debug, Default)]
+pub struct RetryOutcome {
+    /// Ids that got a 200, each once.
+    pub acked: Vec<String>,
+    /// Of those, ids retried after an unknown outcome that the node said it already had.
+    pub retried_already_applied: usize,
+    /// Attempts with an unknown outcome (transport error or 503).
+    pub unknown: usize,
+}
+
+/// What a test's record clients share: when to stop, how many ids got a 200 so far, and the
+/// bound on the whole load phase (a wedged server fails instead of hanging).
+pub struct RetryLoad<'a> {
+    pub stop: &'a AtomicBool,
+    pub acked: &'a AtomicU64,
+    pub deadline: Instant,
+}
+
+/// A client thread that behaves like a careful gateway: records ids `{name}-{k}` (the body
+/// of each from `body(id)`) through `target` until `load.stop`, retrying an id whose outcome
+/// is unknown (the node died, or refused for now with a 503) against the same target until
+/// it gets a 200; it never leaves an id unresolved. While `target` is `None` (the node is
+/// being killed, restarted or checked) it holds its pending id and waits: an id is only
+/// ever retried against the node that may have applied it, since deduplication is per node.
+pub fn retry_client(
+    name: &str,
+    target: &std::sync::RwLock<Option<Client>>,
+    load: RetryLoad<'_>,
+    body: impl Fn(&str) -> Value,
+) -> RetryOutcome {
+    let mut out = RetryOutcome::default();
+    let mut k = 0;
+    let mut pending: Option<(String, u32)> = None;
+    loop {
+        let (id, attempts) = match pending.take() {
+            Some(p) => p,
+            None if load.stop.load(AtomicOrdering::SeqCst) => return out,
+            None => {
+                k += 1;
+                (format!("{name}-{k}"), 0)
+            }
+        };
+        assert!(
+            Instant::now() < load.deadline,
+            "client {name}: id {id} unresolved at the deadline"
+        );
+        let Some(client) = target.read().expect("target lock").clone() else {
+            pending = Some((id, attempts));
+            std::thread::sleep(RETRY_PAUSE);
+            continue;
+        };
+        let body = serde_json::to_vec(&body(&id)).expect("serialize");
+        match client.try_request("POST", "/v1/usage", Some(&body)) {
+            Ok((200, text)) => {
+                let reply: Value = serde_json::from_str(&text).expect("JSON reply");
+                let applied = reply["applied"]
+                    .as_bool()
+                    .unwrap_or_else(|| panic!("no applied in {reply}"));
+                if attempts == 0 {
+                    assert!(applied, "fresh id {id} answered applied:false: {reply}");
+                } else if !applied {
+                    out.retried_already_applied += 1;
+                }
+                out.acked.push(id);
+                load.acked.fetch_add(1, AtomicOrdering::SeqCst);
+            }
+            // Outcome unknown: the node died or is not ready. Retry the same id.
+            Ok((503, _)) | Err(_) => {
+                out.unknown += 1;
+                pending = Some((id, attempts + 1));
+                std::thread::sleep(RETRY_PAUSE);
+            }
+            Ok((status, text)) => panic!("client {name}: {id}: unexpected {status} {text}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Randomness with a printed seed.
 
-/// SplitMix64: tiny, seedable, good enough to pick kill moments.
-pub struct Rng(u64);
+/// The simulator's SplitMix64, good enough to pick kill moments.
+pub use sim::Rng;
 
-impl Rng {
-    /// Seed from `TALLY_TEST_SEED` if set; else, in CI (`CI` set and not `false`), a fixed
-    /// seed derived from the test's name, so a CI run is repeatable; else from the clock.
-    /// Always printed so a failing run can be repeated.
-    pub fn from_env_or_time(test: &str) -> Rng {
-        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
-        let seed = match std::env::var("TALLY_TEST_SEED") {
-            Ok(s) => s.parse().expect("TALLY_TEST_SEED must be a u64"),
-            // FNV-1a of the name: fixed per test, different between tests.
-            Err(_) if ci => test.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-            }),
-            Err(_) => SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .expect("clock after 1970")
-                .as_nanos() as u64,
-        };
-        eprintln!("{test}: seed {seed} (rerun with TALLY_TEST_SEED={seed})");
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform-ish in `lo..=hi`.
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        assert!(lo <= hi);
-        lo + self.next_u64() % (hi - lo + 1)
-    }
+/// An [`Rng`] seeded from `TALLY_TEST_SEED` if set; else, in CI (`CI` set and not
+/// `false`), a fixed seed derived from the test's name, so a CI run is repeatable; else from
+/// the clock. Always printed so a failing run can be repeated.
+pub fn rng_from_env_or_time(test: &str) -> Rng {
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+    let seed = match std::env::var("TALLY_TEST_SEED") {
+        Ok(s) => s.parse().expect("TALLY_TEST_SEED must be a u64"),
+        // FNV-1a of the name: fixed per test, different between tests.
+        Err(_) if ci => test.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        }),
+        Err(_) => SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_nanos() as u64,
+    };
+    eprintln!("{test}: seed {seed} (rerun with TALLY_TEST_SEED={seed})");
+    // The raw state, so a seed picks the same moments as before the RNG was shared.
+    Rng::from_state(seed)
 }
 
 #[cfg(test)]

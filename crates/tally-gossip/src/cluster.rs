@@ -33,24 +33,31 @@ use crate::keys::GossipKey;
 use crate::mac::{ClusterKey, open, seal};
 use crate::values::{decode_hello, decode_record, decode_slot};
 
-/// How a node joins the fleet.
+/// How a node joins the fleet, as its operator configures it: tally-node's `ClusterConfig`
+/// embeds it and adds what the node decides, and [`GossipConfig`] adds who this node is.
 #[derive(Clone)]
-pub struct GossipConfig {
-    pub node_id: String,
-    /// Changes on every start (chitchat's generation).
-    pub generation: u64,
+pub struct GossipNetwork {
     pub listen: SocketAddr,
     pub advertise: SocketAddr,
     pub seeds: Vec<String>,
     pub cluster_id: String,
     pub key: ClusterKey,
     pub interval: Duration,
+    /// The network seam: real UDP in production, a simulated network in `sim/`.
+    pub transport: Arc<dyn Transport>,
+}
+
+/// What [`Gossip::start`] needs: the fleet to join and who this node is in it.
+#[derive(Clone)]
+pub struct GossipConfig {
+    pub node_id: String,
+    /// Changes on every start (chitchat's generation).
+    pub generation: u64,
+    pub network: GossipNetwork,
     /// How long a dead node's state is kept by chitchat (its slots stay durable here).
     pub dead_node_grace: Duration,
     /// How long deleted keys are kept as tombstones before chitchat forgets them.
     pub tombstone_grace: Duration,
-    /// The network seam: real UDP in production, a simulated network in `sim/`.
-    pub transport: Arc<dyn Transport>,
 }
 
 /// The production transport: chitchat's UDP.
@@ -247,18 +254,19 @@ impl Gossip {
         incoming: mpsc::Sender<Incoming>,
     ) -> Result<Gossip, GossipError> {
         let stats = Arc::new(GossipStats::default());
-        let chitchat_id = ChitchatId::new(cfg.node_id.clone(), cfg.generation, cfg.advertise);
+        let chitchat_id =
+            ChitchatId::new(cfg.node_id.clone(), cfg.generation, cfg.network.advertise);
         let failure_detector_config = FailureDetectorConfig {
             dead_node_grace_period: cfg.dead_node_grace,
-            initial_interval: cfg.interval * 10,
+            initial_interval: cfg.network.interval * 10,
             ..FailureDetectorConfig::default()
         };
         let config = ChitchatConfig {
             chitchat_id,
-            cluster_id: cfg.cluster_id.clone(),
-            gossip_interval: cfg.interval,
-            listen_addr: cfg.listen,
-            seed_nodes: cfg.seeds.clone(),
+            cluster_id: cfg.network.cluster_id.clone(),
+            gossip_interval: cfg.network.interval,
+            listen_addr: cfg.network.listen,
+            seed_nodes: cfg.network.seeds.clone(),
             failure_detector_config,
             marked_for_deletion_grace_period: cfg.tombstone_grace,
             catchup_callback: None,
@@ -269,19 +277,19 @@ impl Gossip {
             .into_iter()
             .map(|(k, payload)| {
                 let k = k.encode();
-                let v = seal(&cfg.key, &cfg.node_id, &k, &payload);
+                let v = seal(&cfg.network.key, &cfg.node_id, &k, &payload);
                 (k, v)
             })
             .collect();
         let transport = CountingTransport {
-            inner: cfg.transport.clone(),
+            inner: cfg.network.transport.clone(),
             stats: stats.clone(),
         };
         // chitchat's API speaks anyhow; it stops here.
         let handle = chitchat::spawn_chitchat(config, sealed, &transport)
             .await
             .map_err(|e| GossipError::Start {
-                listen: cfg.listen,
+                listen: cfg.network.listen,
                 message: format!("{e:#}"),
             })?;
         let (raw_tx, mut raw_rx) = mpsc::channel::<Raw>(RAW_QUEUE_MAX);
@@ -311,7 +319,8 @@ impl Gossip {
             .await;
         let last_seen = Arc::new(parking_lot_free::Seen::default());
         {
-            let (key, stats, last_seen) = (cfg.key.clone(), stats.clone(), last_seen.clone());
+            let (key, stats, last_seen) =
+                (cfg.network.key.clone(), stats.clone(), last_seen.clone());
             tokio::spawn(async move {
                 while let Some(raw) = raw_rx.recv().await {
                     match verify(&key, &raw) {
@@ -341,7 +350,7 @@ impl Gossip {
         ));
         Ok(Gossip {
             handle,
-            key: cfg.key,
+            key: cfg.network.key,
             node_id: cfg.node_id,
             stats,
             last_seen,
@@ -355,26 +364,23 @@ impl Gossip {
 
     /// Publishes (or updates) values in this node's state.
     pub async fn publish(&self, items: Vec<(GossipKey, String)>) {
-        if items.is_empty() {
-            return;
-        }
-        let mut sealed = self.seal_all(items);
-        self.handle
-            .with_chitchat(|c| {
-                let state = c.self_node_state();
-                for (k, v) in sealed.drain(..) {
-                    if state.get(&k) != Some(v.as_str()) {
-                        state.set(k, v);
-                    }
-                }
-            })
-            .await;
+        self.set_where(items, |held, new| held != Some(new)).await;
     }
 
     /// Publishes values only under keys this node does not publish now (never published,
     /// or deleted). A value read from memory a moment ago must not overwrite a newer one
     /// published meanwhile; the check and the set happen under chitchat's lock.
     pub async fn publish_missing(&self, items: Vec<(GossipKey, String)>) {
+        self.set_where(items, |held, _| held.is_none()).await;
+    }
+
+    /// Seals `items` and, under chitchat's lock, sets each whose key holds a value `held`
+    /// (`None`: not published) for which `set(held, sealed)` is true.
+    async fn set_where(
+        &self,
+        items: Vec<(GossipKey, String)>,
+        set: impl Fn(Option<&str>, &str) -> bool + Send,
+    ) {
         if items.is_empty() {
             return;
         }
@@ -383,7 +389,7 @@ impl Gossip {
             .with_chitchat(|c| {
                 let state = c.self_node_state();
                 for (k, v) in sealed.drain(..) {
-                    if state.get(&k).is_none() {
+                    if set(state.get(&k), &v) {
                         state.set(k, v);
                     }
                 }
@@ -591,15 +597,17 @@ mod tests {
         GossipConfig {
             node_id: id.into(),
             generation: 1,
-            listen: addr,
-            advertise: addr,
-            seeds: vec![format!("127.0.0.1:{seed}")],
-            cluster_id: "t".into(),
-            key: ClusterKey::new(b"test-cluster-key-0123456789").unwrap(),
-            interval: Duration::from_millis(20),
+            network: GossipNetwork {
+                listen: addr,
+                advertise: addr,
+                seeds: vec![format!("127.0.0.1:{seed}")],
+                cluster_id: "t".into(),
+                key: ClusterKey::new(b"test-cluster-key-0123456789").unwrap(),
+                interval: Duration::from_millis(20),
+                transport,
+            },
             dead_node_grace: Duration::from_secs(60),
             tombstone_grace: Duration::from_secs(60),
-            transport,
         }
     }
 

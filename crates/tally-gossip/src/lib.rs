@@ -26,7 +26,7 @@ pub mod values;
 pub use chitchat::transport::{ChannelTransport, RecvOutcome, SendOutcome, Socket, Transport};
 pub use chitchat::{ChitchatEnvelope, ChitchatMessage};
 pub use cluster::{
-    Gossip, GossipConfig, GossipError, GossipStats, Incoming, Member, udp_transport,
+    Gossip, GossipConfig, GossipError, GossipNetwork, GossipStats, Incoming, Member, udp_transport,
 };
 pub use keys::{
     DECOMMISSION_PREFIX, DEMAND_PREFIX, ENTITY_PREFIX, GRANT_PREFIX, GossipKey, HELLO_KEY,

@@ -6,7 +6,8 @@
 //! value (`007` and `7`, a base64 string with non-zero padding bits) would be two different
 //! keys or values; refusing them keeps `encode(decode(s)) == s` for every accepted `s`.
 
-const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 /// Length of the base64url-no-padding text of `bytes_len` bytes.
 pub(crate) const fn b64_len(bytes_len: usize) -> usize {
@@ -15,59 +16,16 @@ pub(crate) const fn b64_len(bytes_len: usize) -> usize {
 
 /// base64url, no padding.
 pub(crate) fn b64_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(b64_len(bytes.len()));
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        // A chunk of k bytes needs k + 1 characters.
-        for i in 0..=chunk.len() {
-            let sextet = (n >> (18 - 6 * i)) & 0x3f;
-            out.push(char::from(ALPHABET[sextet as usize]));
-        }
-    }
-    debug_assert_eq!(out.len(), b64_len(bytes.len()));
-    out
-}
-
-fn sextet(c: u8) -> Option<u32> {
-    let v = match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'-' => 62,
-        b'_' => 63,
-        _ => return None,
-    };
-    Some(u32::from(v))
+    URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// Inverse of [`b64_encode`]; `None` for any string it would not have produced (foreign
-/// characters, padding, an impossible length, non-zero trailing bits).
+/// characters, padding, an impossible length, non-zero trailing bits): the engine's
+/// `RequireNone` padding mode and its refusal of trailing bits make it exactly as strict
+/// as the encoder (`legacy_agreement` below holds it to the hand-written codec it
+/// replaced, so values written by earlier versions read the same).
 pub(crate) fn b64_decode(text: &str) -> Option<Vec<u8>> {
-    let text = text.as_bytes();
-    if text.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(text.len() / 4 * 3 + 2);
-    for chunk in text.chunks(4) {
-        let mut n = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            n |= sextet(*c)? << (18 - 6 * i);
-        }
-        // k characters carry k - 1 whole bytes; the bits below them must be zero.
-        let bytes = chunk.len() - 1;
-        if n & (0x00ff_ffff >> (8 * bytes)) != 0 {
-            return None;
-        }
-        for i in 0..bytes {
-            out.push((n >> (16 - 8 * i)) as u8);
-        }
-    }
-    Some(out)
+    URL_SAFE_NO_PAD.decode(text).ok()
 }
 
 /// `0` or a non-zero digit followed by digits; nothing else (no sign, no leading zeros).
@@ -102,6 +60,96 @@ pub(crate) fn parse_i64(text: &str) -> Option<i64> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The hand-written codec that earlier versions wrote gossip values with, kept as the
+    /// oracle the crate's codec must agree with byte for byte.
+    mod legacy {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+        pub fn encode(bytes: &[u8]) -> String {
+            let mut out = String::new();
+            for chunk in bytes.chunks(3) {
+                let b = [
+                    chunk[0],
+                    chunk.get(1).copied().unwrap_or(0),
+                    chunk.get(2).copied().unwrap_or(0),
+                ];
+                let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+                for i in 0..=chunk.len() {
+                    let sextet = (n >> (18 - 6 * i)) & 0x3f;
+                    out.push(char::from(ALPHABET[sextet as usize]));
+                }
+            }
+            out
+        }
+
+        fn sextet(c: u8) -> Option<u32> {
+            let v = match c {
+                b'A'..=b'Z' => c - b'A',
+                b'a'..=b'z' => c - b'a' + 26,
+                b'0'..=b'9' => c - b'0' + 52,
+                b'-' => 62,
+                b'_' => 63,
+                _ => return None,
+            };
+            Some(u32::from(v))
+        }
+
+        pub fn decode(text: &str) -> Option<Vec<u8>> {
+            let text = text.as_bytes();
+            if text.len() % 4 == 1 {
+                return None;
+            }
+            let mut out = Vec::new();
+            for chunk in text.chunks(4) {
+                let mut n = 0u32;
+                for (i, c) in chunk.iter().enumerate() {
+                    n |= sextet(*c)? << (18 - 6 * i);
+                }
+                let bytes = chunk.len() - 1;
+                if n & (0x00ff_ffff >> (8 * bytes)) != 0 {
+                    return None;
+                }
+                for i in 0..bytes {
+                    out.push((n >> (16 - 8 * i)) as u8);
+                }
+            }
+            Some(out)
+        }
+    }
+
+    #[test]
+    fn legacy_agreement_exhaustive_short() {
+        // Every string of up to 3 characters over the alphabet plus the usual foreigners,
+        // and every 0-, 1- and 2-byte input.
+        let chars: Vec<char> =
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_+/= ."
+                .chars()
+                .collect();
+        let mut texts = vec![String::new()];
+        for len in 1..=3 {
+            let prev: Vec<String> = texts
+                .iter()
+                .filter(|t| t.len() == len - 1)
+                .cloned()
+                .collect();
+            for t in prev {
+                for c in &chars {
+                    texts.push(format!("{t}{c}"));
+                }
+            }
+        }
+        for text in &texts {
+            assert_eq!(b64_decode(text), legacy::decode(text), "decode {text:?}");
+        }
+        for a in 0..=255u8 {
+            assert_eq!(b64_encode(&[a]), legacy::encode(&[a]));
+            for b in 0..=255u8 {
+                assert_eq!(b64_encode(&[a, b]), legacy::encode(&[a, b]));
+            }
+        }
+    }
 
     #[test]
     fn b64_known_vectors() {
@@ -186,6 +234,13 @@ mod tests {
             let text = b64_encode(&bytes);
             prop_assert_eq!(text.len(), b64_len(bytes.len()));
             prop_assert_eq!(b64_decode(&text), Some(bytes));
+        }
+
+        #[test]
+        fn legacy_agreement(bytes in proptest::collection::vec(any::<u8>(), 0..256),
+                            text in "[A-Za-z0-9_=+/-]{0,40}") {
+            prop_assert_eq!(b64_encode(&bytes), legacy::encode(&bytes));
+            prop_assert_eq!(b64_decode(&text), legacy::decode(&text));
         }
 
         #[test]

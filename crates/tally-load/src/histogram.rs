@@ -1,49 +1,24 @@
-//! A log-linear latency histogram: fixed memory, O(1) record, mergeable.
+//! The load tool's latency histogram: an HdrHistogram (crate `hdrhistogram`) with one fixed
+//! configuration, plus the exact count, sum, min and max.
 //!
-//! Values are nanoseconds. Below 128 ns every value has its own bucket; above, each power
-//! of two `[2^e, 2^(e+1))` is split into 128 equal buckets, so a bucket's width is at most
-//! 1/128 (0.78%) of its lowest value. That is the relative precision of every reported
-//! percentile, from 1 µs up to [`VALUE_MAX_NS`] (10 s); larger values are clamped into the
-//! last bucket (the exact maximum is still kept). The layout is HdrHistogram's with one
-//! fixed configuration, small enough (~28 KiB) that every connection owns one and the
-//! hot path never shares a cache line.
-
-/// Bits of linear resolution inside each power of two.
-const SUB_BUCKET_BITS: u32 = 7;
-const SUB_BUCKETS: u64 = 1 << SUB_BUCKET_BITS;
+//! Values are nanoseconds. Below 256 ns every value has its own bucket; above, each power
+//! of two `[2^e, 2^(e+1))` is split into 128 equal buckets (two significant digits), so a
+//! bucket's width is at most 1/128 (0.78%) of its lowest value. That is the relative
+//! precision of every reported percentile, from 1 µs up to [`VALUE_MAX_NS`] (10 s); larger
+//! values are clamped into the last bucket (the exact maximum is still kept). It is small
+//! enough (~28 KiB) that every connection owns one and the hot path never shares a cache
+//! line.
 
 /// The largest value with its own bucket: 10 s in nanoseconds.
 pub const VALUE_MAX_NS: u64 = 10_000_000_000;
 
-const BUCKET_COUNT: usize = bucket_index(VALUE_MAX_NS) + 1;
-
-/// The bucket holding `value` (which must be ≤ [`VALUE_MAX_NS`] for the result to be in
-/// range).
-const fn bucket_index(value: u64) -> usize {
-    if value < SUB_BUCKETS {
-        return value as usize;
-    }
-    let exponent = 63 - value.leading_zeros(); // ≥ SUB_BUCKET_BITS
-    let shift = exponent - SUB_BUCKET_BITS;
-    let mantissa = value >> shift; // in [SUB_BUCKETS, 2 * SUB_BUCKETS)
-    ((shift as u64 + 1) * SUB_BUCKETS + (mantissa - SUB_BUCKETS)) as usize
-}
-
-/// The lowest and highest value that map to bucket `index`.
-const fn bucket_bounds(index: usize) -> (u64, u64) {
-    let index = index as u64;
-    if index < SUB_BUCKETS {
-        return (index, index);
-    }
-    let shift = index / SUB_BUCKETS - 1;
-    let low = (SUB_BUCKETS + index % SUB_BUCKETS) << shift;
-    (low, low + (1 << shift) - 1)
-}
+/// Significant decimal digits of every bucket (HdrHistogram's precision parameter).
+const SIGNIFICANT_DIGITS: u8 = 2;
 
 /// Counts of nanosecond values in log-linear buckets, plus the exact count, sum, min, max.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Histogram {
-    counts: Box<[u64]>,
+    buckets: hdrhistogram::Histogram<u64>,
     count: u64,
     sum: u128,
     min: u64,
@@ -59,7 +34,8 @@ impl Default for Histogram {
 impl Histogram {
     pub fn new() -> Self {
         Self {
-            counts: vec![0; BUCKET_COUNT].into_boxed_slice(),
+            buckets: hdrhistogram::Histogram::new_with_bounds(1, VALUE_MAX_NS, SIGNIFICANT_DIGITS)
+                .expect("valid fixed bounds"),
             count: 0,
             sum: 0,
             min: u64::MAX,
@@ -68,7 +44,7 @@ impl Histogram {
     }
 
     pub fn record(&mut self, value_ns: u64) {
-        self.counts[bucket_index(value_ns.min(VALUE_MAX_NS))] += 1;
+        self.buckets.saturating_record(value_ns.min(VALUE_MAX_NS));
         self.count += 1;
         self.sum += u128::from(value_ns);
         self.min = self.min.min(value_ns);
@@ -76,10 +52,9 @@ impl Histogram {
     }
 
     pub fn merge(&mut self, other: &Histogram) {
-        debug_assert_eq!(self.counts.len(), other.counts.len());
-        for (mine, theirs) in self.counts.iter_mut().zip(other.counts.iter()) {
-            *mine += theirs;
-        }
+        self.buckets
+            .add(&other.buckets)
+            .expect("histograms of one configuration");
         self.count += other.count;
         self.sum += other.sum;
         self.min = self.min.min(other.min);
@@ -116,7 +91,7 @@ impl Histogram {
             return 0;
         }
         // Integer rank so that p99.9 of 1000 values is exactly the 999th, with no float
-        // rounding in the comparison.
+        // rounding in the comparison (HdrHistogram's `value_at_quantile` multiplies floats).
         let per_million = (percentile * 10_000.0).round() as u128;
         let rank = (u128::from(self.count) * per_million)
             .div_ceil(1_000_000)
@@ -126,11 +101,10 @@ impl Histogram {
             return self.max;
         }
         let mut seen: u128 = 0;
-        for (index, &count) in self.counts.iter().enumerate() {
-            seen += u128::from(count);
+        for bucket in self.buckets.iter_recorded() {
+            seen += u128::from(bucket.count_at_value());
             if seen >= rank {
-                let (_, high) = bucket_bounds(index);
-                return high.clamp(self.min, self.max);
+                return bucket.value_iterated_to().clamp(self.min, self.max);
             }
         }
         unreachable!("rank {rank} ≤ count {} yet not reached", self.count)
@@ -157,19 +131,26 @@ mod tests {
     }
 
     #[test]
-    fn bucket_layout_is_contiguous_and_tight() {
-        let mut next_low = 0;
-        for index in 0..BUCKET_COUNT {
-            let (low, high) = bucket_bounds(index);
-            assert_eq!(low, next_low, "bucket {index} leaves a gap");
-            assert!(high >= low);
-            assert_eq!(bucket_index(low), index);
-            assert_eq!(bucket_index(high), index);
-            // Relative width below 1%.
-            assert!((high - low) * 128 <= low.max(1), "bucket {index} too wide");
-            next_low = high + 1;
+    fn buckets_are_tight_up_to_the_max() {
+        let buckets = Histogram::new().buckets;
+        let mut value = 1u64;
+        while value <= VALUE_MAX_NS {
+            let (low, high) = (
+                buckets.lowest_equivalent(value),
+                buckets.highest_equivalent(value),
+            );
+            assert!(low <= value && value <= high);
+            // Relative width below 1%; exact below 256 ns.
+            assert!(
+                (high - low) * 128 <= low.max(1),
+                "bucket of {value} too wide"
+            );
+            if value < 256 {
+                assert_eq!(low, high);
+            }
+            value = value * 3 / 2 + 1;
         }
-        assert!(bucket_bounds(BUCKET_COUNT - 1).1 >= VALUE_MAX_NS);
+        assert!(buckets.high() >= VALUE_MAX_NS);
     }
 
     #[test]
@@ -203,8 +184,6 @@ mod tests {
         // Microsecond-scale values that are bucket lower bounds come back as their bucket's
         // high, clamped to the max recorded.
         let value = 1_000_000; // 1 ms
-        let (low, high) = bucket_bounds(bucket_index(value));
-        assert!(low <= value && value <= high);
         check(&[value; 10], &[(50.0, value), (100.0, value)]);
 
         let mut histogram = Histogram::new();

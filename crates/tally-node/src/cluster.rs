@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use tally_core::{EntityRecord, Epoch, LimitRecord, ResetRegister};
 use tally_gossip::{
-    ClusterKey, Gossip, GossipConfig, GossipKey, Incoming, Member, encode_record, encode_slot,
+    Gossip, GossipConfig, GossipKey, GossipNetwork, Incoming, Member, encode_record, encode_slot,
 };
 use tokio::sync::mpsc;
 
@@ -38,14 +38,9 @@ use crate::writer::Op;
 /// How this node joins a fleet.
 #[derive(Clone)]
 pub struct ClusterConfig {
-    pub listen: SocketAddr,
-    pub advertise: SocketAddr,
-    pub seeds: Vec<String>,
-    pub cluster_id: String,
-    pub key: ClusterKey,
-    pub interval: Duration,
-    /// The gossip network: `tally_gossip::udp_transport()` outside the simulator.
-    pub transport: Arc<dyn tally_gossip::Transport>,
+    /// Where and with whom to gossip; its transport is `tally_gossip::udp_transport()`
+    /// outside the simulator.
+    pub network: GossipNetwork,
     /// How long a caught-up node may be cut off from every peer before it reports not
     /// ready again (`None`: it stays ready while isolated).
     pub isolated_unready_after: Option<Duration>,
@@ -481,29 +476,23 @@ pub(crate) async fn start(
         GossipConfig {
             node_id: shared.node_id.clone(),
             generation,
-            listen: config.listen,
-            advertise: config.advertise,
-            seeds: config.seeds.clone(),
-            cluster_id: config.cluster_id.clone(),
-            key: config.key.clone(),
-            interval: config.interval,
+            network: config.network.clone(),
             dead_node_grace: Duration::from_secs(3600),
             tombstone_grace: Duration::from_secs(600),
-            transport: config.transport.clone(),
         },
         initial,
         in_tx,
     )
     .await?;
     // With no seeds other than itself, a node may be the first of its fleet.
-    let solo_allowed = config.seeds.iter().all(|s| {
+    let solo_allowed = config.network.seeds.iter().all(|s| {
         s.parse::<SocketAddr>()
-            .is_ok_and(|a| a == config.advertise || a == config.listen)
+            .is_ok_and(|a| a == config.network.advertise || a == config.network.listen)
     });
     let mut readiness = Readiness::new(
         shared.clock.now_ms(),
         solo_allowed,
-        BOOTSTRAP_GRACE_MIN.max(config.interval * BOOTSTRAP_GRACE_ROUNDS),
+        BOOTSTRAP_GRACE_MIN.max(config.network.interval * BOOTSTRAP_GRACE_ROUNDS),
         config.isolated_unready_after,
     );
     if shared
@@ -578,7 +567,7 @@ pub(crate) async fn start(
 
     // Hard limits: ask for rights when short, grant when asked (module `rights`).
     let s = shared.clone();
-    let interval = config.interval;
+    let interval = config.network.interval;
     tokio::spawn(async move {
         let mut task = crate::rights::RightsTask::new(s.clock.now_ms());
         let every = interval.max(Duration::from_millis(50));
@@ -609,7 +598,7 @@ pub(crate) async fn start(
     // highest). Commits within a round share the hello of the first, whose lag includes
     // the wait for the round.
     let s = shared.clone();
-    let round_ms = config.interval.as_millis() as i64;
+    let round_ms = config.network.interval.as_millis() as i64;
     tokio::spawn(async move {
         let Some(c) = s.cluster.get() else { return };
         loop {

@@ -36,7 +36,7 @@ pub use clock::{Clock, SystemClock};
 pub use cluster::{ClusterConfig, ClusterError};
 pub use denials::{DENIALS_MAX, Denial};
 pub use metrics::Metrics;
-pub use tally_gossip::{ClusterKey, GossipStats, Member};
+pub use tally_gossip::{ClusterKey, GossipNetwork, GossipStats, Member};
 /// The fault-injecting disk a node can run on instead of `data_dir` ([`NodeConfig::disk`]).
 pub use tally_store::faults;
 use writer::{ConfigChange, Op};
@@ -74,6 +74,17 @@ pub struct NodeConfig {
     pub denials_by_limit_max: usize,
 }
 
+// The node's defaults: `NodeConfig::new` and `tally serve`'s defaults (tally-server
+// `config.rs`, API.md) both read these, so they cannot drift apart.
+
+/// Default time a record id is remembered for deduplication: one day.
+pub const DEDUP_WINDOW_DEFAULT_MS: i64 = 24 * 3_600_000;
+/// Default largest number of records in one group commit.
+pub const BATCH_RECORDS_MAX_DEFAULT: usize = 4_096;
+/// Default capacity of the writer's queue, in records.
+pub const QUEUE_RECORDS_MAX_DEFAULT: usize = 65_536;
+/// Default time a caller waits for queue space before `Unavailable`.
+pub const QUEUE_WAIT_DEFAULT_MS: u64 = 2_000;
 /// A reservation lives this long unless the check says otherwise.
 pub const RESERVATION_TTL_DEFAULT_MS: i64 = 120_000;
 /// Default cap on a reservation's lifetime (`--reservation-ttl-max-secs`).
@@ -98,10 +109,10 @@ impl NodeConfig {
         NodeConfig {
             data_dir: data_dir.into(),
             node_id: None,
-            dedup_window_ms: 24 * 3_600_000,
-            batch_records_max: 4096,
-            queue_records_max: 65_536,
-            queue_wait: Duration::from_secs(2),
+            dedup_window_ms: DEDUP_WINDOW_DEFAULT_MS,
+            batch_records_max: BATCH_RECORDS_MAX_DEFAULT,
+            queue_records_max: QUEUE_RECORDS_MAX_DEFAULT,
+            queue_wait: Duration::from_millis(QUEUE_WAIT_DEFAULT_MS),
             future_skew_ms: 5 * 60_000,
             history_retention_ms: HISTORY_RETENTION_DEFAULT_MS,
             clock: Arc::new(SystemClock),

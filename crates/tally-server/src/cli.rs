@@ -269,7 +269,7 @@ pub struct ClientOpts {
         long,
         global = true,
         env = "TALLY_URL",
-        default_value = "http://127.0.0.1:7070"
+        default_value = crate::config::DEFAULT_URL
     )]
     pub url: String,
     /// Bearer token.

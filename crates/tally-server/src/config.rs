@@ -18,9 +18,16 @@ use serde::Deserialize;
 
 use crate::cli::ServeArgs;
 
+// The one table of `tally serve`'s defaults (API.md lists them): `ServeConfig::default`,
+// the CLI's help and client URL, and, through tally-node's constants, `NodeConfig::new`
+// all read these.
+
 /// Default HTTP address: loopback only, so a node started with no flags is not reachable
 /// from other hosts (DESIGN.md §4, Security).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+/// Default URL of the client commands: the default listen address (a test holds the two
+/// together; clap needs a literal).
+pub const DEFAULT_URL: &str = "http://127.0.0.1:7070";
 /// Default data directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "./tally-data";
 /// Default cluster id.
@@ -28,20 +35,22 @@ pub const DEFAULT_CLUSTER_ID: &str = "tally";
 /// Default gossip round interval.
 pub const DEFAULT_GOSSIP_INTERVAL_MS: u64 = 100;
 /// Default window during which a usage id is remembered for deduplication (one day).
-pub const DEFAULT_DEDUP_WINDOW_SECS: u64 = 86_400;
+pub const DEFAULT_DEDUP_WINDOW_SECS: u64 = (tally_node::DEDUP_WINDOW_DEFAULT_MS / 1000) as u64;
 /// Default time closed periods are kept as history (a calendar month, and some days to
 /// read it after the month ends).
-pub const DEFAULT_HISTORY_RETENTION_DAYS: u64 = 35;
+pub const DEFAULT_HISTORY_RETENTION_DAYS: u64 =
+    (tally_node::HISTORY_RETENTION_DEFAULT_MS / 86_400_000) as u64;
 /// Default cap on a reservation's lifetime, seconds.
-pub const DEFAULT_RESERVATION_TTL_MAX_SECS: u64 = 300;
+pub const DEFAULT_RESERVATION_TTL_MAX_SECS: u64 =
+    (tally_node::RESERVATION_TTL_MAX_DEFAULT_MS / 1000) as u64;
 /// Largest cap on a reservation's lifetime: a day (it is also the fence after a crash).
 pub const RESERVATION_TTL_MAX_SECS_MAX: u64 = 86_400;
 /// Default largest number of usage records the writer commits in one transaction.
-pub const DEFAULT_BATCH_RECORDS_MAX: usize = 4_096;
+pub const DEFAULT_BATCH_RECORDS_MAX: usize = tally_node::BATCH_RECORDS_MAX_DEFAULT;
 /// Default capacity of the writer's queue, in records.
-pub const DEFAULT_QUEUE_RECORDS_MAX: usize = 65_536;
+pub const DEFAULT_QUEUE_RECORDS_MAX: usize = tally_node::QUEUE_RECORDS_MAX_DEFAULT;
 /// Default time a request waits for queue space before it is refused with 503.
-pub const DEFAULT_QUEUE_WAIT_MS: u64 = 2_000;
+pub const DEFAULT_QUEUE_WAIT_MS: u64 = tally_node::QUEUE_WAIT_DEFAULT_MS;
 /// Default bound on Envoy rate limit wildcard instances (one limit per value seen).
 pub const DEFAULT_RLS_INSTANCES_MAX: usize = 10_000;
 /// Default time a node cut off from every peer stays ready.
@@ -229,12 +238,33 @@ pub fn env_var_name(key: &str) -> String {
     format!("TALLY_{}", key.to_ascii_uppercase())
 }
 
+/// The process environment, read once at start-up (by `main`) and only looked up after:
+/// configuration and logging read this copy, never `std::env` again.
+#[derive(Debug, Clone, Default)]
+pub struct Environment(std::collections::HashMap<String, String>);
+
+impl Environment {
+    /// A copy of the process environment (variables that are not UTF-8 are left out:
+    /// none of tally's are).
+    pub fn capture() -> Environment {
+        Environment(
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+}
+
 impl ServeConfig {
     /// Resolves the configuration of this process: `args` (clap has already merged in the
-    /// `TALLY_*` variables it knows), the process environment, and the file named by
-    /// `--config`/`TALLY_CONFIG`, if any.
-    pub fn load(args: &ServeArgs) -> anyhow::Result<ServeConfig> {
-        let env = |name: &str| std::env::var(name).ok();
+    /// `TALLY_*` variables it knows), the environment `env` captured at start-up, and the
+    /// file named by `--config`/`TALLY_CONFIG`, if any.
+    pub fn load(args: &ServeArgs, environment: &Environment) -> anyhow::Result<ServeConfig> {
+        let env = |name: &str| environment.get(name);
         let path = args
             .config
             .clone()
@@ -1007,6 +1037,29 @@ mod tests {
 
     fn serve_node_config(cfg: &ServeConfig) -> tally_node::NodeConfig {
         crate::serve::node_config(cfg)
+    }
+
+    #[test]
+    fn serve_defaults_are_the_node_defaults() {
+        let (served, node) = (
+            serve_node_config(&ServeConfig::default()),
+            tally_node::NodeConfig::new("d"),
+        );
+        assert_eq!(served.dedup_window_ms, node.dedup_window_ms);
+        assert_eq!(served.history_retention_ms, node.history_retention_ms);
+        assert_eq!(served.reservation_ttl_max_ms, node.reservation_ttl_max_ms);
+        assert_eq!(served.batch_records_max, node.batch_records_max);
+        assert_eq!(served.queue_records_max, node.queue_records_max);
+        assert_eq!(served.queue_wait, node.queue_wait);
+        assert_eq!(served.denials_by_limit_max, node.denials_by_limit_max);
+        // API.md's values.
+        assert_eq!(DEFAULT_DEDUP_WINDOW_SECS, 86_400);
+        assert_eq!(DEFAULT_HISTORY_RETENTION_DAYS, 35);
+        assert_eq!(DEFAULT_RESERVATION_TTL_MAX_SECS, 300);
+        assert_eq!(DEFAULT_BATCH_RECORDS_MAX, 4_096);
+        assert_eq!(DEFAULT_QUEUE_RECORDS_MAX, 65_536);
+        assert_eq!(DEFAULT_QUEUE_WAIT_MS, 2_000);
+        assert_eq!(DEFAULT_URL, format!("http://{DEFAULT_LISTEN}"));
     }
 
     #[test]

@@ -607,35 +607,67 @@ async fn list_limits(State(s): App, headers: HeaderMap, uri: axum::http::Uri) ->
     })
 }
 
-/// Decodes `a=b&c=d` with percent-escapes and `+` as space.
+/// Decodes `a=b&c=d` with percent-escapes and `+` as space (`form_urlencoded`).
+///
+/// `form_urlencoded` is lenient where a client that sent such a query meant something else:
+/// it keeps a malformed escape (`%zz`) as text and replaces bytes that are not UTF-8. Both
+/// are refused here first with a 400 that says which.
 pub(crate) fn form_pairs(q: &str) -> Result<Vec<(String, String)>, ApiError> {
-    fn decode(s: &str) -> Result<String, ApiError> {
-        let b = s.as_bytes();
-        let mut out = Vec::with_capacity(b.len());
-        let mut i = 0;
-        while i < b.len() {
-            match b[i] {
-                b'+' => out.push(b' '),
-                b'%' if i + 2 < b.len() => {
-                    let hex = std::str::from_utf8(&b[i + 1..i + 3])
-                        .ok()
-                        .and_then(|h| u8::from_str_radix(h, 16).ok());
-                    out.push(hex.ok_or_else(|| ApiError::invalid("bad percent-escape in query"))?);
-                    i += 2;
-                }
-                c => out.push(c),
-            }
-            i += 1;
+    let b = q.as_bytes();
+    for (i, _) in b.iter().enumerate().filter(|(_, c)| **c == b'%') {
+        if !matches!(b.get(i + 1..i + 3), Some([h, l]) if h.is_ascii_hexdigit() && l.is_ascii_hexdigit())
+        {
+            return Err(ApiError::invalid("bad percent-escape in query"));
         }
-        String::from_utf8(out).map_err(|_| ApiError::invalid("query is not UTF-8"))
     }
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            Ok((decode(k)?, decode(v)?))
-        })
-        .collect()
+    // '&', '=' and '+' are ASCII, so the whole query decodes to UTF-8 iff every part does.
+    if percent_encoding::percent_decode(b).decode_utf8().is_err() {
+        return Err(ApiError::invalid("query is not UTF-8"));
+    }
+    Ok(form_urlencoded::parse(b)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect())
+}
+
+#[cfg(test)]
+mod form_pairs_tests {
+    use super::form_pairs;
+
+    #[test]
+    fn decodes_like_a_form() {
+        let got = form_pairs("a=b&&c=d%20e+f&g&h=%C3%A9&a=2").unwrap();
+        let want = [
+            ("a", "b"),
+            ("c", "d e f"),
+            ("g", ""),
+            ("h", "é"),
+            ("a", "2"),
+        ];
+        assert_eq!(
+            got,
+            want.map(|(k, v)| (k.to_string(), v.to_string())).to_vec()
+        );
+        assert_eq!(form_pairs("").unwrap(), vec![]);
+        assert_eq!(
+            form_pairs("x=%2B%26%3D").unwrap(),
+            vec![("x".into(), "+&=".into())]
+        );
+    }
+
+    #[test]
+    fn refuses_bad_escapes_and_non_utf8() {
+        for q in ["a=%zz", "a=%4", "a=%", "%g0=1", "a=%+1"] {
+            let e = form_pairs(q).unwrap_err();
+            assert!(
+                format!("{e:?}").contains("bad percent-escape"),
+                "{q}: {e:?}"
+            );
+        }
+        for q in ["a=%ff", "%C3=1"] {
+            let e = form_pairs(q).unwrap_err();
+            assert!(format!("{e:?}").contains("not UTF-8"), "{q}: {e:?}");
+        }
+    }
 }
 
 /// Epochs a history reply lists when the query does not say.

@@ -61,10 +61,12 @@ impl<S: Subscriber> Layer<S> for CountDatagrams {
     }
 }
 
-/// Text logs on stderr, filtered by RUST_LOG (default `info`), without chitchat's
-/// per-datagram warnings (counted instead).
-pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Text logs on stderr, filtered by `rust_log` (the value of RUST_LOG; default `info`),
+/// without chitchat's per-datagram warnings (counted instead).
+pub fn init(rust_log: Option<&str>) {
+    let filter = rust_log
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let text = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

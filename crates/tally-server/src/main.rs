@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use tally_server::cli::{Cli, Command, ServeArgs};
-use tally_server::config::{LogFormat, ServeConfig};
+use tally_server::config::{Environment, LogFormat, ServeConfig};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -28,8 +28,9 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
-    let cfg = ServeConfig::load(args)?;
-    tally_server::logging::init();
+    let env = Environment::capture();
+    let cfg = ServeConfig::load(args, &env)?;
+    tally_server::logging::init(env.get("RUST_LOG").as_deref());
     if cfg.log_format == LogFormat::Json {
         tracing::warn!("log_format=json is not built into this binary; logging text");
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tally_node::{ClusterConfig, ClusterKey, Node, NodeConfig};
+use tally_node::{ClusterConfig, ClusterKey, GossipNetwork, Node, NodeConfig};
 use tokio::net::TcpListener;
 
 use crate::config::ServeConfig;
@@ -64,7 +64,7 @@ pub async fn serve(
         .with_context(|| format!("cannot open the data directory {}", cfg.data_dir.display()))?;
     if let Some(cluster) = cluster_config(&cfg)? {
         tokio::spawn(crate::logging::summarise_invalid_datagrams());
-        let gossip_listen = cluster.listen;
+        let gossip_listen = cluster.network.listen;
         node.start_cluster(cluster)
             .await
             .with_context(|| format!("cannot start gossip on {gossip_listen}"))?;
@@ -356,13 +356,15 @@ pub fn cluster_config(cfg: &ServeConfig) -> anyhow::Result<Option<ClusterConfig>
         None => ClusterKey::insecure(),
     };
     Ok(Some(ClusterConfig {
-        listen,
-        advertise,
-        seeds: cfg.seeds.clone(),
-        cluster_id: cfg.cluster_id.clone(),
-        key,
-        interval: Duration::from_millis(cfg.gossip_interval_ms),
-        transport: tally_gossip::udp_transport(),
+        network: GossipNetwork {
+            listen,
+            advertise,
+            seeds: cfg.seeds.clone(),
+            cluster_id: cfg.cluster_id.clone(),
+            key,
+            interval: Duration::from_millis(cfg.gossip_interval_ms),
+            transport: tally_gossip::udp_transport(),
+        },
         isolated_unready_after: (cfg.isolated_unready_secs > 0)
             .then(|| Duration::from_secs(cfg.isolated_unready_secs)),
     }))

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tally_node::faults::FaultyDisk;
-use tally_node::{Clock, ClusterConfig, ClusterKey, Node, NodeConfig};
+use tally_node::{Clock, ClusterConfig, ClusterKey, GossipNetwork, Node, NodeConfig};
 use tally_server::http::{AppState, Auth, router};
 
 use crate::net::{Parked, SimListener, SimTransport};
@@ -132,13 +132,15 @@ pub async fn run(cfg: Arc<HostConfig>) -> turmoil::Result {
         .map(|s| gossip_addr(turmoil::lookup(s.as_str())).to_string())
         .collect();
     node.start_cluster(ClusterConfig {
-        listen: me,
-        advertise: me,
-        seeds,
-        cluster_id: "sim".into(),
-        key: ClusterKey::new(CLUSTER_KEY)?,
-        interval: cfg.interval,
-        transport: Arc::new(SimTransport(cfg.parked.clone())),
+        network: GossipNetwork {
+            listen: me,
+            advertise: me,
+            seeds,
+            cluster_id: "sim".into(),
+            key: ClusterKey::new(CLUSTER_KEY)?,
+            interval: cfg.interval,
+            transport: Arc::new(SimTransport(cfg.parked.clone())),
+        },
         isolated_unready_after: Some(Duration::from_secs(10)),
     })
     .await?;

@@ -397,13 +397,15 @@ async fn the_sweep_unpublishes_closed_epochs_and_collected_tombstones() {
         .port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     node.start_cluster(crate::ClusterConfig {
-        listen: addr,
-        advertise: addr,
-        seeds: vec![],
-        cluster_id: "writer-tests".into(),
-        key: crate::ClusterKey::new(&[7; 32]).unwrap(),
-        interval: Duration::from_millis(100),
-        transport: tally_gossip::udp_transport(),
+        network: crate::GossipNetwork {
+            listen: addr,
+            advertise: addr,
+            seeds: vec![],
+            cluster_id: "writer-tests".into(),
+            key: crate::ClusterKey::new(&[7; 32]).unwrap(),
+            interval: Duration::from_millis(100),
+            transport: tally_gossip::udp_transport(),
+        },
         isolated_unready_after: None,
     })
     .await
