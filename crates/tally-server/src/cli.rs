@@ -451,6 +451,20 @@ pub struct CheckArgs {
     /// Estimated tokens [default: 0, or the sum of the token kinds].
     #[arg(long, value_name = "N")]
     pub tokens: Option<u64>,
+    #[command(flatten)]
+    pub kinds: TokenKindArgs,
+    /// Hold the estimate on the hard limits that apply, when allowed (settle it with
+    /// `tally usage --reservation ID`).
+    #[arg(long)]
+    pub reserve: bool,
+    /// Lifetime of the reservation in seconds [default: 120].
+    #[arg(long, value_name = "SECS", requires = "reserve")]
+    pub ttl_s: Option<u64>,
+}
+
+/// Token counts by kind, on `check` and `usage`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TokenKindArgs {
     /// Input tokens (not read from or written to a prompt cache). With any token kind
     /// and no --cost, the node prices the request by its `model` attribute.
     #[arg(long, value_name = "N")]
@@ -467,13 +481,6 @@ pub struct CheckArgs {
     /// Reasoning tokens.
     #[arg(long, value_name = "N")]
     pub reasoning_tokens: Option<u64>,
-    /// Hold the estimate on the hard limits that apply, when allowed (settle it with
-    /// `tally usage --reservation ID`).
-    #[arg(long)]
-    pub reserve: bool,
-    /// Lifetime of the reservation in seconds [default: 120].
-    #[arg(long, value_name = "SECS", requires = "reserve")]
-    pub ttl_s: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -492,22 +499,8 @@ pub struct UsageArgs {
     /// Tokens used [default: 0, or the sum of the token kinds].
     #[arg(long, value_name = "N")]
     pub tokens: Option<u64>,
-    /// Input tokens (not read from or written to a prompt cache). With any token kind
-    /// and no --cost, the node prices the request by its `model` attribute.
-    #[arg(long, value_name = "N")]
-    pub input_tokens: Option<u64>,
-    /// Output tokens (not reasoning).
-    #[arg(long, value_name = "N")]
-    pub output_tokens: Option<u64>,
-    /// Input tokens read from a prompt cache.
-    #[arg(long, value_name = "N")]
-    pub cache_read_tokens: Option<u64>,
-    /// Input tokens written to a prompt cache.
-    #[arg(long, value_name = "N")]
-    pub cache_creation_tokens: Option<u64>,
-    /// Reasoning tokens.
-    #[arg(long, value_name = "N")]
-    pub reasoning_tokens: Option<u64>,
+    #[command(flatten)]
+    pub kinds: TokenKindArgs,
     /// Requests made [default: 1].
     #[arg(long, value_name = "N")]
     pub requests: Option<u64>,
