@@ -165,8 +165,10 @@ fn junk_on_the_gossip_port_is_counted_not_logged() {
     let node = Node::start(NodeOpts::gossip("junk-a", port, &[port], CLUSTER_KEY));
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     let c = node.client();
+    ok(c.post("/v1/check", json!({"attributes": {"team": "j"}})));
+    let rss_before = rss_kib(node.pid());
     let mut sent = 0;
-    for i in 0..10_000u32 {
+    for i in 0..100_000u32 {
         let junk = format!("junk {i} {}", "x".repeat((i % 200) as usize));
         sock.send_to(junk.as_bytes(), loopback(port)).expect("send");
         sent += 1;
@@ -185,8 +187,16 @@ fn junk_on_the_gossip_port_is_counted_not_logged() {
         .iter()
         .filter(|l| l.contains("invalid-chitchat-payload") || l.contains("not chitchat"))
         .count();
-    eprintln!("{sent} junk datagrams sent, {counted} counted, {logged} log lines");
+    let rss_after = rss_kib(node.pid());
+    eprintln!(
+        "{sent} junk datagrams sent, {counted} counted, {logged} log lines; RSS {rss_before} -> {rss_after} KiB"
+    );
     assert!(counted <= f64::from(sent), "{counted} > {sent}");
+    // Nothing of a junk datagram is kept: memory does not grow with the flood.
+    assert!(
+        rss_after.saturating_sub(rss_before) < 16 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB under {sent} junk datagrams"
+    );
     assert_eq!(logged, 0, "junk datagrams were logged line by line");
     ok(c.post("/v1/check", json!({"attributes": {"team": "j"}})));
 }
