@@ -10,7 +10,9 @@
 # state, everything the server does for it (hyper, axum, the check, the reply).
 #
 # Usage: scripts/bench_check_ir.sh --a BIN --b BIN --load TALLY_LOAD [--n N] [--warm N]
-#            [--limits N] [--port P]
+#            [--limits N] [--port P] [--usage]
+# With --usage it sends durable usage records (unique ids, one at a time) instead of
+# checks: instructions per record, the writer thread and the fsync's syscall included.
 set -euo pipefail
 
 A=""
@@ -20,8 +22,10 @@ N=4000
 WARM=2000
 LIMITS=1000
 PORT=${PORT:-7493}
+WHAT=check
 while [ $# -gt 0 ]; do
     case "$1" in
+        --usage) WHAT=usage; shift ;;
         --a) A=$2; shift 2 ;;
         --b) B=$2; shift 2 ;;
         --load) LOAD=$2; shift 2 ;;
@@ -63,14 +67,18 @@ kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; SERVER=""
 
 # N checks on one keep-alive connection, with tally-load's check body.
 send() {
-    python3 - "$PORT" "$1" <<'EOF'
+    python3 - "$PORT" "$1" "$WHAT" "$2" <<'EOF'
 import http.client, json, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
-body = json.dumps({"attributes": {"virtual_key": "vk-0", "team": "team-0", "customer": "cust-0",
-                   "provider": "openai", "model": "gpt-4o"}, "cost": 0.0001, "tokens": 10})
+port, n, what, tag = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+attrs = {"virtual_key": "vk-0", "team": "team-0", "customer": "cust-0",
+         "provider": "openai", "model": "gpt-4o"}
 c = http.client.HTTPConnection("127.0.0.1", port)
-for _ in range(n):
-    c.request("POST", "/v1/check", body, {"Content-Type": "application/json"})
+for i in range(n):
+    if what == "usage":
+        body = json.dumps({"id": f"ir-{tag}-{i}", "attributes": attrs, "cost": 0.0001, "tokens": 10})
+    else:
+        body = json.dumps({"attributes": attrs, "cost": 0.0001, "tokens": 10})
+    c.request("POST", "/v1/" + what, body, {"Content-Type": "application/json"})
     r = c.getresponse()
     reply = json.loads(r.read())
     assert r.status == 200 and len(reply["limits"]) == 5, (r.status, reply)
@@ -89,10 +97,10 @@ for side in A B; do
         "$bin" serve --listen "127.0.0.1:$PORT" --data-dir "$WORK/data" >"$WORK/$side.log" 2>&1 &
     SERVER=$!
     wait_up
-    send "$WARM"
+    send "$WARM" "$side-warm"
     callgrind_control -d "$SERVER" >/dev/null
     sleep 1
-    send "$N"
+    send "$N" "$side"
     callgrind_control -d "$SERVER" >/dev/null
     sleep 1
     files=$(ls -v "$WORK"/callgrind.out.*.[0-9]* 2>/dev/null || true)
@@ -101,6 +109,6 @@ for side in A B; do
     [ -n "$first" ] && [ -n "$second" ] || { echo "no callgrind dumps: $files" >&2; exit 1; }
     # Each dump holds the counts since the previous one.
     ir=$(total_ir "$second")
-    echo "$side $bin: $((ir / N)) instructions per check ($ir over $N checks)"
+    echo "$side $bin: $((ir / N)) instructions per $WHAT ($ir over $N)"
     kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; SERVER=""
 done
