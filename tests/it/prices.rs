@@ -200,9 +200,20 @@ fn bad_prices_change_nothing() {
         (v["input"].clone(), v["output"].clone()),
         (json!(0.000000002), json!(1.234567891))
     );
-    // A model named "batch" is still a model for PUT, GET and DELETE.
-    ok(c.put("/v1/prices/batch", json!({"input": 1, "output": 1})));
-    assert_eq!(ok(c.get("/v1/prices/batch"))["model"], "batch");
+    // "batch" is reserved: POST /v1/prices/batch is the batch, other methods are 405.
+    assert_error(
+        &c.put("/v1/prices/batch", json!({"input": 1, "output": 1})),
+        405,
+        "method_not_allowed",
+    );
+    assert_error(
+        &c.post(
+            "/v1/prices/batch",
+            json!({"prices": [{"model": "batch", "input": 1, "output": 1}]}),
+        ),
+        400,
+        "invalid_argument",
+    );
     // Clients may read prices, not write them.
     let node =
         Node::start(NodeOpts::default().args(["--admin-token", "adm", "--client-token", "cli"]));

@@ -1174,8 +1174,9 @@ fn allow_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
+/// A model name: an attribute value, but not `batch` (reserved).
 fn attribute_value(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({"$ref": "#/components/schemas/AttributeValue"})
+    schemars::json_schema!({"allOf": [{"$ref": "#/components/schemas/AttributeValue"}], "not": {"const": "batch"}})
 }
 
 fn nullable_string(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

@@ -197,7 +197,7 @@ pub fn document() -> Value {
         vec![path_param(
             "model",
             "The model, as requests name it in their `model` attribute (the rest of the path; it may contain `/`).",
-            reference("AttributeValue"),
+            json!({"allOf": [reference("AttributeValue")], "not": {"const": "batch"}}),
         )]
     };
     let ops = vec![

@@ -200,6 +200,8 @@ pub enum PriceError {
     TooLarge,
     #[error(transparent)]
     Name(#[from] NameError),
+    #[error("the model name \"batch\" is reserved (POST /v1/prices/batch writes many prices)")]
+    Reserved,
 }
 
 /// The price record of a model: its prices, or a tombstone. Last writer wins.
@@ -210,9 +212,16 @@ pub struct PriceRecord {
     pub price: Option<Price>,
 }
 
+/// A model name the price table cannot hold: `POST /v1/prices/batch` is its path.
+pub const RESERVED_MODEL: &str = "batch";
+
 /// Checks a model name (the value of a request's `model` attribute).
 pub fn validate_model(model: &str) -> Result<(), PriceError> {
-    Ok(validate_attribute_value(model)?)
+    validate_attribute_value(model)?;
+    if model == RESERVED_MODEL {
+        return Err(PriceError::Reserved);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1616,15 +1616,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(Timed::new(usage_batch, Timing::RecordBatch)),
         )
         .route("/v1/prices", get(list_prices))
-        .route(
-            "/v1/prices/batch",
-            post(price_batch)
-                .put(|st: App, h: HeaderMap, b: RawBody| {
-                    put_price(st, h, Params("batch".into()), b)
-                })
-                .get(|st: App, h: HeaderMap| get_price(st, h, Params("batch".into())))
-                .delete(|st: App, h: HeaderMap| delete_price(st, h, Params("batch".into()))),
-        )
+        // `batch` is not a model: the name is reserved (see `check_model`).
+        .route("/v1/prices/batch", post(price_batch))
         .route(
             "/v1/prices/{*model}",
             put(put_price).get(get_price).delete(delete_price),
