@@ -61,6 +61,32 @@ plain_record!(
     crate::prices::PriceRecord
 );
 
+/// A trailing extension of a record: its first field is its layout number (1 today).
+trait Extension: DeserializeOwned {
+    fn layout(&self) -> u8;
+}
+
+/// A record's plain bytes and, when more bytes follow, its extension: one `E`, of layout
+/// 1, and nothing after it (a newer layout is refused, not misread).
+fn decode_extended<T: DeserializeOwned, E: Extension>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<(T, Option<E>), DecodeError> {
+    let (rec, read): (T, usize) = bincode::serde::decode_from_slice(bytes, config())
+        .map_err(|e| DecodeError(e.to_string()))?;
+    if read == bytes.len() {
+        return Ok((rec, None));
+    }
+    let ext: E = decode(&bytes[read..])?;
+    if ext.layout() != 1 {
+        return Err(DecodeError(format!(
+            "{what} extension layout {} is from a newer tally",
+            ext.layout()
+        )));
+    }
+    Ok((rec, Some(ext)))
+}
+
 /// The access rules of an entity record, after its plain bytes (only when not the
 /// default, so entities without rules keep their old bytes).
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -68,6 +94,12 @@ struct EntityExtension {
     /// 1: this layout. Newer layouts take new numbers.
     layout: u8,
     rules: crate::config::AccessRules,
+}
+
+impl Extension for EntityExtension {
+    fn layout(&self) -> u8 {
+        self.layout
+    }
 }
 
 impl Record for crate::config::EntityRecord {
@@ -83,17 +115,8 @@ impl Record for crate::config::EntityRecord {
     }
 
     fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let (mut rec, read): (crate::config::EntityRecord, usize) =
-            bincode::serde::decode_from_slice(bytes, config())
-                .map_err(|e| DecodeError(e.to_string()))?;
-        if read < bytes.len() {
-            let ext: EntityExtension = decode(&bytes[read..])?;
-            if ext.layout != 1 {
-                return Err(DecodeError(format!(
-                    "entity extension layout {} is from a newer tally",
-                    ext.layout
-                )));
-            }
+        let (mut rec, ext) = decode_extended::<Self, EntityExtension>(bytes, "entity")?;
+        if let Some(ext) = ext {
             if rec.parents.is_none() {
                 return Err(DecodeError("a tombstone with access rules".into()));
             }
@@ -110,6 +133,12 @@ struct LimitExtension {
     layout: u8,
     mode: crate::config::Mode,
     members: Vec<crate::config::Member>,
+}
+
+impl Extension for LimitExtension {
+    fn layout(&self) -> u8 {
+        self.layout
+    }
 }
 
 impl Record for crate::config::LimitRecord {
@@ -130,17 +159,8 @@ impl Record for crate::config::LimitRecord {
     }
 
     fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let (mut rec, read): (crate::config::LimitRecord, usize) =
-            bincode::serde::decode_from_slice(bytes, config())
-                .map_err(|e| DecodeError(e.to_string()))?;
-        if read < bytes.len() {
-            let ext: LimitExtension = decode(&bytes[read..])?;
-            if ext.layout != 1 {
-                return Err(DecodeError(format!(
-                    "limit extension layout {} is from a newer tally",
-                    ext.layout
-                )));
-            }
+        let (mut rec, ext) = decode_extended::<Self, LimitExtension>(bytes, "limit")?;
+        if let Some(ext) = ext {
             let spec = rec
                 .spec
                 .as_mut()
